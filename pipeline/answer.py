@@ -1,0 +1,172 @@
+"""The whole answering stage over one Arrow table: rows in, the same rows with answers out."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
+from .decode import Spans, best_spans
+from .model_dir import ModelSpec, find_model_file, load_spec
+from .session import QASession
+from .windows import Windows, load_tokenizer, make_windows
+
+TOP_ANSWER_TYPE = pa.list_(pa.struct([
+    ("answer", pa.string()), ("answer_start", pa.int64()), ("answer_end", pa.int64()),
+    ("score", pa.float64()), ("probability", pa.float64()),
+]))
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage; summed over batches into the run's manifest."""
+
+    tokenize: float = 0.0
+    infer: float = 0.0
+    decode: float = 0.0
+    rows: int = 0
+    windows: int = 0
+    tokens: int = 0  # non-padding tokens the model saw
+    padded_tokens: int = 0  # tokens the model computed, padding included
+    errors: Counter = field(default_factory=Counter)
+
+
+def load_model(model_dir: str, threads: int = 1, overrides: dict | None = None) -> tuple[ModelSpec, QASession]:
+    """The spec and an ONNX Runtime session; the graph's fixed shape feeds the spec."""
+    probe = load_spec(model_dir, overrides=overrides)
+    session = QASession(find_model_file(model_dir), threads, probe.input_names, probe.output_names)
+    spec = load_spec(model_dir, fixed_seq_len=session.fixed_seq_len, overrides=overrides)
+    return spec, session
+
+
+def validate_texts(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[list, dict[int, str]]:
+    """Python strings of a column, and an error for each row that is not a non-empty string."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_null(column.type)):
+        return [None] * len(column), {i: f"{name} column has type {column.type}, expected string"
+                                      for i in range(len(column))}
+    values = column.to_pylist()
+    errors = {}
+    for i, v in enumerate(values):
+        if v is None:
+            errors[i] = f"{name} is null"
+        elif not v.strip():
+            errors[i] = f"{name} is empty"
+    return values, errors
+
+
+class Answerer:
+    """Answers a table's questions; holds one tokenizer and one session for its lifetime.
+
+    ``batch_tokens`` bounds the tokens (padding included) per inference call; windows are sorted
+    by length so each batch pads only to its own longest window.
+    """
+
+    def __init__(self, spec: ModelSpec, session: QASession, columns: Columns = Columns(),
+                 decode: DecodeSettings = DecodeSettings(), batch_tokens: int = 16384):
+        self.spec, self.session, self.columns, self.decode = spec, session, columns, decode
+        self.tokenizer = load_tokenizer(spec.tokenizer_file, spec.lowercase)
+        self.batch_tokens = batch_tokens
+        self.times = StageTimes()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        missing = [c for c in (self.columns.question, self.columns.context) if c not in table.column_names]
+        if missing:
+            raise KeyError(f"answer stage: input has no column {missing[0]!r} (columns: {table.column_names})")
+        clash = [c for c in (*OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN) if c in table.column_names]
+        if clash:
+            raise KeyError(f"answer stage: input already has output column {clash[0]!r}; rename it first")
+        n = table.num_rows
+        t0 = time.perf_counter()
+        questions, q_err = validate_texts(table.column(self.columns.question), "question")
+        contexts, c_err = validate_texts(table.column(self.columns.context), "context")
+        errors = {**c_err, **q_err}
+        good = np.array([i for i in range(n) if i not in errors], dtype=np.int64)
+        windows, w_err = make_windows(self.tokenizer, [questions[i] for i in good], [contexts[i] for i in good],
+                                      self.spec.windows, pad_to=self.session.fixed_seq_len)
+        errors.update({int(good[i]): msg for i, msg in w_err.items()})
+        t1 = time.perf_counter()
+        start, end = self.logits(windows)
+        t2 = time.perf_counter()
+        spans = best_spans(start, end, windows.context_mask, windows.row, len(good), self.decode, windows.offsets)
+        out = self._columns(n, good, [contexts[i] for i in good], windows, spans, errors)
+        t3 = time.perf_counter()
+
+        self.times.tokenize += t1 - t0
+        self.times.infer += t2 - t1
+        self.times.decode += t3 - t2
+        self.times.rows += n
+        self.times.windows += len(windows)
+        self.times.tokens += int(windows.lengths.sum())
+        self.times.errors.update(e.split(" (")[0] for e in errors.values())
+        for name, values in out.items():
+            table = table.append_column(name, values)
+        if table.num_rows != n:
+            raise AssertionError(f"answer stage: {n} rows in, {table.num_rows} out")
+        return table
+
+    def logits(self, windows: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """Start/end logits [W, L], batches of similar length, returned in the windows' order."""
+        width = windows.input_ids.shape[1]
+        start = np.full((len(windows), width), -np.inf, dtype=np.float32)
+        end = np.full((len(windows), width), -np.inf, dtype=np.float32)
+        order = np.argsort(windows.lengths, kind="stable")
+        fixed = self.session.fixed_seq_len
+        b0 = 0
+        while b0 < len(order):
+            # Largest batch whose longest window (the last, being sorted) fits the token budget.
+            b1 = b0 + 1
+            while b1 < len(order) and (b1 + 1 - b0) * (fixed or windows.lengths[order[b1]]) <= self.batch_tokens:
+                b1 += 1
+            idx = order[b0:b1]
+            cols = fixed or int(windows.lengths[idx].max())
+            batch = windows.take(idx, cols)
+            s, e = self.session.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            start[idx, :cols], end[idx, :cols] = s, e
+            self.times.padded_tokens += len(idx) * cols
+            b0 = b1
+        return start, end
+
+    def _columns(self, n: int, good: np.ndarray, contexts: list[str], windows: Windows, spans: Spans,
+                 errors: dict[int, str]) -> dict[str, pa.Array]:
+        answer = [None] * n
+        a_start = [None] * n
+        a_end = [None] * n
+        score = [None] * n
+        prob = [None] * n
+        top: list = [None] * n
+        for r, i in enumerate(good.tolist()):
+            if i in errors:
+                continue
+            found = []
+            for k in range(spans.window.shape[1]):
+                w = spans.window[r, k]
+                if w < 0:
+                    break
+                cs = int(windows.offsets[w, spans.start_token[r, k], 0])
+                ce = int(windows.offsets[w, spans.end_token[r, k], 1])
+                found.append({"answer": contexts[r][cs:ce], "answer_start": cs, "answer_end": ce,
+                              "score": float(spans.score[r, k]), "probability": float(spans.probability[r, k])})
+            if not found:
+                errors[i] = "no answer span found"
+                continue
+            best = found[0]
+            answer[i], a_start[i], a_end[i] = best["answer"], best["answer_start"], best["answer_end"]
+            score[i], prob[i] = best["score"], best["probability"]
+            top[i] = found
+        err = [errors.get(i) for i in range(n)]
+        out = {
+            "answer": pa.array(answer, pa.string()),
+            "answer_start": pa.array(a_start, pa.int64()),
+            "answer_end": pa.array(a_end, pa.int64()),
+            "score": pa.array(score, pa.float64()),
+            "probability": pa.array(prob, pa.float64()),
+            "error": pa.array(err, pa.string()),
+        }
+        if self.decode.top_k > 1:
+            out[TOP_ANSWERS_COLUMN] = pa.array(top, TOP_ANSWER_TYPE)
+        return out

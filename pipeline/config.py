@@ -1,0 +1,59 @@
+"""Typed settings, validated once where they enter the program."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How a (question, context) pair is cut into model inputs.
+
+    ``doc_stride`` follows BERT's run_squad: it is the *step* between the first context tokens of
+    consecutive windows (not the overlap, which Hugging Face calls "stride"). A window holds
+    ``[CLS] question [SEP] context-part [SEP]``; the question is cut to ``max_query_len`` tokens.
+    """
+
+    max_seq_len: int = 384
+    doc_stride: int = 128
+    max_query_len: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_query_len < 1:
+            raise ValueError(f"max_query_len must be >= 1, got {self.max_query_len}")
+        room = self.max_seq_len - self.max_query_len - 3
+        if room < 1:
+            raise ValueError(
+                f"max_seq_len {self.max_seq_len} leaves no room for context after a question of "
+                f"max_query_len {self.max_query_len} tokens and 3 special tokens"
+            )
+        if self.doc_stride < 1:
+            raise ValueError(f"doc_stride must be >= 1, got {self.doc_stride}")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How answer spans are chosen from start/end logits."""
+
+    max_answer_len: int = 30  # in tokens
+    top_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_answer_len < 1:
+            raise ValueError(f"max_answer_len must be >= 1, got {self.max_answer_len}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the input columns the job reads; every other column passes through."""
+
+    id: str = "id"
+    question: str = "question"
+    context: str = "context"
+
+
+# Columns the job adds to every output row.
+OUTPUT_COLUMNS = ("answer", "answer_start", "answer_end", "score", "probability", "error")
+TOP_ANSWERS_COLUMN = "top_answers"

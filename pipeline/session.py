@@ -1,0 +1,109 @@
+"""One ONNX Runtime session for a QA graph, with its inputs and outputs read from the graph.
+
+Accepted input names (by role): input_ids | input_ids:0; attention_mask | input_mask;
+token_type_ids | segment_ids (optional: DistilBERT-style graphs have none). Outputs:
+start_logits/end_logits by name, else the graph's two outputs in that order. A model
+directory's qa_spec.json may name them explicitly ("inputs"/"outputs": {role: graph name}).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT_ROLES = {
+    "input_ids": ("input_ids", "input_ids:0", "ids", "input_word_ids"),
+    "attention_mask": ("attention_mask", "input_mask", "attention_mask:0", "input_mask:0"),
+    "token_type_ids": ("token_type_ids", "segment_ids", "token_type_ids:0", "segment_ids:0", "input_type_ids"),
+}
+OUTPUT_ROLES = {"start_logits": ("start_logits", "output_start_logits"), "end_logits": ("end_logits", "output_end_logits")}
+_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class ModelLoadError(ValueError):
+    """The model file cannot serve as an extractive QA graph; the message names the file."""
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Threads pinned to what the actor was given: ONNX Runtime ignores OMP_NUM_THREADS and,
+    left alone, takes every core in every actor so that actors fight."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting between batches: the actor tokenizes and decodes on the same cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+class QASession:
+    """Runs start/end logits for batches of windows: int arrays [batch, seq] in, float32 out."""
+
+    def __init__(self, model_file: str | Path, threads: int = 1,
+                 input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None):
+        self.model_file = Path(model_file)
+        try:
+            self._session = ort.InferenceSession(
+                str(self.model_file), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelLoadError(f"{self.model_file}: not a loadable ONNX model ({exc})") from exc
+        graph_inputs = {i.name: i for i in self._session.get_inputs()}
+        self.inputs: dict[str, str] = {}
+        for role, candidates in INPUT_ROLES.items():
+            name = (input_names or {}).get(role) or next((c for c in candidates if c in graph_inputs), None)
+            if name is not None:
+                if name not in graph_inputs:
+                    raise ModelLoadError(f"{self.model_file}: input {name!r} for {role} is not in the graph "
+                                         f"(inputs: {sorted(graph_inputs)})")
+                self.inputs[role] = name
+        if "input_ids" not in self.inputs or "attention_mask" not in self.inputs:
+            raise ModelLoadError(
+                f"{self.model_file}: cannot find token-id and attention-mask inputs among {sorted(graph_inputs)}; "
+                f"expected one of {INPUT_ROLES['input_ids']} and one of {INPUT_ROLES['attention_mask']}, "
+                "or name them in qa_spec.json under \"inputs\""
+            )
+        unknown = set(graph_inputs) - set(self.inputs.values())
+        if unknown:
+            raise ModelLoadError(f"{self.model_file}: graph inputs {sorted(unknown)} have no known role; "
+                                 "name them in qa_spec.json under \"inputs\"")
+        self.dtypes = {role: _DTYPES.get(graph_inputs[name].type) for role, name in self.inputs.items()}
+        for role, dtype in self.dtypes.items():
+            if dtype is None:
+                raise ModelLoadError(f"{self.model_file}: input {self.inputs[role]!r} has type "
+                                     f"{graph_inputs[self.inputs[role]].type}; expected int64 or int32")
+        shape = graph_inputs[self.inputs["input_ids"]].shape
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.fixed_seq_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+
+        graph_outputs = [o.name for o in self._session.get_outputs()]
+        out_names = dict(output_names or {})
+        for role, candidates in OUTPUT_ROLES.items():
+            out_names.setdefault(role, next((c for c in candidates if c in graph_outputs), None))
+        if None in out_names.values():
+            if len(graph_outputs) != 2:
+                raise ModelLoadError(f"{self.model_file}: expected outputs start_logits/end_logits or exactly two "
+                                     f"outputs, found {graph_outputs}")
+            out_names = {"start_logits": graph_outputs[0], "end_logits": graph_outputs[1]}
+        self.outputs = [out_names["start_logits"], out_names["end_logits"]]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits float32 [batch, seq]. Splits the batch when the graph fixes its batch size."""
+        feeds_all = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        step = self.fixed_batch or len(input_ids)
+        starts, ends = [], []
+        for b0 in range(0, len(input_ids), max(1, step)):
+            chunk = {role: feeds_all[role][b0 : b0 + step] for role in self.inputs}
+            n = len(chunk["input_ids"])
+            if self.fixed_batch and n < self.fixed_batch:  # pad a short last chunk with empty rows
+                chunk = {r: np.concatenate([a, np.zeros((self.fixed_batch - n, *a.shape[1:]), a.dtype)])
+                         for r, a in chunk.items()}
+            feed = {self.inputs[r]: np.ascontiguousarray(a, dtype=self.dtypes[r]) for r, a in chunk.items()}
+            s, e = self._session.run(self.outputs, feed)
+            starts.append(s.reshape(s.shape[0], -1)[:n])
+            ends.append(e.reshape(e.shape[0], -1)[:n])
+        return np.concatenate(starts).astype(np.float32, copy=False), np.concatenate(ends).astype(np.float32, copy=False)
