@@ -131,7 +131,8 @@ def run(cfg: JobConfig) -> dict:
         fn_constructor_kwargs=dict(fs=in_fs, model_dir=cfg.model, threads=threads, columns=cfg.columns,
                                    decode=cfg.decode, batch_tokens=cfg.batch_tokens,
                                    model_overrides=cfg.model_overrides, stats=stats),
-        batch_format="pyarrow", batch_size=1, concurrency=concurrency, num_cpus=threads,
+        batch_format="pyarrow", batch_size=1, num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
     )
     t_run = time.time()
     ds.write_parquet(cfg.output, filesystem=out_fs if "://" in cfg.output else None, ray_remote_args={"num_cpus": 0})
