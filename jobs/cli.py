@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"answer": "jobs.answer"}
+COMMANDS = {"answer": "jobs.answer", "evaluate": "jobs.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:

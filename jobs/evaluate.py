@@ -1,0 +1,90 @@
+"""SQuAD evaluation through the production path: the same job, the same actors, the official metric.
+
+    python -m jobs.evaluate --data dev-v1.1.json [--model DIR] [--limit N] [--report report.json]
+    python -m jobs.evaluate --data dev-v1.1.json --predictions predictions.json   # scoring only
+
+The first form converts the SQuAD questions (the first N in file order with --limit) into the job's
+Parquet input, runs jobs.answer on them, and scores the answers; it keeps the job's input, output
+and the predictions file (``{id: answer}``) under --out-dir. The second scores an existing
+predictions file without running a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipeline import squad
+
+
+def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = None, **job_options) -> dict:
+    import pyarrow.parquet as pq
+
+    from jobs.answer import JobConfig, run
+
+    items = squad.questions(squad.load_squad(data), limit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(squad.to_table(items), out_dir / "input.parquet")
+    answers_dir = out_dir / "answers"
+    if answers_dir.exists():
+        raise FileExistsError(f"{answers_dir} exists; choose another --out-dir")
+    t0 = time.time()
+    manifest = run(JobConfig(input=str(out_dir / "input.parquet"), output=str(answers_dir), model=model,
+                             **job_options))
+    elapsed = time.time() - t0
+    table = pq.read_table(answers_dir, columns=["id", "answer"])
+    predictions = {i: (a or "") for i, a in zip(table.column("id").to_pylist(), table.column("answer").to_pylist())}
+    (out_dir / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=0))
+    report = squad.score(items, predictions)
+    report.update({
+        "questions_per_s": round(len(items) / elapsed, 3),
+        "questions_per_s_answering": manifest["questions_per_s"],
+        "wall_s": round(elapsed, 2),
+        "model": manifest["model"],
+        "data": str(data),
+        "limit": limit,
+        "errors": manifest["errors"],
+        "predictions": str(out_dir / "predictions.json"),
+        "stages": manifest["stages"],
+        "ray": manifest["ray"],
+    })
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.answer import default_model
+
+    p = argparse.ArgumentParser(prog="qa-batch evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="SQuAD-format JSON (.json or .json.gz)")
+    p.add_argument("--predictions", help="score this {id: answer} file instead of running a model")
+    p.add_argument("--model", default=default_model())
+    p.add_argument("--limit", type=int, help="first N questions in file order")
+    p.add_argument("--report", help="write the report JSON here too")
+    p.add_argument("--out-dir", help="where the job's input, output and predictions go "
+                                     "(default: out/evaluate/<time>)")
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--cpus-per-actor", type=int)
+    a = p.parse_args(argv)
+    if a.predictions:
+        items = squad.questions(squad.load_squad(a.data), a.limit)
+        predictions = json.loads(Path(a.predictions).read_text(encoding="utf-8"))
+        report = {**squad.score(items, predictions), "data": a.data, "predictions": a.predictions}
+    else:
+        out_dir = Path(a.out_dir or f"out/evaluate/{time.strftime('%Y%m%d-%H%M%S')}")
+        report = evaluate_model(a.data, a.model, out_dir, a.limit, concurrency=a.concurrency,
+                                cpus_per_actor=a.cpus_per_actor)
+        if not a.report:
+            (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if a.report:
+        Path(a.report).write_text(json.dumps(report, indent=2))
+    print(f"exact_match {report['exact_match']:.2f}  f1 {report['f1']:.2f}  count {report['count']}"
+          + (f"  questions/s {report['questions_per_s']:.2f}" if "questions_per_s" in report else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
