@@ -43,6 +43,8 @@ class JobConfig:
     batch_tokens: int = 16384  # tokens (padding included) per inference call
     address: str | None = None
     model_overrides: dict = field(default_factory=dict)  # e.g. {"max_seq_len": 256}
+    mode: str = "error"  # error | overwrite | resume, when the output exists
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "cpus_per_actor"):
@@ -51,6 +53,8 @@ class JobConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.rows_per_unit < 1 or self.batch_tokens < 1:
             raise ValueError("--rows-per-unit and --batch-tokens must be >= 1")
+        if self.mode not in ("error", "overwrite", "resume"):
+            raise ValueError(f"--mode must be error, overwrite or resume, got {self.mode!r}")
         if len({self.columns.id, self.columns.question, self.columns.context}) != 3:
             raise ValueError(f"id, question and context columns must differ: {self.columns}")
 
@@ -59,7 +63,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="Parquet file, directory, glob, or s3:// URI")
-    p.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--output", required=True, help="output directory or s3:// URI")
+    p.add_argument("--mode", choices=("error", "overwrite", "resume"), default="error",
+                   help="when the output exists: fail (default), replace it, or finish an interrupted run")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="skip unreadable input files (listed in the manifest) instead of failing")
     p.add_argument("--model", default=default_model(), help="model directory (default: %(default)s)")
     p.add_argument("--id-column", default="id")
     p.add_argument("--question-column", default="question")
@@ -84,85 +92,110 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             decode=DecodeSettings(max_answer_len=a.max_answer_len, top_k=a.top_k),
             concurrency=a.concurrency, cpus_per_actor=a.cpus_per_actor, rows_per_unit=a.rows_per_unit,
             batch_tokens=a.batch_tokens, address=a.address, model_overrides=overrides,
+            mode=a.mode, skip_bad_files=a.skip_bad_files,
         )
     except ValueError as exc:
         p.error(str(exc))
 
 
+def job_identity(cfg: JobConfig, spec, in_fs, in_files: list[str]) -> dict:
+    """What staged answers depend on: resume refuses to mix runs that differ in any of it."""
+    sizes = [f.size for f in in_fs.get_file_info(in_files)]
+    return {
+        "input_files": [{"path": p, "size": n} for p, n in zip(in_files, sizes)],
+        "columns": asdict(cfg.columns),
+        "decode": asdict(cfg.decode),
+        "windows": asdict(spec.windows),
+        "model_sha256": spec.identity()["sha256"],
+        "rows_per_unit": cfg.rows_per_unit,
+    }
+
+
 def run(cfg: JobConfig) -> dict:
-    """Run the job and return its manifest (also written to OUTPUT/_manifest.json)."""
+    """Run the job and return its manifest (also written, last, to OUTPUT/_manifest.json)."""
     import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
     import ray
 
-    from jobs.ray_stage import AnswerActor, StageStats
+    from jobs.ray_stage import AnswerActor, StagedParquetDatasink, StageStats
     from pipeline.answer import load_model
-    from pipeline.lake import expand_input, filesystem_and_path, write_json
+    from pipeline.commit import OutputCommitter
+    from pipeline.lake import expand_input, filesystem_and_path
     from pipeline.units import plan_units
 
     started = time.time()
     # Fail before starting anything: the model loads, the input exists and has the columns.
     spec, _ = load_model(cfg.model, 1, cfg.model_overrides)
     in_fs, in_files = expand_input(cfg.input)
-    units, schema = plan_units(in_fs, in_files, cfg.rows_per_unit)
+    units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files)
     missing = [c for c in (cfg.columns.id, cfg.columns.question, cfg.columns.context) if c not in schema.names]
     if missing:
         raise KeyError(f"input {cfg.input}: no column {missing[0]!r} (columns: {schema.names}); "
                        f"choose columns with --id-column/--question-column/--context-column")
     rows_in = sum(u.length for u in units)
     out_fs, out_path = filesystem_and_path(cfg.output)
-    if out_fs.get_file_info(out_path).type != pafs.FileType.NotFound:
-        if out_fs.get_file_info(pafs.FileSelector(out_path, recursive=False)):
-            raise FileExistsError(f"output {cfg.output} exists and is not empty; choose another --output")
+    committer = OutputCommitter(out_fs, out_path)
+    job = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files])
+    done = committer.prepare(cfg.mode, job)
+    if done is not None:
+        print(f"output {cfg.output} already holds this job's committed answers; nothing to do")
+        return done
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, logging_level="WARNING")
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same input -> same output files and order
-    ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    concurrency = cfg.concurrency or max(1, cluster_cpus // 4)
-    threads = cfg.cpus_per_actor or max(1, cluster_cpus // concurrency)
-
-    stats = StageStats.remote()
-    ds = ray.data.from_items([u.as_row() for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        AnswerActor,
-        fn_constructor_kwargs=dict(fs=in_fs, model_dir=cfg.model, threads=threads, columns=cfg.columns,
-                                   decode=cfg.decode, batch_tokens=cfg.batch_tokens,
-                                   model_overrides=cfg.model_overrides, stats=stats),
-        batch_format="pyarrow", batch_size=1, num_cpus=threads,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-    )
-    t_run = time.time()
-    ds.write_parquet(cfg.output, filesystem=out_fs if "://" in cfg.output else None, ray_remote_args={"num_cpus": 0})
-    t_done = time.time()
-
-    out_files = sorted(
-        f.path for f in out_fs.get_file_info(pafs.FileSelector(out_path, recursive=True))
-        if f.path.endswith(".parquet"))
-    out_dataset = pads.dataset(out_files, filesystem=out_fs, format="parquet")
-    rows_out = out_dataset.count_rows()
-    errors = rows_out - out_dataset.count_rows(filter=pads.field("error").is_null())
-    totals = ray.get(stats.totals.remote())
-    manifest = {
+    extra = {
         "config": asdict(cfg),
         "model": spec.identity(),
         "input_files": in_files,
+        "skipped_bad_files": bad_files,
         "read_units": len(units),
-        "output_files": [{"path": p, "rows": pads.dataset(p, filesystem=out_fs).count_rows()} for p in out_files],
         "rows_in": rows_in,
-        "rows_out": rows_out,
-        "errors": errors,
-        "errors_by_kind": totals.pop("errors", {}),
-        "ray": {"concurrency": concurrency, "cpus_per_actor": threads, "cluster_cpus": cluster_cpus},
+    }
+    finished = committer.finish_interrupted_commit(job, extra)
+    if finished is not None:
+        return finished
+    pending, staged_rows = committer.pending_units(units)
+
+    ray_info, totals = {}, {}
+    t_run = time.time()
+    if pending:
+        if not ray.is_initialized():
+            ray.init(address=cfg.address, logging_level="WARNING")
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # same input -> same output files and order
+        ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+        concurrency = cfg.concurrency or max(1, cluster_cpus // 4)
+        threads = cfg.cpus_per_actor or max(1, cluster_cpus // concurrency)
+        ray_info = {"concurrency": concurrency, "cpus_per_actor": threads, "cluster_cpus": cluster_cpus}
+
+        stats = StageStats.remote()
+        ds = ray.data.from_items([u.as_row() for u in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(
+            AnswerActor,
+            fn_constructor_kwargs=dict(fs=in_fs, model_dir=cfg.model, threads=threads, columns=cfg.columns,
+                                       decode=cfg.decode, batch_tokens=cfg.batch_tokens,
+                                       model_overrides=cfg.model_overrides, stats=stats),
+            batch_format="pyarrow", batch_size=1, num_cpus=threads,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+        )
+        ds.write_datasink(StagedParquetDatasink(committer), ray_remote_args={"num_cpus": 0})
+        totals = ray.get(stats.totals.remote())
+    t_done = time.time()
+
+    errors_by_kind = totals.pop("errors", {})
+    extra.update({
+        "units_answered_now": len(pending),
+        "rows_staged_before": staged_rows,
+        "errors_by_kind_this_run": errors_by_kind,
+        "ray": ray_info,
         "stages": totals,
         "durations_s": {"total": round(t_done - started, 3), "answer_and_write": round(t_done - t_run, 3)},
-        "questions_per_s": round(rows_in / max(t_done - t_run, 1e-9), 3),
-    }
-    write_json(out_fs, f"{out_path}/_manifest.json", manifest)
-    if rows_out != rows_in:
-        raise RuntimeError(f"{rows_in} rows in but {rows_out} rows out; see {out_path}/_manifest.json")
+        "questions_per_s": round((rows_in - staged_rows) / max(t_done - t_run, 1e-9), 3),
+    })
+    manifest = committer.commit(units, job, extra)
+    out_dataset = pads.dataset([f["path"] for f in manifest["output_files"]], filesystem=out_fs, format="parquet")
+    manifest["errors"] = manifest["rows_out"] - out_dataset.count_rows(filter=pads.field("error").is_null())
+    committer.rewrite_manifest(manifest)
+    if manifest["rows_out"] != rows_in:
+        raise RuntimeError(f"{rows_in} rows in but {manifest['rows_out']} rows out; see {out_path}/_manifest.json")
     return manifest
 
 

@@ -8,8 +8,11 @@ from dataclasses import fields
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
 
 from pipeline.answer import Answerer, load_model
+from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
 from pipeline.config import Columns, DecodeSettings
 from pipeline.units import ReadUnit, UnitReader
 
@@ -49,11 +52,53 @@ class AnswerActor:
         self.reader = UnitReader(fs)
         self.stats = stats
         self.name = f"{os.getpid()}@{ray.util.get_node_ip_address()}"
+        self.calls = 0
 
     def __call__(self, units: pa.Table) -> pa.Table:
-        out = pa.concat_tables([self.answerer(self.reader.read(ReadUnit(**u))) for u in units.to_pylist()])
+        self.calls += 1
+        _maybe_crash(self.calls)
+        parts = []
+        for u in units.to_pylist():
+            answered = self.answerer(self.reader.read(ReadUnit(**u)))
+            n = answered.num_rows
+            answered = answered.append_column(UNIT_COLUMN, pa.array([u["index"]] * n, pa.int64()))
+            parts.append(answered.append_column(ROW_COLUMN, pa.array(range(n), pa.int64())))
+        out = pa.concat_tables(parts)
         if self.stats is not None:
             t = self.answerer.times
             times = {**{f.name: getattr(t, f.name) for f in fields(t)}, "errors": dict(t.errors)}
             ray.get(self.stats.report.remote(self.name, times))
         return out
+
+
+def _maybe_crash(call: int) -> None:
+    """Fault injection for tests: QA_FAULT_CRASH_ON_CALL=k kills the actor process on its k-th call,
+    once per QA_FAULT_MARKER file (so the restarted actor goes on)."""
+    k, marker = os.environ.get("QA_FAULT_CRASH_ON_CALL"), os.environ.get("QA_FAULT_MARKER")
+    if k and marker and call == int(k) and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(17)
+
+
+class StagedParquetDatasink(Datasink[list]):
+    """Ray Data's write hooks around pipeline.commit: write tasks stage files per read unit;
+    the driver commits after the last one (see OutputCommitter)."""
+
+    def __init__(self, committer: OutputCommitter):
+        self.committer = committer
+        self.written: list[dict] = []
+
+    def write(self, blocks, ctx) -> list[dict]:
+        written = []
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows:
+                written.extend(self.committer.write_block(table))
+        return written
+
+    def on_write_complete(self, write_result) -> None:
+        self.written = [w for ws in write_result.write_returns for w in ws]
+
+    def get_name(self) -> str:
+        return "StagedParquet"

@@ -31,17 +31,24 @@ class ReadUnit:
         return asdict(self)
 
 
-def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int) -> tuple[list[ReadUnit], pa.Schema]:
-    """Units in file order, each at most ``rows_per_unit`` rows; the files' common schema."""
+def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int,
+               skip_bad_files: bool = False) -> tuple[list[ReadUnit], pa.Schema, list[str]]:
+    """Units in file order, each at most ``rows_per_unit`` rows; the files' common schema; the
+    files skipped as unreadable (only with ``skip_bad_files``, else the first one raises)."""
     units: list[ReadUnit] = []
     schema = None
+    bad: list[str] = []
     for path in files:
         try:
             with fs.open_input_file(path) as f:
                 meta = pq.ParquetFile(f).metadata
                 file_schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as exc:
-            raise InputFileError(f"input file {path}: not readable as Parquet ({exc})") from exc
+            if skip_bad_files:
+                bad.append(path)
+                continue
+            raise InputFileError(f"input file {path}: not readable as Parquet ({exc}); "
+                                 "fix or remove it, or pass --skip-bad-files") from exc
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema, check_metadata=False):
@@ -51,8 +58,8 @@ def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int) -> tup
             for offset in range(0, n, rows_per_unit):
                 units.append(ReadUnit(len(units), path, rg, offset, min(rows_per_unit, n - offset)))
     if schema is None:
-        raise InputFileError("no input files")
-    return units, schema
+        raise InputFileError(f"no readable input files (unreadable: {bad})")
+    return units, schema, bad
 
 
 class UnitReader:
