@@ -8,6 +8,7 @@ directory's qa_spec.json may name them explicitly ("inputs"/"outputs": {role: gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ INPUT_ROLES = {
     "attention_mask": ("attention_mask", "input_mask", "attention_mask:0", "input_mask:0"),
     "token_type_ids": ("token_type_ids", "segment_ids", "token_type_ids:0", "segment_ids:0", "input_type_ids"),
 }
-OUTPUT_ROLES = {"start_logits": ("start_logits", "output_start_logits"), "end_logits": ("end_logits", "output_end_logits")}
+# output_s/output_e: Open Model Zoo BERT IRs.
+OUTPUT_ROLES = {"start_logits": ("start_logits", "output_start_logits", "output_s"),
+                "end_logits": ("end_logits", "output_end_logits", "output_e")}
 _DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
@@ -39,6 +42,69 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+def resolve_inputs(model_file: Path, graph_inputs: list[str],
+                   input_names: dict[str, str] | None = None) -> dict[str, str]:
+    """Role -> graph input name, by the names in INPUT_ROLES or those given (qa_spec.json "inputs").
+
+    Shared by every backend so that a graph is accepted or refused the same way whatever runs it.
+    """
+    inputs: dict[str, str] = {}
+    for role, candidates in INPUT_ROLES.items():
+        name = (input_names or {}).get(role) or next((c for c in candidates if c in graph_inputs), None)
+        if name is not None:
+            if name not in graph_inputs:
+                raise ModelLoadError(f"{model_file}: input {name!r} for {role} is not in the graph "
+                                     f"(inputs: {sorted(graph_inputs)})")
+            inputs[role] = name
+    if "input_ids" not in inputs or "attention_mask" not in inputs:
+        raise ModelLoadError(
+            f"{model_file}: cannot find token-id and attention-mask inputs among {sorted(graph_inputs)}; "
+            f"expected one of {INPUT_ROLES['input_ids']} and one of {INPUT_ROLES['attention_mask']}, "
+            "or name them in qa_spec.json under \"inputs\""
+        )
+    unknown = set(graph_inputs) - set(inputs.values())
+    if unknown:
+        raise ModelLoadError(f"{model_file}: graph inputs {sorted(unknown)} have no known role; "
+                             "name them in qa_spec.json under \"inputs\"")
+    return inputs
+
+
+def resolve_outputs(model_file: Path, graph_outputs: list[str],
+                    output_names: dict[str, str] | None = None) -> list[str]:
+    """[start name, end name]: by the names in OUTPUT_ROLES or those given, else the graph's two outputs in order."""
+    out_names = dict(output_names or {})
+    for role, candidates in OUTPUT_ROLES.items():
+        out_names.setdefault(role, next((c for c in candidates if c in graph_outputs), None))
+    if None in out_names.values():
+        if len(graph_outputs) != 2:
+            raise ModelLoadError(f"{model_file}: expected outputs start_logits/end_logits or exactly two "
+                                 f"outputs, found {graph_outputs}")
+        out_names = {"start_logits": graph_outputs[0], "end_logits": graph_outputs[1]}
+    return [out_names["start_logits"], out_names["end_logits"]]
+
+
+def run_in_chunks(infer: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]],
+                  inputs: dict[str, str], dtypes: dict[str, type], fixed_batch: int | None,
+                  feeds_all: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Feeds ``infer`` (graph-name feed -> start, end) chunks of a batch; logits float32 [batch, seq].
+
+    Splits the batch when the graph fixes its batch size, padding a short last chunk with empty rows.
+    """
+    n_all = len(feeds_all["input_ids"])
+    step = fixed_batch or n_all
+    starts, ends = [], []
+    for b0 in range(0, n_all, max(1, step)):
+        chunk = {role: feeds_all[role][b0 : b0 + step] for role in inputs}
+        n = len(chunk["input_ids"])
+        if fixed_batch and n < fixed_batch:
+            chunk = {r: np.concatenate([a, np.zeros((fixed_batch - n, *a.shape[1:]), a.dtype)])
+                     for r, a in chunk.items()}
+        s, e = infer({inputs[r]: np.ascontiguousarray(a, dtype=dtypes[r]) for r, a in chunk.items()})
+        starts.append(s.reshape(s.shape[0], -1)[:n])
+        ends.append(e.reshape(e.shape[0], -1)[:n])
+    return np.concatenate(starts).astype(np.float32, copy=False), np.concatenate(ends).astype(np.float32, copy=False)
+
+
 class QASession:
     """Runs start/end logits for batches of windows: int arrays [batch, seq] in, float32 out."""
 
@@ -52,24 +118,7 @@ class QASession:
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelLoadError(f"{self.model_file}: not a loadable ONNX model ({exc})") from exc
         graph_inputs = {i.name: i for i in self._session.get_inputs()}
-        self.inputs: dict[str, str] = {}
-        for role, candidates in INPUT_ROLES.items():
-            name = (input_names or {}).get(role) or next((c for c in candidates if c in graph_inputs), None)
-            if name is not None:
-                if name not in graph_inputs:
-                    raise ModelLoadError(f"{self.model_file}: input {name!r} for {role} is not in the graph "
-                                         f"(inputs: {sorted(graph_inputs)})")
-                self.inputs[role] = name
-        if "input_ids" not in self.inputs or "attention_mask" not in self.inputs:
-            raise ModelLoadError(
-                f"{self.model_file}: cannot find token-id and attention-mask inputs among {sorted(graph_inputs)}; "
-                f"expected one of {INPUT_ROLES['input_ids']} and one of {INPUT_ROLES['attention_mask']}, "
-                "or name them in qa_spec.json under \"inputs\""
-            )
-        unknown = set(graph_inputs) - set(self.inputs.values())
-        if unknown:
-            raise ModelLoadError(f"{self.model_file}: graph inputs {sorted(unknown)} have no known role; "
-                                 "name them in qa_spec.json under \"inputs\"")
+        self.inputs: dict[str, str] = resolve_inputs(self.model_file, list(graph_inputs), input_names)
         self.dtypes = {role: _DTYPES.get(graph_inputs[name].type) for role, name in self.inputs.items()}
         for role, dtype in self.dtypes.items():
             if dtype is None:
@@ -78,32 +127,11 @@ class QASession:
         shape = graph_inputs[self.inputs["input_ids"]].shape
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_seq_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
-
-        graph_outputs = [o.name for o in self._session.get_outputs()]
-        out_names = dict(output_names or {})
-        for role, candidates in OUTPUT_ROLES.items():
-            out_names.setdefault(role, next((c for c in candidates if c in graph_outputs), None))
-        if None in out_names.values():
-            if len(graph_outputs) != 2:
-                raise ModelLoadError(f"{self.model_file}: expected outputs start_logits/end_logits or exactly two "
-                                     f"outputs, found {graph_outputs}")
-            out_names = {"start_logits": graph_outputs[0], "end_logits": graph_outputs[1]}
-        self.outputs = [out_names["start_logits"], out_names["end_logits"]]
+        self.outputs = resolve_outputs(self.model_file, [o.name for o in self._session.get_outputs()], output_names)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits float32 [batch, seq]. Splits the batch when the graph fixes its batch size."""
         feeds_all = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        step = self.fixed_batch or len(input_ids)
-        starts, ends = [], []
-        for b0 in range(0, len(input_ids), max(1, step)):
-            chunk = {role: feeds_all[role][b0 : b0 + step] for role in self.inputs}
-            n = len(chunk["input_ids"])
-            if self.fixed_batch and n < self.fixed_batch:  # pad a short last chunk with empty rows
-                chunk = {r: np.concatenate([a, np.zeros((self.fixed_batch - n, *a.shape[1:]), a.dtype)])
-                         for r, a in chunk.items()}
-            feed = {self.inputs[r]: np.ascontiguousarray(a, dtype=self.dtypes[r]) for r, a in chunk.items()}
-            s, e = self._session.run(self.outputs, feed)
-            starts.append(s.reshape(s.shape[0], -1)[:n])
-            ends.append(e.reshape(e.shape[0], -1)[:n])
-        return np.concatenate(starts).astype(np.float32, copy=False), np.concatenate(ends).astype(np.float32, copy=False)
+        return run_in_chunks(lambda feed: tuple(self._session.run(self.outputs, feed)),
+                             self.inputs, self.dtypes, self.fixed_batch, feeds_all)
