@@ -1,0 +1,487 @@
+"""Convert a QA model a user brings into a model directory the job serves (see pipeline/model_dir.py).
+
+    python -m models.convert SRC DST [--optimize] [--quantize int8] [--spec REGISTRY_NAME]
+
+SRC is one of:
+
+- a Hugging Face checkpoint directory (config.json + model.safetensors or pytorch_model.bin), exported to ONNX
+  with dynamic batch and sequence axes. Checkpoints with pruned heads (config "pruned_heads") need
+  transformers < 5, which still builds per-layer head counts: ``pip install 'transformers>=4.44,<5'``.
+- a TF1 BERT checkpoint directory as Google's and NVIDIA's run_squad.py write it (bert_config.json, vocab.txt,
+  model.ckpt-N.index/.data-*), read with TensorFlow's checkpoint reader and exported through the same path.
+- an OpenVINO IR directory (one .xml with its .bin, vocab.txt): copied, to be run by pipeline.openvino_session.
+- an ONNX model directory (e.g. an optimum export): copied.
+
+Every ONNX export is checked against the source framework's start/end logits before it is written.
+``--optimize`` fuses the graph with ONNX Runtime's BERT optimizer, ``--quantize int8`` quantizes its weights
+dynamically; both are checked against the fp32 graph (with a looser bound for int8).
+``--spec NAME`` fills qa_spec.json from models/registry.py (sequence length, stride, casing, card scores).
+
+Conversion tools are optional and imported only when needed: torch + transformers (HF and TF1 sources),
+tensorflow-cpu (TF1), openvino (IR); onnx and onnxruntime (always).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17
+FP32_TOL = 1e-4  # max abs logit difference accepted between the source framework and the fp32 graph
+INT8_TOL = 1.0  # int8 weights move logits; this only catches a broken graph, the card's F1 is the real check
+FUSED_TOL = 1e-3  # fused attention sums in another order
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+TRANSFORMERS_4 = "pip install 'transformers>=4.44,<5'"
+
+
+class ConvertError(ValueError):
+    """A source cannot be converted; the message names the file and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    optimize: bool = False
+    quantize: str | None = None  # None or "int8"
+    spec: dict | None = None  # written as qa_spec.json (keys of pipeline/model_dir.py)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an export produced: the torch module it came from and the BERT sizes the optimizer needs."""
+
+    module: object  # torch.nn.Module returning (start_logits, end_logits)
+    input_names: tuple[str, ...]
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    config: dict  # Hugging Face config.json to write beside the graph
+
+
+# ---------------------------------------------------------------- sources
+
+
+def detect_source(src: Path) -> str:
+    """'hf', 'tf1', 'openvino' or 'onnx', from the files in ``src``."""
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory; give the directory holding the checkpoint")
+    if any((src / f).exists() for f in HF_WEIGHTS) and (src / "config.json").exists():
+        return "hf"
+    if (src / "bert_config.json").exists() and any(src.glob("*.index")):
+        return "tf1"
+    if any(src.glob("*.xml")) and any(src.glob("*.bin")):
+        return "openvino"
+    if any(src.glob("*.onnx")):
+        return "onnx"
+    raise ConvertError(
+        f"{src}: not a known checkpoint; expected config.json + model.safetensors/pytorch_model.bin (Hugging Face), "
+        "bert_config.json + model.ckpt-*.index (TF1 BERT), model.xml + model.bin (OpenVINO IR) or model.onnx"
+    )
+
+
+def tf1_checkpoint_prefix(src: Path) -> Path:
+    """The checkpoint prefix (model.ckpt-N): the one the `checkpoint` file names, else the highest step."""
+    state = src / "checkpoint"
+    if state.exists():
+        m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(encoding="utf-8"), re.M)
+        if m and (src / (Path(m.group(1)).name + ".index")).exists():
+            return src / Path(m.group(1)).name
+    prefixes = [p.with_suffix("") for p in src.glob("*.index")]
+    if not prefixes:
+        raise ConvertError(f"{src}: no TF checkpoint (*.index) found")
+
+    def step(p: Path) -> int:
+        m = re.search(r"-(\d+)$", p.name)
+        return int(m.group(1)) if m else -1
+
+    return max(prefixes, key=lambda p: (step(p), p.name))
+
+
+def read_tf1_checkpoint(prefix: Path) -> dict[str, np.ndarray]:
+    """Every variable of a TF1 checkpoint as float32 numpy (AMP checkpoints keep fp32 masters; fp16 is cast)."""
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise ConvertError(f"{prefix}: reading a TF1 checkpoint needs TensorFlow: pip install tensorflow-cpu") from exc
+    reader = tf.train.load_checkpoint(str(prefix))
+    out = {}
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        out[name] = value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+    return out
+
+
+def tf1_layer_names(i: int) -> dict[str, tuple[str, bool]]:
+    """Hugging Face BERT parameter -> (Google BERT variable, transpose?) for encoder layer ``i``."""
+    tf, hf = f"bert/encoder/layer_{i}/", f"bert.encoder.layer.{i}."
+    pairs = {
+        "attention.self.query": "attention/self/query", "attention.self.key": "attention/self/key",
+        "attention.self.value": "attention/self/value", "attention.output.dense": "attention/output/dense",
+        "intermediate.dense": "intermediate/dense", "output.dense": "output/dense",
+    }
+    names = {}
+    for h, t in pairs.items():
+        names[f"{hf}{h}.weight"] = (f"{tf}{t}/kernel", True)  # TF dense kernels are [in, out]; torch's [out, in]
+        names[f"{hf}{h}.bias"] = (f"{tf}{t}/bias", False)
+    for h, t in {"attention.output.LayerNorm": "attention/output/LayerNorm", "output.LayerNorm": "output/LayerNorm"}.items():
+        names[f"{hf}{h}.weight"] = (f"{tf}{t}/gamma", False)
+        names[f"{hf}{h}.bias"] = (f"{tf}{t}/beta", False)
+    return names
+
+
+def tf1_to_hf_state_dict(variables: dict[str, np.ndarray], num_layers: int, source: Path) -> dict[str, np.ndarray]:
+    """Google BERT run_squad variables -> BertForQuestionAnswering's state dict.
+
+    Optimizer slots (adam_m/adam_v), global_step, loss scales, the pooler and pre-training heads are ignored.
+    """
+    names = {
+        "bert.embeddings.word_embeddings.weight": ("bert/embeddings/word_embeddings", False),
+        "bert.embeddings.position_embeddings.weight": ("bert/embeddings/position_embeddings", False),
+        "bert.embeddings.token_type_embeddings.weight": ("bert/embeddings/token_type_embeddings", False),
+        "bert.embeddings.LayerNorm.weight": ("bert/embeddings/LayerNorm/gamma", False),
+        "bert.embeddings.LayerNorm.bias": ("bert/embeddings/LayerNorm/beta", False),
+        "qa_outputs.weight": ("cls/squad/output_weights", False),  # already [2, hidden]
+        "qa_outputs.bias": ("cls/squad/output_bias", False),
+    }
+    for i in range(num_layers):
+        names.update(tf1_layer_names(i))
+    missing = sorted(t for t, _ in names.values() if t not in variables)
+    if missing:
+        raise ConvertError(
+            f"{source}: checkpoint lacks {len(missing)} BERT SQuAD variables, e.g. {missing[:3]}; expected a "
+            "checkpoint written by BERT's run_squad.py (with cls/squad/output_weights), not a pre-training one"
+        )
+    return {h: (variables[t].T if transpose else variables[t]).copy() for h, (t, transpose) in names.items()}
+
+
+def hf_config_from_bert_config(bert_config: dict) -> dict:
+    """Google's bert_config.json as a Hugging Face BertConfig dict.
+
+    Google's and NVIDIA's modeling.py implement "gelu" with the tanh approximation, which Hugging Face calls
+    "gelu_new"; its "gelu" is the erf form, off by ~1e-3 in the logits.
+    """
+    act = bert_config.get("hidden_act", "gelu")
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size", "initializer_range")
+    return {
+        **{k: bert_config[k] for k in keys if k in bert_config},
+        "model_type": "bert", "architectures": ["BertForQuestionAnswering"],
+        "hidden_act": "gelu_new" if act == "gelu" else act,
+        "layer_norm_eps": 1e-12,  # tf.contrib.layers.layer_norm's epsilon
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+    }
+
+
+# ---------------------------------------------------------------- torch modules
+
+
+def _wrap(model, input_names: tuple[str, ...]):
+    """A module taking the graph inputs positionally and returning (start_logits, end_logits)."""
+    import torch
+
+    class QAWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            out = self.inner(**dict(zip(input_names, args)))
+            return out.start_logits, out.end_logits
+
+    return QAWrapper(model).eval()
+
+
+def load_hf(src: Path) -> Exported:
+    """A Hugging Face QA checkpoint as an eval-mode torch module, refusing one that would load wrongly."""
+    import inspect
+
+    import transformers
+
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    major = int(transformers.__version__.split(".")[0])
+    if config.get("pruned_heads") and major >= 5:
+        raise ConvertError(
+            f"{src / 'config.json'}: this checkpoint has pruned attention heads (per-layer head counts), which "
+            f"transformers {transformers.__version__} no longer builds; convert it with transformers 4: "
+            f"{TRANSFORMERS_4}"
+        )
+    model, info = transformers.AutoModelForQuestionAnswering.from_pretrained(
+        str(src), output_loading_info=True, torch_dtype="float32")
+    # A silently re-initialized weight means wrong answers later: refuse it now.
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        raise ConvertError(f"{src}: weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+                           f"mismatched {list(info.get('mismatched_keys', []))[:5]}")
+    model.eval()
+    accepted = inspect.signature(model.forward).parameters
+    # Models without segment embeddings (DistilBERT) or with a single type (RoBERTa) get no token_type_ids input.
+    use_types = "token_type_ids" in accepted and config.get("type_vocab_size", 2) > 1
+    names = INPUT_NAMES if use_types else INPUT_NAMES[:2]
+    heads = config.get("num_attention_heads") or config.get("n_heads") or 0
+    hidden = config.get("hidden_size") or config.get("dim") or 0
+    return Exported(_wrap(model, names), names, heads, hidden, config["vocab_size"], config)
+
+
+def load_tf1(src: Path) -> Exported:
+    """A TF1 BERT SQuAD checkpoint as BertForQuestionAnswering (same graph as Google's modeling.py)."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    bert_config = json.loads((src / "bert_config.json").read_text(encoding="utf-8"))
+    config = hf_config_from_bert_config(bert_config)
+    prefix = tf1_checkpoint_prefix(src)
+    state = tf1_to_hf_state_dict(read_tf1_checkpoint(prefix), config["num_hidden_layers"], prefix)
+    model = BertForQuestionAnswering(BertConfig(**config))
+    wanted = model.state_dict()
+    for k, v in state.items():
+        if tuple(wanted[k].shape) != v.shape:
+            raise ConvertError(f"{prefix}: variable for {k} has shape {v.shape}, bert_config.json implies "
+                               f"{tuple(wanted[k].shape)}")
+    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    if [k for k in result.missing_keys if not k.endswith("position_ids")]:
+        raise ConvertError(f"{prefix}: no checkpoint variable for {result.missing_keys[:5]}")
+    model.eval()
+    return Exported(_wrap(model, INPUT_NAMES), INPUT_NAMES, config["num_attention_heads"], config["hidden_size"],
+                    config["vocab_size"], config)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def sample_inputs(vocab_size: int, input_names: tuple[str, ...], batch: int = 2, seq: int = 24,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """int64 inputs with padding in the second row, question/context segments: what the job feeds."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab_size, (batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    mask[1:, seq * 2 // 3:] = 0
+    types = np.zeros((batch, seq), dtype=np.int64)
+    types[:, seq // 3:] = 1
+    return {k: v for k, v in zip(INPUT_NAMES, (ids, mask, types)) if k in input_names}
+
+
+def export_onnx(exported: Exported, path: Path) -> None:
+    """fp32 ONNX, opset 17, dynamic batch and sequence axes, outputs start_logits/end_logits."""
+    import torch
+
+    feeds = sample_inputs(exported.vocab_size, exported.input_names)
+    axes = {0: "batch", 1: "sequence"}
+    names = (*exported.input_names, "start_logits", "end_logits")
+    with torch.no_grad():
+        torch.onnx.export(
+            exported.module, tuple(torch.from_numpy(v) for v in feeds.values()), str(path),
+            input_names=list(exported.input_names), output_names=["start_logits", "end_logits"],
+            dynamic_axes={n: axes for n in names}, opset_version=OPSET, dynamo=False,
+        )
+
+
+def torch_logits(exported: Exported, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        s, e = exported.module(*(torch.from_numpy(v) for v in feeds.values()))
+    return s.numpy(), e.numpy()
+
+
+def onnx_logits(path: Path, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    s, e = session.run(["start_logits", "end_logits"], {k: v for k, v in feeds.items() if k in names})
+    return s, e
+
+
+def max_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], mask: np.ndarray) -> float:
+    """Largest start/end logit difference over real (unpadded) tokens."""
+    keep = mask.astype(bool)
+    return float(max(np.abs(x[keep] - y[keep]).max() for x, y in zip(a, b)))
+
+
+def check_close(what: str, got, want, mask: np.ndarray, tol: float) -> float:
+    diff = max_diff(got, want, mask)
+    if not diff <= tol:
+        raise ConvertError(f"{what}: start/end logits differ by {diff:.3g} from the reference (allowed {tol}); "
+                           "the graph was not written")
+    return diff
+
+
+def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden: int) -> None:
+    """ONNX Runtime's BERT fusion (Attention, LayerNorm, Gelu). Heads and width 0 are read from each layer's
+    graph, which keeps per-layer head counts of pruned models right."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden).save_model_to_file(str(dst))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 weights (activations quantized per batch at run time)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Fused ops (com.microsoft) defeat shape inference; their outputs are float.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def post_process(fp32: Path, dst: Path, options: ConvertOptions, exported: Exported | None,
+                 feeds: dict[str, np.ndarray]) -> dict:
+    """fp32 graph -> (optimized) -> (int8) graph at ``dst``, each step checked against the step before."""
+    report: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        current = fp32
+        reference = onnx_logits(fp32, feeds)
+        mask = feeds["attention_mask"]
+        if options.optimize:
+            fused = Path(tmp) / "fused.onnx"
+            heads, hidden = (exported.num_heads, exported.hidden_size) if exported else (0, 0)
+            optimize_onnx(current, fused, 0 if _has_pruned_heads(exported) else heads,
+                          0 if _has_pruned_heads(exported) else hidden)
+            report["optimize_max_diff"] = check_close(f"{dst} (--optimize)", onnx_logits(fused, feeds), reference,
+                                                      mask, FUSED_TOL)
+            current = fused
+        if options.quantize == "int8":
+            q = Path(tmp) / "int8.onnx"
+            quantize_int8(current, q)
+            report["int8_max_diff"] = check_close(f"{dst} (--quantize int8)", onnx_logits(q, feeds), reference,
+                                                  mask, INT8_TOL)
+            current = q
+        shutil.copy(current, dst)
+    return report
+
+
+def _has_pruned_heads(exported: Exported | None) -> bool:
+    return bool(exported and exported.config.get("pruned_heads"))
+
+
+# ---------------------------------------------------------------- model directory
+
+
+def write_tokenizer(src: Path, dst: Path) -> str:
+    """Copy the tokenizer files; tokenizer.json has its saved padding/truncation cleared (the job sets both)."""
+    found = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    if "tokenizer.json" not in found and "vocab.txt" not in found:
+        raise ConvertError(f"{src}: no tokenizer.json or vocab.txt; put the model's vocabulary beside its weights")
+    for f in found:
+        if f == "tokenizer.json":
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(src / f))
+            tok.no_padding()
+            tok.no_truncation()
+            tok.save(str(dst / f))
+        else:
+            shutil.copy(src / f, dst / f)
+    return "tokenizer.json" if "tokenizer.json" in found else "vocab.txt"
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def convert_torch(src: Path, dst: Path, kind: str, options: ConvertOptions) -> dict:
+    exported = load_hf(src) if kind == "hf" else load_tf1(src)
+    feeds = sample_inputs(exported.vocab_size, exported.input_names)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        export_onnx(exported, fp32)
+        report = {"source_max_diff": check_close(f"{src} -> ONNX", onnx_logits(fp32, feeds),
+                                                 torch_logits(exported, feeds), feeds["attention_mask"], FP32_TOL)}
+        report.update(post_process(fp32, dst / "model.onnx", options, exported, feeds))
+    write_json(dst / "config.json", exported.config)
+    return report
+
+
+def convert_onnx(src: Path, dst: Path, options: ConvertOptions) -> dict:
+    from pipeline.model_dir import find_model_file
+
+    model = find_model_file(src)
+    if not (options.optimize or options.quantize):
+        shutil.copy(model, dst / "model.onnx")
+        return {}
+    config = json.loads((src / "config.json").read_text(encoding="utf-8")) if (src / "config.json").exists() else {}
+    import onnxruntime as ort
+
+    names = tuple(i.name for i in ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs())
+    feeds = sample_inputs(config.get("vocab_size", 100), names)
+    return post_process(model, dst / "model.onnx", options, None, feeds)
+
+
+def copy_openvino(src: Path, dst: Path, options: ConvertOptions) -> dict:
+    """An IR is served as is by pipeline.openvino_session: copy it as model.xml/model.bin."""
+    if options.optimize or options.quantize:
+        raise ConvertError(f"{src}: --optimize/--quantize apply to ONNX graphs; an OpenVINO IR is served as is")
+    xmls = sorted(src.glob("*.xml"))
+    if len(xmls) != 1 or not xmls[0].with_suffix(".bin").exists():
+        raise ConvertError(f"{src}: expected one IR (NAME.xml with NAME.bin), found {[p.name for p in xmls]}")
+    shutil.copy(xmls[0], dst / "model.xml")
+    shutil.copy(xmls[0].with_suffix(".bin"), dst / "model.bin")
+    return {}
+
+
+def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
+    """Write a complete model directory at ``dst`` from ``src``; returns what was checked (max logit diffs)."""
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    kind = detect_source(src)
+    if dst.exists() and any(dst.iterdir()):
+        raise ConvertError(f"{dst}: exists and is not empty; choose a new directory or empty it")
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        if kind in ("hf", "tf1"):
+            report = convert_torch(src, dst, kind, options)
+        elif kind == "onnx":
+            report = convert_onnx(src, dst, options)
+        else:
+            report = copy_openvino(src, dst, options)
+        if kind != "tf1" and (src / "config.json").exists() and not (dst / "config.json").exists():
+            shutil.copy(src / "config.json", dst / "config.json")
+        write_tokenizer(src, dst)
+        spec = {**json.loads((src / "qa_spec.json").read_text()), **(options.spec or {})} \
+            if (src / "qa_spec.json").exists() else dict(options.spec or {})
+        if spec:
+            write_json(dst / "qa_spec.json", spec)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # never leave a half-written model directory to be served
+        raise
+    return {"source": str(src), "kind": kind, **report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="checkpoint directory: Hugging Face, TF1 BERT, OpenVINO IR or ONNX")
+    p.add_argument("dst", help="model directory to write (must not exist or be empty)")
+    p.add_argument("--optimize", action="store_true", help="fuse with onnxruntime.transformers.optimizer")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 weight quantization")
+    p.add_argument("--spec", metavar="NAME", help="fill qa_spec.json from this models/registry.py entry")
+    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--doc-stride", type=int)
+    p.add_argument("--max-query-len", type=int)
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
+    a = p.parse_args(argv)
+    spec: dict = {}
+    if a.spec:
+        from models.registry import get_entry
+
+        spec = get_entry(a.spec).qa_spec()
+    given = {"max_seq_len": a.max_seq_len, "doc_stride": a.doc_stride, "max_query_len": a.max_query_len,
+             "lowercase": a.lowercase}
+    spec.update({k: v for k, v in given.items() if v is not None})
+    report = convert(a.src, a.dst, ConvertOptions(optimize=a.optimize, quantize=a.quantize, spec=spec or None))
+    print(json.dumps({"wrote": str(a.dst), **report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

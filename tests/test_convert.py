@@ -1,0 +1,161 @@
+"""models.convert: checkpoints as users bring them -> model directories that give the source's logits and answer.
+
+Needs the conversion tools (optional): torch + transformers, and tensorflow-cpu for the TF1 tests; the pruned-heads
+test needs transformers < 5 (5.x no longer builds per-layer head counts). Without them these tests skip.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pytest
+
+from tiny_models import vocab_tokens, write_model_dir
+
+EXTRA = "pip install 'transformers>=4.44,<5' tensorflow-cpu openvino (see tests/test_convert.py)"
+torch = pytest.importorskip("torch", reason=f"converter tests need torch: {EXTRA}")
+transformers = pytest.importorskip("transformers", reason=f"converter tests need transformers: {EXTRA}")
+
+from models.convert import ConvertError, ConvertOptions, convert, detect_source, main, sample_inputs  # noqa: E402
+from pipeline.answer import Answerer, load_model  # noqa: E402
+from tiny_sources import (  # noqa: E402
+    google_bert_variables,
+    hf_bert_qa,
+    hf_logits,
+    tf_bert_squad_logits,
+    write_tf1_checkpoint,
+)
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+TABLE = pa.table({
+    "question": ["who was born in paris?", "what year?", "where is the cafe?"],
+    "context": ["The king of France was born in Paris in 1789. " * 12, "It was the year 1789.",
+                "The Café Naïve is by the river in Zürich."],
+})
+
+
+def onnx_logits(model_dir, feeds):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    return s.run(["start_logits", "end_logits"], {k: v for k, v in feeds.items() if k in names})
+
+
+def assert_same_logits(got, want, tol=1e-4):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert np.abs(g - w).max() <= tol, np.abs(g - w).max()
+
+
+def assert_answers(model_dir, **overrides):
+    spec, session = load_model(str(model_dir), overrides=overrides or None)
+    rows = Answerer(spec, session)(TABLE).to_pylist()
+    assert all(r["error"] is None and r["answer"] for r in rows), rows
+    for r, ctx in zip(rows, TABLE.column("context").to_pylist()):
+        assert r["answer"] == ctx[r["answer_start"]:r["answer_end"]]
+    return spec, rows
+
+
+def feeds_for(n_inputs=3, seq=40):
+    return sample_inputs(len(vocab_tokens()), ("input_ids", "attention_mask", "token_type_ids")[:n_inputs],
+                         batch=3, seq=seq, seed=1)
+
+
+@pytest.mark.skipif(TRANSFORMERS_5, reason=f"pruned heads need transformers < 5: {EXTRA}")
+def test_pruned_heads_checkpoint_gives_transformers_logits(tmp_path):
+    src = hf_bert_qa(tmp_path / "src", pruned_heads={0: [0, 2], 1: [1, 2, 3]})
+    assert json.loads((src / "config.json").read_text())["pruned_heads"]
+    report = convert(src, tmp_path / "dst")
+    assert report["kind"] == "hf" and report["source_max_diff"] <= 1e-4
+    # The graph keeps each layer's own width: 2 heads x 8 in layer 0, 1 head x 8 in layer 1.
+    graph = onnx.load(str(tmp_path / "dst" / "model.onnx"))
+    widths = sorted({tuple(onnx.numpy_helper.to_array(t).shape) for t in graph.graph.initializer
+                     if t.name.endswith("attention.self.query.bias")})
+    assert widths == [(8,), (16,)], widths
+    feeds = feeds_for()
+    assert_same_logits(onnx_logits(tmp_path / "dst", feeds), hf_logits(src, feeds))
+    assert_answers(tmp_path / "dst")
+
+
+def test_hf_checkpoint_to_onnx_dynamic_axes(tmp_path):
+    src = hf_bert_qa(tmp_path / "src")
+    convert(src, tmp_path / "dst")
+    graph = onnx.load(str(tmp_path / "dst" / "model.onnx"))
+    assert graph.opset_import[0].version >= 17
+    dims = [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+    for seq in (7, 40, 130):  # any length, not the one exported with
+        feeds = feeds_for(seq=seq)
+        assert_same_logits(onnx_logits(tmp_path / "dst", feeds), hf_logits(src, feeds))
+    assert {p.name for p in (tmp_path / "dst").iterdir()} >= {"model.onnx", "tokenizer.json", "config.json"}
+    assert_answers(tmp_path / "dst")
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="checks the refusal under transformers >= 5")
+def test_pruned_checkpoint_is_refused_by_transformers_5(tmp_path):
+    src = hf_bert_qa(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "pruned_heads": {"0": [0, 2]}}))
+    with pytest.raises(ConvertError, match=r"pruned attention heads.*transformers>=4.44,<5"):
+        convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_optimize_and_quantize(tmp_path):
+    src = hf_bert_qa(tmp_path / "src")
+    report = convert(src, tmp_path / "opt", ConvertOptions(optimize=True))
+    assert report["optimize_max_diff"] <= 1e-3
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt" / "model.onnx")).graph.node}
+    assert "Attention" in ops or "MultiHeadAttention" in ops, ops  # the fusion took
+    feeds = feeds_for()
+    assert_same_logits(onnx_logits(tmp_path / "opt", feeds), hf_logits(src, feeds), tol=1e-3)
+    assert_answers(tmp_path / "opt")
+
+    report = convert(src, tmp_path / "int8", ConvertOptions(optimize=True, quantize="int8"))
+    assert "int8_max_diff" in report
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
+    assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}, ops
+    assert_answers(tmp_path / "int8")
+
+
+def test_tf1_checkpoint_128_tokens_gives_tensorflow_logits(tmp_path):
+    pytest.importorskip("tensorflow", reason=f"TF1 checkpoints are read with tensorflow-cpu: {EXTRA}")
+    variables = google_bert_variables(max_pos=128)
+    src = write_tf1_checkpoint(tmp_path / "src", variables, max_pos=128)
+    main([str(src), str(tmp_path / "dst"), "--max-seq-len", "128", "--doc-stride", "32", "--max-query-len", "32"])
+    feeds = feeds_for(seq=128)
+    assert_same_logits(onnx_logits(tmp_path / "dst", feeds), tf_bert_squad_logits(variables, feeds))
+    spec, _ = assert_answers(tmp_path / "dst")
+    assert (spec.windows.max_seq_len, spec.windows.doc_stride) == (128, 32)
+    assert spec.tokenizer_file.name == "vocab.txt" and spec.lowercase is True
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["hidden_act"] == "gelu_new"
+
+
+def test_tf1_pretraining_checkpoint_is_refused(tmp_path):
+    pytest.importorskip("tensorflow", reason=f"TF1 checkpoints are read with tensorflow-cpu: {EXTRA}")
+    variables = {k: v for k, v in google_bert_variables().items() if not k.startswith("cls/squad")}
+    src = write_tf1_checkpoint(tmp_path / "src", variables)
+    with pytest.raises(ConvertError, match="cls/squad/output_bias"):
+        convert(src, tmp_path / "dst")
+
+
+def test_optimum_export_is_copied_and_served(tmp_path):
+    src = write_model_dir(tmp_path / "src", spec={"max_seq_len": 256, "name": "x"})
+    convert(src, tmp_path / "dst")
+    assert json.loads((tmp_path / "dst" / "qa_spec.json").read_text())["max_seq_len"] == 256
+    assert_answers(tmp_path / "dst")
+
+
+def test_unknown_sources_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConvertError, match="empty: not a known checkpoint"):
+        detect_source(tmp_path / "empty")
+    src = write_model_dir(tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep").write_text("x")
+    with pytest.raises(ConvertError, match="not empty"):
+        convert(src, tmp_path / "dst")
