@@ -217,8 +217,10 @@ def load_hf(src: Path) -> Exported:
             f"transformers {transformers.__version__} no longer builds; convert it with transformers 4: "
             f"{TRANSFORMERS_4}"
         )
+    # Eager attention exports as MatMul/Softmax, the pattern ONNX Runtime's BERT fusion recognizes (SDPA's is not).
     model, info = transformers.AutoModelForQuestionAnswering.from_pretrained(
-        str(src), output_loading_info=True, torch_dtype="float32")
+        str(src), output_loading_info=True, attn_implementation="eager",
+        **{"dtype" if major >= 5 else "torch_dtype": "float32"})  # 5.x loads "auto" (checkpoint dtype) by default
     # A silently re-initialized weight means wrong answers later: refuse it now.
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing or info.get("mismatched_keys"):
@@ -243,7 +245,7 @@ def load_tf1(src: Path) -> Exported:
     config = hf_config_from_bert_config(bert_config)
     prefix = tf1_checkpoint_prefix(src)
     state = tf1_to_hf_state_dict(read_tf1_checkpoint(prefix), config["num_hidden_layers"], prefix)
-    model = BertForQuestionAnswering(BertConfig(**config))
+    model = BertForQuestionAnswering(BertConfig(**config, attn_implementation="eager"))
     wanted = model.state_dict()
     for k, v in state.items():
         if tuple(wanted[k].shape) != v.shape:
