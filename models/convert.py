@@ -95,7 +95,7 @@ def tf1_checkpoint_prefix(src: Path) -> Path:
     """The checkpoint prefix (model.ckpt-N): the one the `checkpoint` file names, else the highest step."""
     state = src / "checkpoint"
     if state.exists():
-        m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(encoding="utf-8"), re.M)
+        m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(encoding="utf-8"), re.MULTILINE)
         if m and (src / (Path(m.group(1)).name + ".index")).exists():
             return src / Path(m.group(1)).name
     prefixes = [p.with_suffix("") for p in src.glob("*.index")]

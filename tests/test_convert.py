@@ -7,29 +7,35 @@ test needs transformers < 5 (5.x no longer builds per-layer head counts). Withou
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 import numpy as np
 import onnx
 import pyarrow as pa
 import pytest
-
 from tiny_models import vocab_tokens, write_model_dir
+from tiny_sources import google_bert_variables, hf_bert_qa, hf_logits, tf_bert_squad_logits, write_tf1_checkpoint
 
-EXTRA = "pip install 'transformers>=4.44,<5' tensorflow-cpu openvino (see tests/test_convert.py)"
-torch = pytest.importorskip("torch", reason=f"converter tests need torch: {EXTRA}")
-transformers = pytest.importorskip("transformers", reason=f"converter tests need transformers: {EXTRA}")
+from models.convert import ConvertError, ConvertOptions, convert, detect_source, main, sample_inputs
+from models.registry import MODELS, REGISTRY, ModelNotFoundError, resolve_model
+from pipeline.answer import Answerer, load_model
+from pipeline.model_dir import load_spec
 
-from models.convert import ConvertError, ConvertOptions, convert, detect_source, main, sample_inputs  # noqa: E402
-from pipeline.answer import Answerer, load_model  # noqa: E402
-from tiny_sources import (  # noqa: E402
-    google_bert_variables,
-    hf_bert_qa,
-    hf_logits,
-    tf_bert_squad_logits,
-    write_tf1_checkpoint,
-)
+EXTRA = ("pip install torch==2.13.0 'transformers>=4.44,<5' tensorflow-cpu openvino onnxscript "
+         "(the torch CPU build; see tests/test_convert.py)")
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+def _major(package: str) -> int | None:
+    try:
+        return int(version(package).split(".")[0])
+    except PackageNotFoundError:
+        return None
+
+
+TRANSFORMERS_5 = (_major("transformers") or 0) >= 5
+needs_torch = pytest.mark.skipif(find_spec("torch") is None or find_spec("transformers") is None,
+                                 reason=f"converter tests need torch and transformers: {EXTRA}")
 TABLE = pa.table({
     "question": ["who was born in paris?", "what year?", "where is the cafe?"],
     "context": ["The king of France was born in Paris in 1789. " * 12, "It was the year 1789.",
@@ -65,6 +71,7 @@ def feeds_for(n_inputs=3, seq=40):
                          batch=3, seq=seq, seed=1)
 
 
+@needs_torch
 @pytest.mark.skipif(TRANSFORMERS_5, reason=f"pruned heads need transformers < 5: {EXTRA}")
 def test_pruned_heads_checkpoint_gives_transformers_logits(tmp_path):
     src = hf_bert_qa(tmp_path / "src", pruned_heads={0: [0, 2], 1: [1, 2, 3]})
@@ -81,6 +88,7 @@ def test_pruned_heads_checkpoint_gives_transformers_logits(tmp_path):
     assert_answers(tmp_path / "dst")
 
 
+@needs_torch
 def test_hf_checkpoint_to_onnx_dynamic_axes(tmp_path):
     src = hf_bert_qa(tmp_path / "src")
     convert(src, tmp_path / "dst")
@@ -95,6 +103,7 @@ def test_hf_checkpoint_to_onnx_dynamic_axes(tmp_path):
     assert_answers(tmp_path / "dst")
 
 
+@needs_torch
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="checks the refusal under transformers >= 5")
 def test_pruned_checkpoint_is_refused_by_transformers_5(tmp_path):
     src = hf_bert_qa(tmp_path / "src")
@@ -105,6 +114,7 @@ def test_pruned_checkpoint_is_refused_by_transformers_5(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
+@needs_torch
 def test_optimize_and_quantize(tmp_path):
     src = hf_bert_qa(tmp_path / "src")
     report = convert(src, tmp_path / "opt", ConvertOptions(optimize=True))
@@ -122,6 +132,7 @@ def test_optimize_and_quantize(tmp_path):
     assert_answers(tmp_path / "int8")
 
 
+@needs_torch
 def test_tf1_checkpoint_128_tokens_gives_tensorflow_logits(tmp_path):
     pytest.importorskip("tensorflow", reason=f"TF1 checkpoints are read with tensorflow-cpu: {EXTRA}")
     variables = google_bert_variables(max_pos=128)
@@ -135,6 +146,7 @@ def test_tf1_checkpoint_128_tokens_gives_tensorflow_logits(tmp_path):
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["hidden_act"] == "gelu_new"
 
 
+@needs_torch
 def test_tf1_pretraining_checkpoint_is_refused(tmp_path):
     pytest.importorskip("tensorflow", reason=f"TF1 checkpoints are read with tensorflow-cpu: {EXTRA}")
     variables = {k: v for k, v in google_bert_variables().items() if not k.startswith("cls/squad")}
@@ -159,3 +171,34 @@ def test_unknown_sources_are_named(tmp_path):
     (tmp_path / "dst" / "keep").write_text("x")
     with pytest.raises(ConvertError, match="not empty"):
         convert(src, tmp_path / "dst")
+
+
+def test_registry_specs_are_valid_model_dirs(tmp_path):
+    for m in MODELS:
+        d = write_model_dir(tmp_path / m.slug, tokenizer="vocab", spec=m.qa_spec(), fixed_shape=m.fixed_shape)
+        spec = load_spec(d, fixed_seq_len=m.fixed_shape[1] if m.fixed_shape else None)
+        assert (spec.windows.max_seq_len, spec.windows.doc_stride, spec.windows.max_query_len) == (
+            m.max_seq_len, m.doc_stride, m.max_query_len)
+        assert spec.lowercase is m.lowercase and spec.spec["name"] == m.name
+    assert REGISTRY["bert-large-uncased-whole-word-masking-squad-fp32-0001"].card_f1 == 93.21
+    assert REGISTRY["nvidia/bert_tf_ckpt_base_qa_squad11_amp_128"].max_seq_len == 128
+
+
+def test_resolve_model_paths_and_names(tmp_path):
+    assert resolve_model(str(tmp_path), tmp_path / "zoo") == tmp_path  # a path, as is
+    name = "Intel/dynamic_tinybert"
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model(name, tmp_path / "zoo")
+    message = str(err.value)
+    assert str(tmp_path / "zoo" / "Intel--dynamic_tinybert") in message
+    assert f"python -m models.convert SRC {tmp_path / 'zoo' / 'Intel--dynamic_tinybert'} --spec {name}" in message
+    with pytest.raises(ModelNotFoundError, match="model.xml, model.bin"):
+        resolve_model("bert-large-uncased-whole-word-masking-squad-int8-0001", tmp_path / "zoo")
+    with pytest.raises(ModelNotFoundError, match="not a registry name; known names"):
+        resolve_model("no/such-model", tmp_path / "zoo")
+    # Installed by the converter with the registry's spec: resolves, and serves with the card's windows.
+    main([str(write_model_dir(tmp_path / "export")), str(tmp_path / "zoo" / "Intel--dynamic_tinybert"),
+          "--spec", name])
+    d = resolve_model(name, tmp_path / "zoo")
+    spec, _ = assert_answers(d)
+    assert spec.spec["card"]["squad_v1.1_dev_f1"] == 88.71

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from tiny_models import vocab_tokens, write_tokenizer_json, write_vocab
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
