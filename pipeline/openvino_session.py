@@ -1,0 +1,97 @@
+"""One OpenVINO compiled model for a QA graph: the same interface and name rules as session.QASession.
+
+Serves OpenVINO IR (model.xml + model.bin; e.g. Open Model Zoo's BERT-large SQuAD models, whose int8 variant
+runs only here) and also plain ONNX files. Input and output roles are resolved by session.py's tables, so a
+graph is accepted or refused the same way by both backends. ``openvino`` is an optional dependency
+(``pip install openvino``), imported when a session is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .session import INPUT_ROLES, OUTPUT_ROLES, ModelLoadError, resolve_inputs, resolve_outputs, run_in_chunks
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ModelLoadError("the OpenVINO backend needs the openvino package: pip install openvino") from exc
+    return openvino
+
+
+def compile_config(threads: int) -> dict:
+    """CPU plugin settings for one answering actor.
+
+    Threads are what the actor was given, with no pinning (several actors share a node's cores and pinning would
+    stack them on the same ones). Precision is f32 on every CPU: left alone, OpenVINO runs bf16 on CPUs with
+    AMX/AVX512-BF16, and answers would then depend on which node an actor lands on. int8 IRs keep their int8 ops.
+    """
+    return {
+        "INFERENCE_NUM_THREADS": max(1, threads),
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+
+
+def _port_name(port, wanted: set[str]) -> str:
+    """A port's name, preferring one of ``wanted`` (ports can carry several names, e.g. from the IR's history)."""
+    names = port.get_names()
+    return next((n for n in sorted(names) if n in wanted), None) or port.get_any_name()
+
+
+def _static(dim) -> int | None:
+    return dim.get_length() if dim.is_static else None
+
+
+class OpenVinoQASession:
+    """Runs start/end logits for batches of windows on OpenVINO: int arrays [batch, seq] in, float32 out."""
+
+    def __init__(self, model_file: str | Path, threads: int = 1,
+                 input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None):
+        ov = _openvino()
+        self.model_file = Path(model_file)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.model_file))
+        except Exception as exc:  # openvino raises RuntimeError subclasses without a file in the message
+            raise ModelLoadError(f"{self.model_file}: not a loadable OpenVINO IR or ONNX model ({exc})") from exc
+        wanted_in = {n for names in INPUT_ROLES.values() for n in names} | set((input_names or {}).values())
+        graph_inputs = {_port_name(p, wanted_in): p for p in model.inputs}
+        self.inputs: dict[str, str] = resolve_inputs(self.model_file, list(graph_inputs), input_names)
+        dtypes = {ov.Type.i64: np.int64, ov.Type.i32: np.int32}
+        self.dtypes = {}
+        for role, name in self.inputs.items():
+            element = graph_inputs[name].get_element_type()
+            if element not in dtypes:
+                raise ModelLoadError(f"{self.model_file}: input {name!r} has type {element}; expected i64 or i32")
+            self.dtypes[role] = dtypes[element]
+        shape = graph_inputs[self.inputs["input_ids"]].get_partial_shape()
+        self.fixed_batch = _static(shape[0]) if shape.rank.is_static and len(shape) > 0 else None
+        self.fixed_seq_len = _static(shape[1]) if shape.rank.is_static and len(shape) > 1 else None
+
+        wanted_out = {n for names in OUTPUT_ROLES.values() for n in names} | set((output_names or {}).values())
+        graph_outputs = {_port_name(p, wanted_out): p for p in model.outputs}
+        self.outputs = resolve_outputs(self.model_file, list(graph_outputs), output_names)
+        try:
+            self._compiled = core.compile_model(model, "CPU", compile_config(threads))
+        except Exception as exc:
+            raise ModelLoadError(f"{self.model_file}: OpenVINO cannot compile it for CPU ({exc})") from exc
+        self._request = self._compiled.create_infer_request()
+        self._out_ports = [self._compiled.outputs[list(graph_outputs).index(n)] for n in self.outputs]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits float32 [batch, seq]. Splits the batch when the graph fixes its batch size."""
+        feeds_all = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return run_in_chunks(self._infer, self.inputs, self.dtypes, self.fixed_batch, feeds_all)
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        result = self._request.infer(feed)
+        # Copies: the request reuses its output buffers on the next call.
+        return np.array(result[self._out_ports[0]]), np.array(result[self._out_ports[1]])

@@ -1,0 +1,122 @@
+"""pipeline.openvino_session: the OpenVINO backend gives ONNX Runtime's logits and answers, static shapes included.
+
+Needs the optional ``openvino`` package (pip install openvino); without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from tiny_models import write_model_dir, write_vocab
+
+from models.convert import ConvertOptions, convert
+from models.registry import REGISTRY, resolve_model
+from pipeline.answer import Answerer, load_model
+from pipeline.model_dir import load_spec
+from pipeline.session import ModelLoadError, QASession
+
+ov = pytest.importorskip("openvino", reason="the OpenVINO backend is optional: pip install openvino")
+from pipeline.openvino_session import OpenVinoQASession
+
+OMZ_FP32 = "bert-large-uncased-whole-word-masking-squad-fp32-0001"
+TABLE = pa.table({
+    "question": ["who was born in paris?", "what year?", "where is the cafe?"],
+    "context": ["The king of France was born in Paris in 1789. " * 12, "It was the year 1789.",
+                "The Café Naïve is by the river in Zürich."],
+})
+
+
+def to_ir(onnx_file, xml_file):
+    """IR as Open Model Zoo ships it: converted from ONNX, weights kept fp32 (save_model compresses by default)."""
+    ov.save_model(ov.convert_model(str(onnx_file)), str(xml_file), compress_to_fp16=False)
+    return xml_file
+
+
+def windows(n=3, seq=384, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 100, (n, seq), dtype=np.int64)
+    mask = np.ones((n, seq), dtype=np.int64)
+    mask[1:, seq // 2:] = 0
+    types = np.zeros((n, seq), dtype=np.int64)
+    types[:, seq // 4:] = 1
+    return ids, mask, types
+
+
+def same_logits(got, want, tol=1e-4):
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and g.shape == w.shape
+        assert np.abs(g - w).max() <= tol, np.abs(g - w).max()
+
+
+def answer_rows(spec, session):
+    rows = Answerer(spec, session)(TABLE).to_pylist()
+    assert all(r["error"] is None and r["answer"] for r in rows), rows
+    return rows
+
+
+def test_dynamic_ir_gives_onnxruntime_logits_and_answers(tmp_path):
+    d = write_model_dir(tmp_path / "m")
+    xml = to_ir(d / "model.onnx", tmp_path / "ir" / "model.xml")
+    session = OpenVinoQASession(xml, threads=1)
+    reference = QASession(d / "model.onnx")
+    assert session.inputs == reference.inputs and session.outputs == reference.outputs
+    assert (session.fixed_batch, session.fixed_seq_len) == (None, None)
+    for seq in (9, 130):
+        same_logits(session.run(*windows(seq=seq)), reference.run(*windows(seq=seq)))
+    spec, ort_session = load_model(str(d))
+    want = answer_rows(spec, ort_session)
+    got = answer_rows(dataclasses.replace(spec, model_file=xml), session)
+    assert [(r["answer_start"], r["answer_end"]) for r in got] == [(r["answer_start"], r["answer_end"]) for r in want]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-3)
+
+
+def test_static_1x384_omz_like_ir(tmp_path):
+    """Open Model Zoo's BERT-large IR: fixed [1, 384] inputs, outputs output_s/output_e; fed one window a call."""
+    d = write_model_dir(tmp_path / "m", tokenizer="vocab", fixed_shape=(1, 384), output_names=("output_s", "output_e"))
+    xml = to_ir(d / "model.onnx", tmp_path / "ir" / "model.xml")
+    session = OpenVinoQASession(xml, threads=2)
+    assert (session.fixed_batch, session.fixed_seq_len) == (1, 384)
+    assert session.outputs == ["output_s", "output_e"]
+    same_logits(session.run(*windows(n=3)), QASession(d / "model.onnx").run(*windows(n=3)))
+    spec = dataclasses.replace(load_spec(d, fixed_seq_len=session.fixed_seq_len), model_file=xml)
+    assert spec.windows.max_seq_len == 384 and spec.lowercase is True
+    answer_rows(spec, session)
+
+
+def test_onnx_files_int32_and_named_inputs(tmp_path):
+    d = write_model_dir(tmp_path / "m", input_names=("input_ids", "input_mask", "segment_ids"), int32_inputs=True)
+    session = OpenVinoQASession(d / "model.onnx")
+    assert session.inputs == {"input_ids": "input_ids", "attention_mask": "input_mask",
+                              "token_type_ids": "segment_ids"}
+    assert set(session.dtypes.values()) == {np.int32}
+    same_logits(session.run(*windows(seq=40)), QASession(d / "model.onnx").run(*windows(seq=40)))
+
+
+def test_errors_name_the_file(tmp_path):
+    d = write_model_dir(tmp_path / "m", input_names=("input_ids", "attention_mask", "weird"))
+    with pytest.raises(ModelLoadError, match="'weird'"):
+        OpenVinoQASession(d / "model.onnx")
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<net>")
+    with pytest.raises(ModelLoadError, match="bad.xml"):
+        OpenVinoQASession(bad)
+
+
+def test_ir_directory_installs_under_its_registry_name(tmp_path):
+    """An IR as omz_downloader leaves it (NAME.xml/.bin + vocab.txt) -> models/zoo/<name>/ with the card's spec."""
+    d = write_model_dir(tmp_path / "m", fixed_shape=(1, 384), output_names=("output_s", "output_e"))
+    src = tmp_path / "omz" / "FP32"
+    to_ir(d / "model.onnx", src / f"{OMZ_FP32}.xml")
+    write_vocab(src)
+    zoo = tmp_path / "zoo"
+    convert(src, zoo / OMZ_FP32, ConvertOptions(spec=REGISTRY[OMZ_FP32].qa_spec()))
+    installed = resolve_model(OMZ_FP32, zoo)
+    assert {p.name for p in installed.iterdir()} == {"model.xml", "model.bin", "vocab.txt", "qa_spec.json"}
+    spec = json.loads((installed / "qa_spec.json").read_text())
+    assert (spec["max_seq_len"], spec["doc_stride"], spec["lowercase"]) == (384, 128, True)
+    session = OpenVinoQASession(installed / "model.xml")
+    same_logits(session.run(*windows(n=2)), QASession(d / "model.onnx").run(*windows(n=2)))
