@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import fields
 
 import pyarrow as pa
@@ -73,7 +74,10 @@ class AnswerActor:
 
 def _maybe_crash(call: int) -> None:
     """Fault injection for tests: QA_FAULT_CRASH_ON_CALL=k kills the actor process on its k-th call,
-    once per QA_FAULT_MARKER file (so the restarted actor goes on)."""
+    once per QA_FAULT_MARKER file (so the restarted actor goes on); QA_FAULT_SLOW_CALL_S=t makes
+    every call take t seconds longer (so a test can kill the driver mid-run)."""
+    if os.environ.get("QA_FAULT_SLOW_CALL_S"):
+        time.sleep(float(os.environ["QA_FAULT_SLOW_CALL_S"]))
     k, marker = os.environ.get("QA_FAULT_CRASH_ON_CALL"), os.environ.get("QA_FAULT_MARKER")
     if k and marker and call == int(k) and not os.path.exists(marker):
         with open(marker, "w") as f:
