@@ -203,6 +203,12 @@ def _wrap(model, input_names: tuple[str, ...]):
     return QAWrapper(model).eval()
 
 
+def _dtype_kwarg(transformers_version: str) -> str:
+    """transformers renamed from_pretrained's torch_dtype to dtype in 4.56."""
+    major, minor = (int(x) for x in transformers_version.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_hf(src: Path) -> Exported:
     """A Hugging Face QA checkpoint as an eval-mode torch module, refusing one that would load wrongly."""
     import inspect
@@ -220,7 +226,7 @@ def load_hf(src: Path) -> Exported:
     # Eager attention exports as MatMul/Softmax, the pattern ONNX Runtime's BERT fusion recognizes (SDPA's is not).
     model, info = transformers.AutoModelForQuestionAnswering.from_pretrained(
         str(src), output_loading_info=True, attn_implementation="eager",
-        **{"dtype" if major >= 5 else "torch_dtype": "float32"})  # 5.x loads "auto" (checkpoint dtype) by default
+        **{_dtype_kwarg(transformers.__version__): "float32"})  # 5.x loads "auto" (checkpoint dtype) by default
     # A silently re-initialized weight means wrong answers later: refuse it now.
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing or info.get("mismatched_keys"):
