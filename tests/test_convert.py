@@ -22,7 +22,7 @@ from models.registry import MODELS, REGISTRY, ModelNotFoundError, resolve_model
 from pipeline.answer import Answerer, load_model
 from pipeline.model_dir import load_spec
 
-EXTRA = ("pip install torch==2.13.0 'transformers>=4.44,<5' tensorflow-cpu openvino onnxscript "
+EXTRA = ("pip install torch==2.13.0 'transformers>=4.44,<5' tensorflow-cpu openvino "
          "(the torch CPU build; see tests/test_convert.py)")
 
 
