@@ -22,6 +22,7 @@ from pipeline.config import Columns, DecodeSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "minilm-squad"
+MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", REPO / "models" / "zoo"))  # where registry names resolve
 
 
 def default_model() -> str:
@@ -43,6 +44,7 @@ class JobConfig:
     batch_tokens: int = 16384  # tokens (padding included) per inference call
     address: str | None = None
     model_overrides: dict = field(default_factory=dict)  # e.g. {"max_seq_len": 256}
+    backend: str = "auto"  # auto | onnxruntime | openvino
     mode: str = "error"  # error | overwrite | resume, when the output exists
     skip_bad_files: bool = False
 
@@ -68,7 +70,10 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    help="when the output exists: fail (default), replace it, or finish an interrupted run")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip unreadable input files (listed in the manifest) instead of failing")
-    p.add_argument("--model", default=default_model(), help="model directory (default: %(default)s)")
+    p.add_argument("--model", default=default_model(),
+                   help="model directory or registry name (models/registry.py; default: %(default)s)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="auto: OpenVINO for model.xml, ONNX Runtime for model.onnx")
     p.add_argument("--id-column", default="id")
     p.add_argument("--question-column", default="question")
     p.add_argument("--context-column", default="context")
@@ -92,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             decode=DecodeSettings(max_answer_len=a.max_answer_len, top_k=a.top_k),
             concurrency=a.concurrency, cpus_per_actor=a.cpus_per_actor, rows_per_unit=a.rows_per_unit,
             batch_tokens=a.batch_tokens, address=a.address, model_overrides=overrides,
-            mode=a.mode, skip_bad_files=a.skip_bad_files,
+            mode=a.mode, skip_bad_files=a.skip_bad_files, backend=a.backend,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -117,6 +122,7 @@ def run(cfg: JobConfig) -> dict:
     import ray
 
     from jobs.ray_stage import AnswerActor, StagedParquetDatasink, StageStats
+    from models.registry import resolve_model
     from pipeline.answer import load_model
     from pipeline.commit import OutputCommitter
     from pipeline.lake import expand_input, filesystem_and_path
@@ -124,7 +130,8 @@ def run(cfg: JobConfig) -> dict:
 
     started = time.time()
     # Fail before starting anything: the model loads, the input exists and has the columns.
-    spec, _ = load_model(cfg.model, 1, cfg.model_overrides)
+    model_dir = str(resolve_model(cfg.model, MODEL_ZOO))
+    spec, _ = load_model(model_dir, 1, cfg.model_overrides, cfg.backend)
     in_fs, in_files = expand_input(cfg.input)
     units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files)
     missing = [c for c in (cfg.columns.id, cfg.columns.question, cfg.columns.context) if c not in schema.names]
@@ -170,9 +177,9 @@ def run(cfg: JobConfig) -> dict:
         ds = ray.data.from_items([u.as_row() for u in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             AnswerActor,
-            fn_constructor_kwargs=dict(fs=in_fs, model_dir=cfg.model, threads=threads, columns=cfg.columns,
+            fn_constructor_kwargs=dict(fs=in_fs, model_dir=model_dir, threads=threads, columns=cfg.columns,
                                        decode=cfg.decode, batch_tokens=cfg.batch_tokens,
-                                       model_overrides=cfg.model_overrides, stats=stats),
+                                       model_overrides=cfg.model_overrides, backend=cfg.backend, stats=stats),
             batch_format="pyarrow", batch_size=1, num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
         )

@@ -47,8 +47,8 @@ class AnswerActor:
 
     def __init__(self, fs: pafs.FileSystem, model_dir: str, threads: int, columns: Columns,
                  decode: DecodeSettings, batch_tokens: int, model_overrides: dict | None = None,
-                 stats: ray.actor.ActorHandle | None = None):
-        spec, session = load_model(model_dir, threads, model_overrides)
+                 backend: str = "auto", stats: ray.actor.ActorHandle | None = None):
+        spec, session = load_model(model_dir, threads, model_overrides, backend)
         self.answerer = Answerer(spec, session, columns, decode, batch_tokens)
         self.reader = UnitReader(fs)
         self.stats = stats

@@ -35,10 +35,27 @@ class StageTimes:
     errors: Counter = field(default_factory=Counter)
 
 
-def load_model(model_dir: str, threads: int = 1, overrides: dict | None = None) -> tuple[ModelSpec, QASession]:
-    """The spec and an ONNX Runtime session; the graph's fixed shape feeds the spec."""
+BACKENDS = ("auto", "onnxruntime", "openvino")
+
+
+def load_model(model_dir: str, threads: int = 1, overrides: dict | None = None,
+               backend: str = "auto") -> tuple[ModelSpec, QASession]:
+    """The spec and a session; the graph's fixed shape feeds the spec.
+
+    ``backend`` "auto" runs an OpenVINO IR (model.xml) on OpenVINO and ONNX on ONNX Runtime (or as
+    qa_spec.json's "backend" says); "openvino" also runs ONNX graphs on OpenVINO.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     probe = load_spec(model_dir, overrides=overrides)
-    session = QASession(find_model_file(model_dir), threads, probe.input_names, probe.output_names)
+    model_file = find_model_file(model_dir)
+    if backend == "auto":
+        backend = probe.spec.get("backend") or ("openvino" if model_file.suffix == ".xml" else "onnxruntime")
+    if backend == "openvino":
+        from .openvino_session import OpenVinoQASession as session_class
+    else:
+        session_class = QASession
+    session = session_class(model_file, threads, probe.input_names, probe.output_names)
     spec = load_spec(model_dir, fixed_seq_len=session.fixed_seq_len, overrides=overrides)
     return spec, session
 

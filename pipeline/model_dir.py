@@ -25,7 +25,8 @@ from pathlib import Path
 from .config import WindowSettings
 
 SPEC_FILE = "qa_spec.json"
-_SPEC_KEYS = {"max_seq_len", "doc_stride", "max_query_len", "lowercase", "inputs", "outputs", "name", "card"}
+_SPEC_KEYS = {"max_seq_len", "doc_stride", "max_query_len", "lowercase", "inputs", "outputs", "name", "card",
+              "backend"}
 
 
 class ModelDirError(ValueError):
@@ -80,17 +81,21 @@ def _vocab_is_lowercase(vocab: Path) -> bool:
 
 
 def find_model_file(directory: str | Path) -> Path:
-    """model.onnx, or the directory's only .onnx file."""
+    """model.onnx, else the directory's only .onnx file, else an OpenVINO IR model.xml (+ model.bin)."""
     d = Path(directory)
     if not d.is_dir():
         raise ModelDirError(f"model directory {d} does not exist")
     if (d / "model.onnx").exists():
         return d / "model.onnx"
     onnx_files = sorted(d.glob("*.onnx"))
-    if len(onnx_files) != 1:
-        found = ", ".join(p.name for p in onnx_files) or "none"
-        raise ModelDirError(f"{d}: expected model.onnx (found .onnx files: {found})")
-    return onnx_files[0]
+    if len(onnx_files) == 1:
+        return onnx_files[0]
+    if not onnx_files and (d / "model.xml").exists():
+        if not (d / "model.bin").exists():
+            raise ModelDirError(f"{d}: model.xml (OpenVINO IR) has no model.bin beside it")
+        return d / "model.xml"
+    found = ", ".join(p.name for p in onnx_files) or "none"
+    raise ModelDirError(f"{d}: expected model.onnx or an OpenVINO model.xml + model.bin (found .onnx files: {found})")
 
 
 def load_spec(directory: str | Path, fixed_seq_len: int | None = None, overrides: dict | None = None) -> ModelSpec:

@@ -120,3 +120,35 @@ def test_ir_directory_installs_under_its_registry_name(tmp_path):
     assert (spec["max_seq_len"], spec["doc_stride"], spec["lowercase"]) == (384, 128, True)
     session = OpenVinoQASession(installed / "model.xml")
     same_logits(session.run(*windows(n=2)), QASession(d / "model.onnx").run(*windows(n=2)))
+
+
+def test_job_answers_with_registry_ir_and_openvino_backend(tmp_path):
+    """End to end: `--model NAME` resolves to the installed IR, which the job runs on OpenVINO; the same
+    ONNX graph with `--backend openvino` gives the same answers."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from conftest import REPO
+
+    d = write_model_dir(tmp_path / "m", fixed_shape=(1, 384), output_names=("output_s", "output_e"))
+    src = tmp_path / "omz" / "FP32"
+    to_ir(d / "model.onnx", src / f"{OMZ_FP32}.xml")
+    write_vocab(src)
+    zoo = tmp_path / "zoo"
+    convert(src, zoo / OMZ_FP32, ConvertOptions(spec=REGISTRY[OMZ_FP32].qa_spec()))
+    spec, session = load_model(str(zoo / OMZ_FP32))
+    assert isinstance(session, OpenVinoQASession) and spec.windows.max_seq_len == 384
+    pq.write_table(TABLE.append_column("id", pa.array(["a", "b", "c"])), tmp_path / "in.parquet")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "QA_MODEL_ZOO": str(zoo)}
+    outputs = {}
+    for name, args in (("ir", ["--model", OMZ_FP32]), ("onnx", ["--model", str(d), "--backend", "openvino"])):
+        subprocess.run([sys.executable, "-m", "jobs.answer", "--input", str(tmp_path / "in.parquet"),
+                        "--output", str(tmp_path / name), *args], cwd=REPO, env=env, check=True,
+                       capture_output=True, timeout=300)
+        outputs[name] = pq.read_table(tmp_path / name).sort_by("id")
+    assert outputs["ir"].num_rows == 3 and outputs["ir"].column("error").null_count == 3
+    assert outputs["ir"].column("answer").to_pylist() == outputs["onnx"].column("answer").to_pylist()
+    manifest = json.loads((tmp_path / "ir" / "_manifest.json").read_text())
+    assert manifest["model"]["model_file"].endswith("model.xml")
