@@ -47,6 +47,9 @@ class JobConfig:
     backend: str = "auto"  # auto | onnxruntime | openvino
     mode: str = "error"  # error | overwrite | resume, when the output exists
     skip_bad_files: bool = False
+    questions: str | None = None  # fan-out: ask these questions (question_id, question) of every input row
+    wide: bool = False  # fan-out output: one row per document, answer_<question_id> columns
+    progress_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "cpus_per_actor"):
@@ -55,6 +58,10 @@ class JobConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.rows_per_unit < 1 or self.batch_tokens < 1:
             raise ValueError("--rows-per-unit and --batch-tokens must be >= 1")
+        if self.wide and not self.questions:
+            raise ValueError("--wide needs --questions")
+        if self.progress_every_s <= 0:
+            raise ValueError("--progress-every must be > 0 seconds")
         if self.mode not in ("error", "overwrite", "resume"):
             raise ValueError(f"--mode must be error, overwrite or resume, got {self.mode!r}")
         if len({self.columns.id, self.columns.question, self.columns.context}) != 3:
@@ -74,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    help="model directory or registry name (models/registry.py; default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto",
                    help="auto: OpenVINO for model.xml, ONNX Runtime for model.onnx")
+    p.add_argument("--questions", help="fan-out: Parquet of (question_id, question) asked of every input row, "
+                                       "whose id and context columns are then read as documents")
+    p.add_argument("--wide", action="store_true",
+                   help="with --questions: one output row per document, answer_<question_id>/score_<question_id>")
+    p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--id-column", default="id")
     p.add_argument("--question-column", default="question")
     p.add_argument("--context-column", default="context")
@@ -97,16 +109,19 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             decode=DecodeSettings(max_answer_len=a.max_answer_len, top_k=a.top_k),
             concurrency=a.concurrency, cpus_per_actor=a.cpus_per_actor, rows_per_unit=a.rows_per_unit,
             batch_tokens=a.batch_tokens, address=a.address, model_overrides=overrides,
-            mode=a.mode, skip_bad_files=a.skip_bad_files, backend=a.backend,
+            mode=a.mode, skip_bad_files=a.skip_bad_files, backend=a.backend, questions=a.questions, wide=a.wide,
+            progress_every_s=a.progress_every,
         )
     except ValueError as exc:
         p.error(str(exc))
 
 
-def job_identity(cfg: JobConfig, spec, in_fs, in_files: list[str]) -> dict:
+def job_identity(cfg: JobConfig, spec, in_fs, in_files: list[str], questions) -> dict:
     """What staged answers depend on: resume refuses to mix runs that differ in any of it."""
     sizes = [f.size for f in in_fs.get_file_info(in_files)]
     return {
+        "questions": None if questions is None else questions.to_pydict(),
+        "wide": cfg.wide,
         "input_files": [{"path": p, "size": n} for p, n in zip(in_files, sizes)],
         "columns": asdict(cfg.columns),
         "decode": asdict(cfg.decode),
@@ -125,7 +140,8 @@ def run(cfg: JobConfig) -> dict:
     from models.registry import resolve_model
     from pipeline.answer import load_model
     from pipeline.commit import OutputCommitter
-    from pipeline.lake import expand_input, filesystem_and_path
+    from pipeline.fanout import QUESTION, QUESTION_ID
+    from pipeline.lake import expand_input, filesystem_and_path, input_base
     from pipeline.units import plan_units
 
     started = time.time()
@@ -133,15 +149,25 @@ def run(cfg: JobConfig) -> dict:
     model_dir = str(resolve_model(cfg.model, MODEL_ZOO))
     spec, _ = load_model(model_dir, 1, cfg.model_overrides, cfg.backend)
     in_fs, in_files = expand_input(cfg.input)
-    units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files)
-    missing = [c for c in (cfg.columns.id, cfg.columns.question, cfg.columns.context) if c not in schema.names]
+    units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files,
+                                          base=input_base(cfg.input))
+    questions, columns = None, cfg.columns
+    if cfg.questions:
+        questions = load_questions(cfg.questions)
+        columns = Columns(cfg.columns.id, QUESTION, cfg.columns.context)
+        clash = [c for c in (QUESTION, QUESTION_ID) if c in schema.names]
+        if clash:
+            raise KeyError(f"input {cfg.input}: has a column {clash[0]!r}, which fan-out adds; rename it")
+    needed = (columns.id, columns.context) if questions is not None else (columns.id, columns.question, columns.context)
+    missing = [c for c in needed if c not in schema.names]
     if missing:
         raise KeyError(f"input {cfg.input}: no column {missing[0]!r} (columns: {schema.names}); "
                        f"choose columns with --id-column/--question-column/--context-column")
     rows_in = sum(u.length for u in units)
+    rows_per_input_row = questions.num_rows if questions is not None and not cfg.wide else 1
     out_fs, out_path = filesystem_and_path(cfg.output)
-    committer = OutputCommitter(out_fs, out_path)
-    job = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files])
+    committer = OutputCommitter(out_fs, out_path, rows_per_input_row)
+    job = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files], questions)
     done = committer.prepare(cfg.mode, job)
     if done is not None:
         print(f"output {cfg.output} already holds this job's committed answers; nothing to do")
@@ -154,6 +180,7 @@ def run(cfg: JobConfig) -> dict:
         "skipped_bad_files": bad_files,
         "read_units": len(units),
         "rows_in": rows_in,
+        "rows_per_input_row": rows_per_input_row,
     }
     finished = committer.finish_interrupted_commit(job, extra)
     if finished is not None:
@@ -177,13 +204,15 @@ def run(cfg: JobConfig) -> dict:
         ds = ray.data.from_items([u.as_row() for u in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             AnswerActor,
-            fn_constructor_kwargs=dict(fs=in_fs, model_dir=model_dir, threads=threads, columns=cfg.columns,
+            fn_constructor_kwargs=dict(fs=in_fs, model_dir=model_dir, threads=threads, columns=columns,
                                        decode=cfg.decode, batch_tokens=cfg.batch_tokens,
-                                       model_overrides=cfg.model_overrides, backend=cfg.backend, stats=stats),
+                                       model_overrides=cfg.model_overrides, backend=cfg.backend, stats=stats,
+                                       questions=questions, wide=cfg.wide),
             batch_format="pyarrow", batch_size=1, num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
         )
-        ds.write_datasink(StagedParquetDatasink(committer), ray_remote_args={"num_cpus": 0})
+        with ProgressReporter(stats, rows_in - staged_rows, cfg.progress_every_s):
+            ds.write_datasink(StagedParquetDatasink(committer), ray_remote_args={"num_cpus": 0})
         totals = ray.get(stats.totals.remote())
     t_done = time.time()
 
@@ -201,9 +230,66 @@ def run(cfg: JobConfig) -> dict:
     out_dataset = pads.dataset([f["path"] for f in manifest["output_files"]], filesystem=out_fs, format="parquet")
     manifest["errors"] = manifest["rows_out"] - out_dataset.count_rows(filter=pads.field("error").is_null())
     committer.rewrite_manifest(manifest)
-    if manifest["rows_out"] != rows_in:
+    if manifest["rows_out"] != rows_in * rows_per_input_row:
         raise RuntimeError(f"{rows_in} rows in but {manifest['rows_out']} rows out; see {out_path}/_manifest.json")
+    elapsed = t_done - started
+    print(f"done: {rows_in} rows in, {manifest['rows_out']} rows out, {manifest['errors']} with errors, "
+          f"{elapsed:.1f} s ({(rows_in - staged_rows) / max(t_done - t_run, 1e-9):.1f} rows/s); "
+          f"manifest {out_path}/_manifest.json", flush=True)
     return manifest
+
+
+def load_questions(uri: str):
+    """The fan-out questions table, validated (unique non-null question_id, a question column)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.fanout import validate_questions
+    from pipeline.lake import expand_input
+
+    fs, files = expand_input(uri)
+    return validate_questions(pq.ParquetDataset(files, filesystem=fs).read(), uri)
+
+
+class ProgressReporter:
+    """A line every few seconds for headless logs (`ray job logs`): rows done/total, rate, ETA."""
+
+    def __init__(self, stats, total_rows: int, every_s: float):
+        import threading
+
+        self.stats, self.total, self.every = stats, total_rows, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="qa-progress")
+        self._t0 = time.time()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.every):
+            try:
+                done = ray.get(self.stats.totals.remote(), timeout=10).get("input_rows", 0)
+            except Exception:  # progress must never fail the job (a slow stats actor is not an error)
+                continue
+            elapsed = time.time() - self._t0
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.1f}%), "
+                  f"{rate:.1f} rows/s, ETA {_clock(eta)}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: no rate yet
+        return "unknown"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
+from pipeline import fanout
 from pipeline.answer import Answerer, load_model
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
 from pipeline.config import Columns, DecodeSettings
@@ -47,27 +48,38 @@ class AnswerActor:
 
     def __init__(self, fs: pafs.FileSystem, model_dir: str, threads: int, columns: Columns,
                  decode: DecodeSettings, batch_tokens: int, model_overrides: dict | None = None,
-                 backend: str = "auto", stats: ray.actor.ActorHandle | None = None):
+                 backend: str = "auto", stats: ray.actor.ActorHandle | None = None,
+                 questions: pa.Table | None = None, wide: bool = False):
         spec, session = load_model(model_dir, threads, model_overrides, backend)
         self.answerer = Answerer(spec, session, columns, decode, batch_tokens)
         self.reader = UnitReader(fs)
         self.stats = stats
         self.name = f"{os.getpid()}@{ray.util.get_node_ip_address()}"
         self.calls = 0
+        self.input_rows = 0
+        self.questions, self.wide = questions, wide
 
     def __call__(self, units: pa.Table) -> pa.Table:
         self.calls += 1
         _maybe_crash(self.calls)
         parts = []
         for u in units.to_pylist():
-            answered = self.answerer(self.reader.read(ReadUnit(**u)))
+            documents = self.reader.read(ReadUnit.from_row(u))
+            if self.questions is None:
+                answered = self.answerer(documents)
+            else:
+                answered = self.answerer(fanout.expand(documents, self.questions))
+                if self.wide:
+                    answered = fanout.to_wide(answered, documents, self.questions)
+            self.input_rows += documents.num_rows
             n = answered.num_rows
             answered = answered.append_column(UNIT_COLUMN, pa.array([u["index"]] * n, pa.int64()))
             parts.append(answered.append_column(ROW_COLUMN, pa.array(range(n), pa.int64())))
         out = pa.concat_tables(parts)
         if self.stats is not None:
             t = self.answerer.times
-            times = {**{f.name: getattr(t, f.name) for f in fields(t)}, "errors": dict(t.errors)}
+            times = {**{f.name: getattr(t, f.name) for f in fields(t)}, "errors": dict(t.errors),
+                     "input_rows": self.input_rows}
             ray.get(self.stats.report.remote(self.name, times))
         return out
 

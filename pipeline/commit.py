@@ -59,8 +59,10 @@ class StagedPart:
 class OutputCommitter:
     """The protocol's state on one filesystem; used by the driver and by write tasks alike."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str):
+    def __init__(self, fs: pafs.FileSystem, root: str, rows_per_input_row: int = 1):
+        """``rows_per_input_row``: output rows each input row yields (fan-out asks several questions)."""
         self.fs, self.root = fs, root.rstrip("/")
+        self.rows_per_input_row = rows_per_input_row
         self.staging = f"{self.root}/{STAGING}"
 
     # -- driver, before the run ------------------------------------------------------------------
@@ -111,7 +113,7 @@ class OutputCommitter:
         pending, staged_rows = [], 0
         for u in units:
             parts = sorted(by_unit.get(u.index, []), key=lambda p: p.first_row)
-            if _contiguous(parts, u.length):
+            if _contiguous(parts, u.length * self.rows_per_input_row):
                 staged_rows += u.length
             else:
                 for p in parts:
@@ -143,8 +145,8 @@ class OutputCommitter:
         by_unit = defaultdict(list)
         for p in parts:
             by_unit[p.unit].append(p)
-        problems = [u.index for u in units
-                    if not _contiguous(sorted(by_unit.get(u.index, []), key=lambda p: p.first_row), u.length)]
+        problems = [u.index for u in units if not _contiguous(
+            sorted(by_unit.get(u.index, []), key=lambda p: p.first_row), u.length * self.rows_per_input_row)]
         strays = sorted(set(by_unit) - {u.index for u in units})
         if problems or strays:
             raise RuntimeError(f"cannot commit {self.root}: units {problems[:10]} incomplete, units {strays[:10]} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -12,7 +13,20 @@ _GLOB_CHARS = "*?["
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it; plain paths are local."""
+    """A pyarrow filesystem and the path inside it; plain paths are local.
+
+    For s3:// the endpoint comes from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (S3-compatible stores),
+    credentials and region from the standard AWS variables, profile or instance role. The endpoint is
+    set on the filesystem object itself so that actors on other nodes, which receive it pickled,
+    reach the same store.
+    """
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kwargs = {"endpoint_override": endpoint}
+            if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+                kwargs["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     local = pafs.LocalFileSystem()
@@ -20,7 +34,8 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def expand_input(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The Parquet files a file, directory or glob names, sorted; a clear error if none."""
+    """The Parquet files a file, directory or glob names, sorted; a clear error if none.
+    Hive-style partition folders (``lang=en/``) are searched too; see ``hive_partitions``."""
     has_glob = any(c in uri for c in _GLOB_CHARS)
     base_uri = uri
     if has_glob:
@@ -35,7 +50,7 @@ def expand_input(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     files = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
              if f.type == pafs.FileType.File and not _hidden(f.path[len(base):])]
     if has_glob:
-        pattern = filesystem_and_path(uri)[1] if "://" not in uri else uri.split("://", 1)[1]
+        pattern = filesystem_and_path(uri)[1] if "://" not in uri else uri.split("://", 1)[1].rstrip("/")
         files = [f for f in files if fnmatch.fnmatch(f.path, pattern)]
     else:
         files = [f for f in files if f.path.endswith((".parquet", ".parq", ".pq"))]
@@ -57,3 +72,20 @@ def write_json(fs: pafs.FileSystem, path: str, value) -> None:
 def read_json(fs: pafs.FileSystem, path: str):
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode("utf-8"))
+
+
+def input_base(uri: str) -> str:
+    """The folder that partition keys are read below: the input directory, or a glob's fixed prefix."""
+    if any(c in uri for c in _GLOB_CHARS):
+        uri = uri[:min(uri.index(c) for c in _GLOB_CHARS if c in uri)].rsplit("/", 1)[0]
+    fs, path = filesystem_and_path(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return path.rsplit("/", 1)[0]
+    return path.rstrip("/")
+
+
+def hive_partitions(base: str, path: str) -> dict[str, str]:
+    """key=value folders between ``base`` and the file: the partition columns of a Hive-style dataset."""
+    relative = path[len(base):].strip("/") if path.startswith(base) else ""
+    parts = relative.split("/")[:-1]
+    return dict(p.split("=", 1) for p in parts if "=" in p)

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .lake import hive_partitions
+
 
 class InputFileError(ValueError):
     """An input file cannot be read; the message names it."""
@@ -26,15 +28,21 @@ class ReadUnit:
     row_group: int
     offset: int  # first row inside the row group
     length: int
+    partitions: tuple[tuple[str, str], ...] = ()  # Hive key=value folders above the file
 
     def as_row(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "partitions": [list(kv) for kv in self.partitions]}
+
+    @classmethod
+    def from_row(cls, row: dict) -> ReadUnit:
+        return cls(**{**row, "partitions": tuple(tuple(kv) for kv in row.get("partitions") or ())})
 
 
-def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int,
-               skip_bad_files: bool = False) -> tuple[list[ReadUnit], pa.Schema, list[str]]:
-    """Units in file order, each at most ``rows_per_unit`` rows; the files' common schema; the
-    files skipped as unreadable (only with ``skip_bad_files``, else the first one raises)."""
+def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int, skip_bad_files: bool = False,
+               base: str | None = None) -> tuple[list[ReadUnit], pa.Schema, list[str]]:
+    """Units in file order, each at most ``rows_per_unit`` rows; the files' common schema (with
+    the Hive partition keys found below ``base`` as string columns); the files skipped as
+    unreadable (only with ``skip_bad_files``, else the first one raises)."""
     units: list[ReadUnit] = []
     schema = None
     bad: list[str] = []
@@ -49,6 +57,10 @@ def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int,
                 continue
             raise InputFileError(f"input file {path}: not readable as Parquet ({exc}); "
                                  "fix or remove it, or pass --skip-bad-files") from exc
+        partitions = tuple(hive_partitions(base, path).items()) if base else ()
+        for key, _ in partitions:
+            if key not in file_schema.names:
+                file_schema = file_schema.append(pa.field(key, pa.string()))
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema, check_metadata=False):
@@ -56,7 +68,7 @@ def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int,
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             for offset in range(0, n, rows_per_unit):
-                units.append(ReadUnit(len(units), path, rg, offset, min(rows_per_unit, n - offset)))
+                units.append(ReadUnit(len(units), path, rg, offset, min(rows_per_unit, n - offset), partitions))
     if schema is None:
         raise InputFileError(f"no readable input files (unreadable: {bad})")
     return units, schema, bad
@@ -79,4 +91,8 @@ class UnitReader:
             except (OSError, pa.ArrowException) as exc:
                 raise InputFileError(f"input file {unit.path}, row group {unit.row_group}: {exc}") from exc
             self._cached = (key, table)
-        return self._cached[1].slice(unit.offset, unit.length)
+        table = self._cached[1].slice(unit.offset, unit.length)
+        for key, value in unit.partitions:
+            if key not in table.column_names:
+                table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+        return table

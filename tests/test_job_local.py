@@ -87,3 +87,39 @@ def test_refuses_missing_column_and_existing_output(local_ray, tiny_model, tmp_p
     with pytest.raises(FileExistsError, match="not empty"):
         run(JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o"), model=str(tiny_model)))
     assert (tmp_path / "o" / "x").read_text() == "keep me"
+
+
+def test_fan_out_long_and_wide(local_ray, tiny_model, tmp_path, capsys):
+    docs = pa.table({"id": ["d1", "d2", "d3"], "title": ["a", "b", "c"],
+                     "context": ["The king of France was born in Paris in 1789.", "The river runs by the city.", ""]})
+    questions = pa.table({"question_id": ["who", "where", "when"],
+                          "question": ["who was born?", "where is the river?", "what year?"]})
+    pq.write_table(docs, tmp_path / "docs.parquet")
+    pq.write_table(questions, tmp_path / "q.parquet")
+    common = ["--input", str(tmp_path / "docs.parquet"), "--questions", str(tmp_path / "q.parquet"),
+              "--model", str(tiny_model), "--progress-every", "0.2", "--rows-per-unit", "2"]
+    long_manifest = run(parse_args(common + ["--output", str(tmp_path / "long")]))
+    long = pq.read_table(tmp_path / "long").to_pylist()
+    assert long_manifest["rows_in"] == 3 and long_manifest["rows_out"] == 9 and len(long) == 9
+    assert [(r["id"], r["question_id"]) for r in long] == [(d, q) for d in ("d1", "d2", "d3")
+                                                           for q in ("who", "where", "when")]
+    assert all(r["title"] for r in long)
+    assert [r["error"] for r in long if r["id"] == "d3"] == ["context is empty"] * 3
+
+    # Each (document, question) answer equals asking that question of that document alone.
+    spec, session = load_model(str(tiny_model))
+    single = Answerer(spec, session)(pa.table({"question": ["where is the river?"],
+                                               "context": ["The river runs by the city."]})).to_pylist()[0]
+    got = next(r for r in long if (r["id"], r["question_id"]) == ("d2", "where"))
+    assert (got["answer"], got["answer_start"]) == (single["answer"], single["answer_start"])
+
+    run(parse_args(common + ["--output", str(tmp_path / "wide"), "--wide"]))
+    wide = pq.read_table(tmp_path / "wide")
+    assert wide.num_rows == 3
+    assert wide.column_names == ["id", "title", "context", "answer_who", "score_who", "answer_where",
+                                 "score_where", "answer_when", "score_when", "error"]
+    rows = wide.to_pylist()
+    assert rows[1]["answer_where"] == single["answer"]
+    assert rows[2]["error"] == "who: context is empty; where: context is empty; when: context is empty"
+    out = capsys.readouterr().out
+    assert "done: 3 rows in, 9 rows out, 3 with errors" in out
