@@ -51,11 +51,16 @@ def test_ray_job_submit_answers_sample(head_node, tiny_model, tmp_path):
     address, env = head_node
     out = tmp_path / "answers"
     job_id = f"qa-test-{uuid.uuid4().hex[:8]}"
-    submit = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
-              "--", "python", "-m", "jobs.answer", "--input", str(REPO / "tests/data/sample.parquet"),
-              "--output", str(out), "--model", str(tiny_model)]
+    # As README says: the working directory ships in the runtime_env; env_vars reach the driver and actors
+    # (here QA_MODEL picks the model, so no --model flag is given).
+    runtime_env = {"working_dir": str(REPO), "excludes": ["out/", ".venv/", "*.safetensors"],
+                   "env_vars": {"QA_MODEL": str(tiny_model)}}
+    submit = [RAY, "job", "submit", "--address", address, "--submission-id", job_id,
+              "--runtime-env-json", json.dumps(runtime_env),
+              "--", "python", "-m", "jobs.answer", "--input", "tests/data/sample.parquet", "--output", str(out),
+              "--progress-every", "1"]
     done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     status = ""
     while time.time() < deadline:
         status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
@@ -75,4 +80,8 @@ def test_ray_job_submit_answers_sample(head_node, tiny_model, tmp_path):
     assert all(rows[f"q{i:02d}"]["answer"] for i in range(1, 11))
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows_in"] == manifest["rows_out"] == 12
+    assert manifest["model"]["directory"] == str(tiny_model)
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "done: 12 rows in, 12 rows out, 2 with errors" in logs, logs[-3000:]  # summary in `ray job logs`
     assert manifest["ray"]["cluster_cpus"] == 2  # it joined the running cluster, not a new local one
