@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -36,8 +37,8 @@ class JobConfig:
     input: str
     output: str
     model: str = field(default_factory=default_model)
-    columns: Columns = Columns()
-    decode: DecodeSettings = DecodeSettings()
+    columns: Columns = field(default_factory=Columns)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
     concurrency: int | None = None  # answering actors; None: one per 4 cluster CPUs, at least 1
     cpus_per_actor: int | None = None  # None: cluster CPUs // concurrency
     rows_per_unit: int = 1024  # rows per read unit: one actor call, one output file
@@ -275,7 +276,7 @@ class ProgressReporter:
         while not self._stop.wait(self.every):
             try:
                 done = ray.get(self.stats.totals.remote(), timeout=10).get("input_rows", 0)
-            except Exception:  # progress must never fail the job (a slow stats actor is not an error)
+            except Exception:  # noqa: BLE001, S112 - progress must never fail the job; the next tick retries
                 continue
             elapsed = time.time() - self._t0
             rate = done / elapsed if elapsed > 0 else 0.0
@@ -285,7 +286,7 @@ class ProgressReporter:
 
 
 def _clock(seconds: float) -> str:
-    if seconds != seconds:  # nan: no rate yet
+    if math.isnan(seconds):  # no rate yet
         return "unknown"
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)

@@ -83,9 +83,10 @@ class Answerer:
     by length so each batch pads only to its own longest window.
     """
 
-    def __init__(self, spec: ModelSpec, session: QASession, columns: Columns = Columns(),
-                 decode: DecodeSettings = DecodeSettings(), batch_tokens: int = 16384):
-        self.spec, self.session, self.columns, self.decode = spec, session, columns, decode
+    def __init__(self, spec: ModelSpec, session: QASession, columns: Columns | None = None,
+                 decode: DecodeSettings | None = None, batch_tokens: int = 16384):
+        self.spec, self.session = spec, session
+        self.columns, self.decode = columns or Columns(), decode or DecodeSettings()
         self.tokenizer = load_tokenizer(spec.tokenizer_file, spec.lowercase)
         self.batch_tokens = batch_tokens
         self.times = StageTimes()

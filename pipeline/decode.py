@@ -16,7 +16,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .config import DecodeSettings
 
-
 _CHUNK = 256
 
 

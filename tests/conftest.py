@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import write_model_dir  # noqa: E402
+from tiny_models import write_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

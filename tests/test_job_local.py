@@ -10,9 +10,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from jobs.answer import JobConfig, parse_args, run  # noqa: E402
-from pipeline.answer import Answerer, load_model  # noqa: E402
-from pipeline.config import Columns  # noqa: E402
+from jobs.answer import JobConfig, parse_args, run
+from pipeline.answer import Answerer, load_model
+from pipeline.config import Columns
 
 
 @pytest.fixture(scope="module")

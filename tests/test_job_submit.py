@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from tiny_models import write_model_dir
 
 from pipeline.answer import Answerer, load_model
 from pipeline.model_dir import ModelDirError
 from pipeline.session import ModelLoadError
-from tiny_models import write_model_dir
 
 TABLE = pa.table({
     "question": ["who was born in paris?", "what year?", "where is the cafe?"],

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from pipeline import squad
 
 DEV = REPO.parent / "shared/data/squad/dev-v1.1.json"

@@ -15,8 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-WORDS = ("the what who when where which how is was are of in on at to a an and or by for from with "
-         "city river france paris cafe naive year born king queen war first last name one two three").split()
+WORDS = ["the", "what", "who", "when", "where", "which", "how", "is", "was", "are", "of", "in", "on", "at", "to", "a", "an", "and", "or", "by", "for", "from", "with", "city", "river", "france", "paris", "cafe", "naive", "year", "born", "king", "queen", "war", "first", "last", "name", "one", "two", "three"]
 
 
 def vocab_tokens() -> list[str]:
