@@ -24,13 +24,23 @@ from models.train_qa import default_base
 SEQ_DEFAULTS = {"max_seq_len": 384, "doc_stride": 128, "max_query_len": 64}
 
 
-def load_weights(path: str) -> dict:
+def load_weights(path: str) -> tuple[dict, dict]:
+    """Weights (fp32) and the training record: step and epoch when exported from a checkpoint."""
     import torch
     from safetensors.torch import load_file
 
     if path.endswith(".safetensors"):
-        return {k: v.float() for k, v in load_file(path).items()}
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+        record = Path(path).with_name("training.json")
+        return {k: v.float() for k, v in load_file(path).items()}, (
+            json.loads(record.read_text()) if record.exists() else {})
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    progress = Path(path).with_name("progress.json")
+    record = json.loads(progress.read_text()) if progress.exists() else {}
+    record["step"] = state["step"]
+    train_cfg = Path(path).with_name("train_config.json")
+    if train_cfg.exists():
+        record["train_config"] = json.loads(train_cfg.read_text())
+    return state["model"], record
 
 
 def export_onnx(base: str, weights: dict, onnx_path: Path) -> None:
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     base = a.base or default_base()
     dst = Path(a.dst)
     dst.mkdir(parents=True, exist_ok=True)
-    weights = load_weights(a.weights)
+    weights, record = load_weights(a.weights)
     cfg = json.loads((Path(base) / "config.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model-fp32.onnx"
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     (dst / "qa_spec.json").write_text(json.dumps({"name": a.name, **SEQ_DEFAULTS, "lowercase": True}, indent=2))
     save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in weights.items()},
               str(dst / "weights-bf16.safetensors"))
+    (dst / "training.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {dst}")
 
 

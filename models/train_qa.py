@@ -193,9 +193,15 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
         {k.removeprefix("bert."): v for k, v in base_weights.items() if "pooler" not in k}, strict=False
     )
     print("base load:", missing, flush=True)
+    step = 0
     if cfg.init_weights:
         model.load_state_dict({k: v.float() for k, v in load_file(cfg.init_weights).items()})
-        print(f"warm start from {cfg.init_weights}", flush=True)
+        # A committed model records the step it was exported at: continue the schedule (and the data
+        # order) from there; only the optimizer's moments start afresh.
+        record = Path(cfg.init_weights).with_name("training.json")
+        if record.exists():
+            step = int(json.loads(record.read_text()).get("step", 0))
+        print(f"warm start from {cfg.init_weights} at step {step}", flush=True)
     model.to(device)
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
@@ -211,7 +217,8 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    step = 0
+    for _ in range(step):  # a warm start resumes the schedule where the exported model left it
+        sched.step()
     ckpt_path = work / "checkpoint.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
