@@ -123,3 +123,5 @@ def test_fan_out_long_and_wide(local_ray, tiny_model, tmp_path, capsys):
     assert rows[2]["error"] == "who: context is empty; where: context is empty; when: context is empty"
     out = capsys.readouterr().out
     assert "done: 3 rows in, 9 rows out, 3 with errors" in out
+    progress = [line for line in out.splitlines() if line.startswith("progress: ")]
+    assert progress and all("/3 rows (" in line and "rows/s, ETA" in line for line in progress)
