@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"answer": "jobs.answer", "evaluate": "jobs.evaluate"}
+COMMANDS = {"answer": "jobs.answer", "evaluate": "jobs.evaluate", "benchmark": "jobs.benchmark"}
 
 
 def main(argv: list[str] | None = None) -> int:

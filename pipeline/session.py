@@ -29,16 +29,20 @@ class ModelLoadError(ValueError):
     """The model file cannot serve as an extractive QA graph; the message names the file."""
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     """Threads pinned to what the actor was given: ONNX Runtime ignores OMP_NUM_THREADS and,
-    left alone, takes every core in every actor so that actors fight."""
+    left alone, takes every core in every actor so that actors fight.
+
+    ``spinning`` lets idle pool threads busy-wait for the next op instead of sleeping; it only exists
+    so that jobs.benchmark can measure it (see BENCHMARKS.md); the job keeps it off.
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No busy-waiting between batches: the actor tokenizes and decodes on the same cores.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 
 
@@ -109,11 +113,13 @@ class QASession:
     """Runs start/end logits for batches of windows: int arrays [batch, seq] in, float32 out."""
 
     def __init__(self, model_file: str | Path, threads: int = 1,
-                 input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None):
+                 input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None,
+                 spinning: bool = False):
         self.model_file = Path(model_file)
         try:
             self._session = ort.InferenceSession(
-                str(self.model_file), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+                str(self.model_file), sess_options=session_options(threads, spinning),
+                providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelLoadError(f"{self.model_file}: not a loadable ONNX model ({exc})") from exc

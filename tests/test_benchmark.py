@@ -1,0 +1,85 @@
+"""jobs.benchmark's plumbing on the tiny model: every system runs, is scored and lands in the report.
+
+Asserts nothing about speed: timings on a shared test machine mean nothing. The transformers pipeline
+is exercised only where transformers<5 (the last versions with that pipeline) and torch are installed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("onnx")
+
+from tiny_models import bert_qa_graph, vocab_tokens
+
+from jobs import benchmark
+
+CONTEXT = "The king of France was born in Paris in 1789, the first year of the war."
+
+
+def squad_file(path, n: int = 6):
+    qas = [{"id": f"q{i}", "question": q, "answers": [{"text": a, "answer_start": CONTEXT.index(a)}]}
+           for i, (q, a) in enumerate([("who was born in paris?", "The king of France"),
+                                       ("where was the king born?", "Paris"),
+                                       ("when was the king born?", "1789")] * (n // 3))]
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": CONTEXT, "qas": qas}]}]}))
+    return path
+
+
+def tiny_hf_model(model_dir, dst):
+    """A random-weight BertForQuestionAnswering with the tiny vocabulary, saved as transformers 4 does."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    config = BertConfig(vocab_size=len(vocab_tokens()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertForQuestionAnswering(config).save_pretrained(str(dst))
+    (dst / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    (dst / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+    return dst
+
+
+def test_flop_model_counts_every_matmul_weight(tmp_path):
+    import onnx
+
+    model, weights = bert_qa_graph(len(vocab_tokens()))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    cost = benchmark.flop_model(tmp_path / "model.onnx")
+    matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    assert cost.matmul_params == sum(weights[w].size for w in matmul_weights if w in weights)
+    assert cost.layers == 2 and cost.attention_width == 32
+    # Padding is never counted: the cost grows with real tokens only, quadratically through attention.
+    one, two = cost.flops(np.array([10])), cost.flops(np.array([20]))
+    assert two == pytest.approx(2 * 2 * cost.matmul_params * 10 + 4 * 2 * 32 * 400)
+    assert one < two < 4 * one
+
+
+def test_compare_runs_every_system(tiny_model, tmp_path):
+    args = ["--data", str(squad_file(tmp_path / "squad.json")), "--limit", "6", "--model", str(tiny_model),
+            "--cpus", "1", "--report", str(tmp_path / "report.json"), "--work-dir", str(tmp_path)]
+    peer = benchmark.transformers_pipeline_available() is None
+    if peer:
+        args += ["--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf"))]
+    assert benchmark.main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names[0] == "our job int8" and "ORT loop pad-384 b8 int8" in names
+    assert (benchmark.PEER in names) == peer
+    for r in report["results"]:
+        assert r["questions"] == 6 and r["windows"] >= 6
+        assert 0 <= r["f1"] <= 100 and r["useful_flops"] > 0 and r["peak_rss_mb"] > 0
+    assert report["peak_gflops"]["int8"] > 0 and report["peak_gflops"]["fp32"] > 0
+    job = report["results"][0]["extra"]
+    assert job["stages"]["windows"] == report["results"][0]["windows"]
+    assert len(job["actor_rss_mb"]) == 1  # one actor, found among the job's processes
+
+
+def test_table_reports_ratios_to_the_peer():
+    results = [benchmark.Result("ours", "int8", 100, 110, 2.0, 80.0, 70.0, 4e11, 300.0),
+               benchmark.Result(benchmark.PEER, "fp32", 100, 105, 10.0, 80.5, 71.0, 4e11, 500.0)]
+    text = benchmark.table(results, {"int8": 400.0, "fp32": 100.0}, benchmark.PEER)
+    ours = text.splitlines()[2]
+    assert "| 50.0 |" in ours and "| 5.00 |" in ours and "| 200.0 | 50% (int8) |" in ours
