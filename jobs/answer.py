@@ -42,7 +42,7 @@ class JobConfig:
     concurrency: int | None = None  # answering actors; None: one per 4 cluster CPUs, at least 1
     cpus_per_actor: int | None = None  # None: cluster CPUs // concurrency
     rows_per_unit: int = 1024  # rows per read unit: one actor call, one output file
-    batch_tokens: int = 16384  # tokens (padding included) per inference call
+    batch_tokens: int = 4096  # tokens (padding included) per inference call (BENCHMARKS.md: token budget)
     address: str | None = None
     model_overrides: dict = field(default_factory=dict)  # e.g. {"max_seq_len": 256}
     backend: str = "auto"  # auto | onnxruntime | openvino
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--concurrency", type=int, help="answering actors (default: one per 4 cluster CPUs)")
     p.add_argument("--cpus-per-actor", type=int, help="CPUs (= ONNX Runtime threads) per actor")
     p.add_argument("--rows-per-unit", type=int, default=1024, help="rows per actor call and output file")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per inference call")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens (padding included) per inference call")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in (("max_seq_len", a.max_seq_len), ("doc_stride", a.doc_stride),
