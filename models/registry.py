@@ -107,8 +107,9 @@ MODELS: tuple[ZooModel, ...] = (
         name="nvidia/bert_tf_ckpt_base_qa_squad11_amp_128", source_format="tf1-checkpoint",
         backend="onnxruntime", max_seq_len=128, doc_stride=64, max_query_len=64, lowercase=True,
         card_f1=None, card_em=None,
-        weights="NVIDIA NGC catalog, BERT-base QA SQuAD 1.1 TF checkpoint (AMP, seq 128): unzip to SRC holding "
-                "bert_config.json, vocab.txt and model.ckpt-N.index/.data-*",
+        weights="NVIDIA NGC catalog model nvidia/bert_tf_ckpt_base_qa_squad11_amp_128, version 19.03.1 (1.23 GB, "
+                "https://catalog.ngc.nvidia.com/orgs/nvidia/models/bert_tf_ckpt_base_qa_squad11_amp_128): unzip to SRC "
+                "holding bert_config.json, vocab.txt and model.ckpt-N.index/.data-*",
         convert_requires="pip install torch transformers tensorflow-cpu onnx",
         notes="TF1 checkpoint with Google BERT variable names; fine-tuned at sequence length 128. Google's gelu "
               "is the tanh form (exported as such). Measure F1/EM with jobs.evaluate: no card figure recorded",
