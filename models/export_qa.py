@@ -72,7 +72,8 @@ def export_onnx(base: str, weights: dict, onnx_path: Path) -> None:
     )
 
 
-def optimize_and_quantize(fp32: Path, int8: Path, num_heads: int, hidden: int) -> None:
+def optimize_and_quantize(fp32: Path, int8: Path, num_heads: int, hidden: int, keep_fused: Path | None) -> None:
+    """ORT BERT fusion, then int8; ``keep_fused`` keeps the fused fp32 graph (the fair fp32 variant to serve)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
@@ -84,6 +85,8 @@ def optimize_and_quantize(fp32: Path, int8: Path, num_heads: int, hidden: int) -
         # Fused ops (com.microsoft) defeat shape inference; their outputs are float.
         quantize_dynamic(str(fused), str(int8), weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        if keep_fused:
+            shutil.copy(fused, keep_fused)
 
 
 def write_tokenizer(base: str, dst: Path) -> None:
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", required=True, help="checkpoint.pt or weights .safetensors from train_qa")
     p.add_argument("--dst", required=True)
     p.add_argument("--base", default=None, help="base encoder dir with config/tokenizer (default: MiniLM-L6)")
-    p.add_argument("--fp32", action="store_true", help="also keep the fp32 graph as model-fp32.onnx")
+    p.add_argument("--fp32", action="store_true", help="also keep the fused fp32 graph as model-fp32.onnx")
     p.add_argument("--name", default="minilm-l6-h384-squad1.1")
     a = p.parse_args(argv)
     base = a.base or default_base()
@@ -115,9 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model-fp32.onnx"
         export_onnx(base, weights, fp32)
-        optimize_and_quantize(fp32, dst / "model.onnx", cfg["num_attention_heads"], cfg["hidden_size"])
-        if a.fp32:
-            shutil.copy(fp32, dst / "model-fp32.onnx")
+        optimize_and_quantize(fp32, dst / "model.onnx", cfg["num_attention_heads"], cfg["hidden_size"],
+                              dst / "model-fp32.onnx" if a.fp32 else None)
     write_tokenizer(base, dst)
     (dst / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForQuestionAnswering"]}, indent=2))
     (dst / "qa_spec.json").write_text(json.dumps({"name": a.name, **SEQ_DEFAULTS, "lowercase": True}, indent=2))
