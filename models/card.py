@@ -30,7 +30,8 @@ def _figures(report: dict, command: str) -> dict:
     }
 
 
-def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, training: dict, train_config: dict) -> dict:
+def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, training: dict, train_config: dict,
+               note: str = "") -> dict:
     epochs = training["epoch"]
     card = {
         "name": json.loads((MODEL_DIR / "qa_spec.json").read_text())["name"],
@@ -42,6 +43,7 @@ def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, trainin
             **{k: train_config[k] for k in ("max_seq_len", "doc_stride", "batch_size", "lr", "seed")},
             "command": (f"python -m models.train_qa --workdir ~/.cache/qa-train/minilm --threads 2 "
                         f"--epochs {round(training['total_steps'] * epochs / training['step'], 2)} --budget-minutes 150  # re-run to resume"),
+            "note": note,
             "export": "python -m models.export_qa --weights ~/.cache/qa-train/minilm/checkpoint.pt --dst models/minilm-squad",
         },
         "dev_first_200_f1": round(slice_report["f1"], 2),
@@ -60,7 +62,7 @@ def card_markdown(card: dict) -> str:
         f"`{card['name']}`: {card['base']}, fine-tuned on {card['data']} for {t['epochs']} epochs "
         f"(step {t['step']}; max_seq_len {t['max_seq_len']}, doc_stride {t['doc_stride']}, batch {t['batch_size']}, "
         f"lr {t['lr']}, linear decay planned over {t['epochs_planned']} epochs, "
-        "bf16 autocast on 2 CPU cores).", "",
+        "bf16 autocast on 2 CPU cores).", *([f"{t['note']}"] if t.get("note") else []), "",
         "| variant | SQuAD v1.1 dev | EM | F1 | questions/s (2 cores, one actor) |", "| --- | --- | --- | --- | --- |",
     ]
     for label, fig in rows:
@@ -80,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slice", required=True, help="report of jobs.evaluate --limit 200 on the int8 model")
     p.add_argument("--int8", help="report of the full dev set, int8 model")
     p.add_argument("--fp32", help="report of the full dev set, fp32 model")
+    p.add_argument("--note", default="", help="how the run went, e.g. a re-planned schedule")
     p.add_argument("--train-config", default=str(Path("~/.cache/qa-train/minilm/train_config.json").expanduser()))
     a = p.parse_args(argv)
     load = lambda path: json.loads(Path(path).read_text()) if path else None  # noqa: E731
     training = load(MODEL_DIR / "training.json")
-    card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config))
+    card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note)
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     readme = MODELS / "README.md"
     text = readme.read_text()
