@@ -44,19 +44,19 @@ def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, trainin
             "command": (f"python -m models.train_qa --workdir ~/.cache/qa-train/minilm --threads 2 "
                         f"--epochs {round(training['total_steps'] * epochs / training['step'], 2)} --budget-minutes 150  # re-run to resume"),
             "note": note,
-            "export": "python -m models.export_qa --weights ~/.cache/qa-train/minilm/checkpoint.pt --dst models/minilm-squad",
+            "export": "python -m models.export_qa --weights ~/.cache/qa-train/minilm/checkpoint.pt --dst models/minilm-squad --fp32",
         },
         "dev_first_200_f1": round(slice_report["f1"], 2),
         "dev_first_200": _figures(slice_report, f"{EVAL} --limit 200"),
         "dev_int8": _figures(int8, EVAL) if int8 else None,
-        "dev_fp32": _figures(fp32, f"{EVAL} --model /tmp/minilm-fp32  # export_qa --fp32, model-fp32.onnx renamed model.onnx") if fp32 else None,
+        "dev_fp32": _figures(fp32, f"{EVAL} --model models/minilm-squad/model-fp32.onnx") if fp32 else None,
     }
     return card
 
 
 def card_markdown(card: dict) -> str:
     t = card["training"]
-    rows = [("int8 (model.onnx, served)", card["dev_int8"]), ("fp32 (not committed)", card["dev_fp32"]),
+    rows = [("int8 (model.onnx, served)", card["dev_int8"]), ("fp32 (model-fp32.onnx)", card["dev_fp32"]),
             ("int8, first 200 dev questions", card["dev_first_200"])]
     lines = [
         f"`{card['name']}`: {card['base']}, fine-tuned on {card['data']} for {t['epochs']} epochs "

@@ -80,9 +80,20 @@ def _vocab_is_lowercase(vocab: Path) -> bool:
         return not any(t[:1] != "[" and t != t.lower() for t in f.read().split("\n"))
 
 
+MODEL_SUFFIXES = (".onnx", ".xml")
+
+
 def find_model_file(directory: str | Path) -> Path:
-    """model.onnx, else the directory's only .onnx file, else an OpenVINO IR model.xml (+ model.bin)."""
+    """model.onnx, else the directory's only .onnx file, else an OpenVINO IR model.xml (+ model.bin).
+
+    A path to a graph file inside a model directory (``models/minilm-squad/model-fp32.onnx``) picks that
+    variant; the tokenizer and spec still come from its directory.
+    """
     d = Path(directory)
+    if d.is_file() and d.suffix in MODEL_SUFFIXES:
+        if d.suffix == ".xml" and not d.with_suffix(".bin").exists():
+            raise ModelDirError(f"{d} (OpenVINO IR) has no {d.with_suffix('.bin').name} beside it")
+        return d
     if not d.is_dir():
         raise ModelDirError(f"model directory {d} does not exist")
     if (d / "model.onnx").exists():
@@ -104,8 +115,8 @@ def load_spec(directory: str | Path, fixed_seq_len: int | None = None, overrides
     ``fixed_seq_len`` is the sequence length the graph itself fixes, if any (see session.py);
     ``overrides`` (e.g. from the command line) win over every file.
     """
-    d = Path(directory)
-    model_file = find_model_file(d)
+    model_file = find_model_file(directory)
+    d = model_file.parent
 
     spec = _read_json(d / SPEC_FILE) if (d / SPEC_FILE).exists() else {}
     unknown = set(spec) - _SPEC_KEYS

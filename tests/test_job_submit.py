@@ -52,7 +52,7 @@ def test_ray_job_submit_answers_sample(head_node, tiny_model, tmp_path):
     job_id = f"qa-test-{uuid.uuid4().hex[:8]}"
     # As README says: the working directory ships in the runtime_env; env_vars reach the driver and actors
     # (here QA_MODEL picks the model, so no --model flag is given).
-    runtime_env = {"working_dir": str(REPO), "excludes": ["out/", ".venv/", "*.safetensors"],
+    runtime_env = {"working_dir": str(REPO), "excludes": ["out/", ".venv/", "*.safetensors", "model-fp32.onnx"],
                    "env_vars": {"QA_MODEL": str(tiny_model)}}
     submit = [RAY, "job", "submit", "--address", address, "--submission-id", job_id,
               "--runtime-env-json", json.dumps(runtime_env),

@@ -120,3 +120,16 @@ def test_non_string_columns_become_row_errors(tiny_model):
     out = Answerer(spec, session)(pa.table({"question": [1, 2], "context": ["a b", "c d"]})).to_pylist()
     assert [r["error"] for r in out] == ["question column has type int64, expected string"] * 2
     assert all(r["answer"] is None for r in out)
+
+
+def test_a_graph_file_picks_that_variant_of_its_directory(tmp_path, reference):
+    """`--model DIR/model-fp32.onnx` serves that graph with DIR's tokenizer and spec."""
+    d = write_model_dir(tmp_path / "m", spec={"max_seq_len": 64})
+    other = write_model_dir(tmp_path / "other", seed=7)
+    (d / "model-variant.onnx").write_bytes((other / "model.onnx").read_bytes())
+    got, spec, _ = answers(d / "model-variant.onnx")
+    assert spec.model_file == (d / "model-variant.onnx").resolve() and spec.directory == d.resolve()
+    assert spec.windows.max_seq_len == 64  # the directory's spec applies
+    want, _, _ = answers(other, overrides={"max_seq_len": 64})
+    same_answers(got, want)
+    assert [r["score"] for r in got] != [r["score"] for r in answers(d)[0]]
