@@ -335,12 +335,16 @@ def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden: int) -> None:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 weights (activations quantized per batch at run time)."""
+    """Dynamic int8: weights quantized once, per output channel; activations per batch at run time.
+
+    Per-channel scales, because one scale per weight tensor lets a few large columns set the step for all
+    (the default model's card compares both against fp32 on SQuAD dev).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Fused ops (com.microsoft) defeat shape inference; their outputs are float.
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 

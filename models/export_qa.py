@@ -73,18 +73,14 @@ def export_onnx(base: str, weights: dict, onnx_path: Path) -> None:
 
 
 def optimize_and_quantize(fp32: Path, int8: Path, num_heads: int, hidden: int, keep_fused: Path | None) -> None:
-    """ORT BERT fusion, then int8; ``keep_fused`` keeps the fused fp32 graph (the fair fp32 variant to serve)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
+    """ORT BERT fusion, then int8 (the converter's); ``keep_fused`` keeps the fused fp32 graph (the fair fp32
+    variant to serve and compare)."""
+    from models.convert import optimize_onnx, quantize_int8
 
     with tempfile.TemporaryDirectory() as tmp:
         fused = Path(tmp) / "fused.onnx"
-        optimize_model(str(fp32), model_type="bert", num_heads=num_heads, hidden_size=hidden).save_model_to_file(
-            str(fused))
-        # Fused ops (com.microsoft) defeat shape inference; their outputs are float.
-        quantize_dynamic(str(fused), str(int8), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        optimize_onnx(fp32, fused, num_heads, hidden)
+        quantize_int8(fused, int8)
         if keep_fused:
             shutil.copy(fused, keep_fused)
 
