@@ -46,6 +46,7 @@ class JobConfig:
     address: str | None = None
     model_overrides: dict = field(default_factory=dict)  # e.g. {"max_seq_len": 256}
     backend: str = "auto"  # auto | onnxruntime | openvino
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO, bfloat16 matmuls where the CPU has them)
     mode: str = "error"  # error | overwrite | resume, when the output exists
     skip_bad_files: bool = False
     questions: str | None = None  # fan-out: ask these questions (question_id, question) of every input row
@@ -63,6 +64,9 @@ class JobConfig:
             raise ValueError("--wide needs --questions")
         if self.progress_every_s <= 0:
             raise ValueError("--progress-every must be > 0 seconds")
+        from pipeline.answer import resolve_backend
+
+        resolve_backend(self.backend, self.precision)  # raises on a bad pair, e.g. bf16 with onnxruntime
         if self.mode not in ("error", "overwrite", "resume"):
             raise ValueError(f"--mode must be error, overwrite or resume, got {self.mode!r}")
         if len({self.columns.id, self.columns.question, self.columns.context}) != 3:
@@ -82,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                    help="model directory or registry name (models/registry.py; default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto",
                    help="auto: OpenVINO for model.xml, ONNX Runtime for model.onnx")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: OpenVINO runs the model's fp32 graph with bfloat16 matmuls on CPUs that have them "
+                        "(AMX, AVX512-BF16), f32 elsewhere; needs the openvino extra")
     p.add_argument("--questions", help="fan-out: Parquet of (question_id, question) asked of every input row, "
                                        "whose id and context columns are then read as documents")
     p.add_argument("--wide", action="store_true",
@@ -110,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             decode=DecodeSettings(max_answer_len=a.max_answer_len, top_k=a.top_k),
             concurrency=a.concurrency, cpus_per_actor=a.cpus_per_actor, rows_per_unit=a.rows_per_unit,
             batch_tokens=a.batch_tokens, address=a.address, model_overrides=overrides,
-            mode=a.mode, skip_bad_files=a.skip_bad_files, backend=a.backend, questions=a.questions, wide=a.wide,
+            mode=a.mode, skip_bad_files=a.skip_bad_files, backend=a.backend, precision=a.precision,
+            questions=a.questions, wide=a.wide,
             progress_every_s=a.progress_every,
         )
     except ValueError as exc:
@@ -128,6 +136,8 @@ def job_identity(cfg: JobConfig, spec, in_fs, in_files: list[str], questions) ->
         "decode": asdict(cfg.decode),
         "windows": asdict(spec.windows),
         "model_sha256": spec.identity()["sha256"],
+        "backend": cfg.backend,
+        "precision": cfg.precision,
         "rows_per_unit": cfg.rows_per_unit,
     }
 
@@ -148,7 +158,7 @@ def run(cfg: JobConfig) -> dict:
     started = time.time()
     # Fail before starting anything: the model loads, the input exists and has the columns.
     model_dir = str(resolve_model(cfg.model, MODEL_ZOO))
-    spec, _ = load_model(model_dir, 1, cfg.model_overrides, cfg.backend)
+    spec, _ = load_model(model_dir, 1, cfg.model_overrides, cfg.backend, cfg.precision)
     in_fs, in_files = expand_input(cfg.input)
     units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files,
                                           base=input_base(cfg.input))
@@ -207,7 +217,8 @@ def run(cfg: JobConfig) -> dict:
             AnswerActor,
             fn_constructor_kwargs=dict(fs=in_fs, model_dir=model_dir, threads=threads, columns=columns,
                                        decode=cfg.decode, batch_tokens=cfg.batch_tokens,
-                                       model_overrides=cfg.model_overrides, backend=cfg.backend, stats=stats,
+                                       model_overrides=cfg.model_overrides, backend=cfg.backend,
+                                       precision=cfg.precision, stats=stats,
                                        questions=questions, wide=cfg.wide),
             batch_format="pyarrow", batch_size=1, num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=concurrency),

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "(default: out/evaluate/<time>)")
     p.add_argument("--concurrency", type=int)
     p.add_argument("--cpus-per-actor", type=int)
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: OpenVINO with bfloat16 matmuls (see jobs.answer --help)")
     a = p.parse_args(argv)
     if a.predictions:
         items = squad.questions(squad.load_squad(a.data), a.limit)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out_dir = Path(a.out_dir or f"out/evaluate/{time.strftime('%Y%m%d-%H%M%S')}")
         report = evaluate_model(a.data, a.model, out_dir, a.limit, concurrency=a.concurrency,
-                                cpus_per_actor=a.cpus_per_actor)
+                                cpus_per_actor=a.cpus_per_actor, backend=a.backend, precision=a.precision)
         if not a.report:
             (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     if a.report:

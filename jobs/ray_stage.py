@@ -48,9 +48,9 @@ class AnswerActor:
 
     def __init__(self, fs: pafs.FileSystem, model_dir: str, threads: int, columns: Columns,
                  decode: DecodeSettings, batch_tokens: int, model_overrides: dict | None = None,
-                 backend: str = "auto", stats: ray.actor.ActorHandle | None = None,
+                 backend: str = "auto", precision: str = "fp32", stats: ray.actor.ActorHandle | None = None,
                  questions: pa.Table | None = None, wide: bool = False):
-        spec, session = load_model(model_dir, threads, model_overrides, backend)
+        spec, session = load_model(model_dir, threads, model_overrides, backend, precision)
         self.answerer = Answerer(spec, session, columns, decode, batch_tokens)
         self.reader = UnitReader(fs)
         self.stats = stats

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
 from .decode import Spans, best_spans
-from .model_dir import ModelSpec, find_model_file, load_spec
+from .model_dir import ModelSpec, find_model_file, load_spec, openvino_model_path
 from .session import QASession
 from .windows import Windows, load_tokenizer, make_windows
 
@@ -36,26 +36,44 @@ class StageTimes:
 
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_backend(backend: str, precision: str) -> str:
+    """Checks the pair once; bf16 means OpenVINO, the backend here that computes in bfloat16 on CPUs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        if backend == "onnxruntime":
+            raise ValueError("precision bf16 runs on the OpenVINO backend; ONNX Runtime's CPU provider computes "
+                             "these graphs in fp32 or int8 (drop --backend onnxruntime, or --precision bf16)")
+        return "openvino"
+    return backend
 
 
 def load_model(model_dir: str, threads: int = 1, overrides: dict | None = None,
-               backend: str = "auto") -> tuple[ModelSpec, QASession]:
+               backend: str = "auto", precision: str = "fp32") -> tuple[ModelSpec, QASession]:
     """The spec and a session; the graph's fixed shape feeds the spec.
 
     ``backend`` "auto" runs an OpenVINO IR (model.xml) on OpenVINO and ONNX on ONNX Runtime (or as
-    qa_spec.json's "backend" says); "openvino" also runs ONNX graphs on OpenVINO.
+    qa_spec.json's "backend" says); "openvino" also runs ONNX graphs on OpenVINO, reading a directory's
+    model-fp32.onnx when it has one (see model_dir.openvino_model_path). ``precision`` "bf16" implies OpenVINO.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend, precision)
+    if backend == "openvino":
+        model_dir = str(openvino_model_path(model_dir))
     probe = load_spec(model_dir, overrides=overrides)
     model_file = find_model_file(model_dir)
     if backend == "auto":
         backend = probe.spec.get("backend") or ("openvino" if model_file.suffix == ".xml" else "onnxruntime")
     if backend == "openvino":
-        from .openvino_session import OpenVinoQASession as session_class
+        from .openvino_session import OpenVinoQASession
+
+        session = OpenVinoQASession(model_file, threads, probe.input_names, probe.output_names, precision)
     else:
-        session_class = QASession
-    session = session_class(model_file, threads, probe.input_names, probe.output_names)
+        session = QASession(model_file, threads, probe.input_names, probe.output_names)
     spec = load_spec(model_dir, fixed_seq_len=session.fixed_seq_len, overrides=overrides)
     return spec, session
 

@@ -23,19 +23,26 @@ def _openvino():
     return openvino
 
 
-def compile_config(threads: int) -> dict:
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def compile_config(threads: int, precision: str = "fp32") -> dict:
     """CPU plugin settings for one answering actor.
 
     Threads are what the actor was given, with no pinning (several actors share a node's cores and pinning would
-    stack them on the same ones). Precision is f32 on every CPU: left alone, OpenVINO runs bf16 on CPUs with
-    AMX/AVX512-BF16, and answers would then depend on which node an actor lands on. int8 IRs keep their int8 ops.
+    stack them on the same ones). Precision is f32 unless bf16 is asked for: left alone, OpenVINO runs bf16 on
+    CPUs with AMX/AVX512-BF16, and answers would then depend on which node an actor lands on. With "bf16" the
+    float matmuls run in bfloat16 where the CPU has it (AMX: about 2x our int8 ONNX Runtime graph, closer to
+    fp32 answers; BENCHMARKS.md) and in f32 elsewhere. int8 IRs keep their int8 ops either way.
     """
+    if precision not in PRECISION_HINTS:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_HINTS)}, got {precision!r}")
     return {
         "INFERENCE_NUM_THREADS": max(1, threads),
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
         "ENABLE_CPU_PINNING": False,
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
     }
 
 
@@ -53,7 +60,8 @@ class OpenVinoQASession:
     """Runs start/end logits for batches of windows on OpenVINO: int arrays [batch, seq] in, float32 out."""
 
     def __init__(self, model_file: str | Path, threads: int = 1,
-                 input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None):
+                 input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None,
+                 precision: str = "fp32"):
         ov = _openvino()
         self.model_file = Path(model_file)
         core = ov.Core()
@@ -79,10 +87,12 @@ class OpenVinoQASession:
         graph_outputs = {_port_name(p, wanted_out): p for p in model.outputs}
         self.outputs = resolve_outputs(self.model_file, list(graph_outputs), output_names)
         try:
-            self._compiled = core.compile_model(model, "CPU", compile_config(threads))
+            self._compiled = core.compile_model(model, "CPU", compile_config(threads, precision))
         except Exception as exc:
             raise ModelLoadError(f"{self.model_file}: OpenVINO cannot compile it for CPU ({exc})") from exc
         self._request = self._compiled.create_infer_request()
+        # What this CPU granted: "bf16", or "f32" where it has no bfloat16 matmuls.
+        self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._out_ports = [self._compiled.outputs[list(graph_outputs).index(n)] for n in self.outputs]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -125,3 +125,10 @@ def test_fan_out_long_and_wide(local_ray, tiny_model, tmp_path, capsys):
     assert "done: 3 rows in, 9 rows out, 3 with errors" in out
     progress = [line for line in out.splitlines() if line.startswith("progress: ")]
     assert progress and all("/3 rows (" in line and "rows/s, ETA" in line for line in progress)
+
+
+def test_bf16_is_refused_with_onnxruntime():
+    with pytest.raises(ValueError, match="bf16 runs on the OpenVINO backend"):
+        JobConfig(input="in", output="out", backend="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        JobConfig(input="in", output="out", precision="fp16")

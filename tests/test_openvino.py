@@ -152,3 +152,28 @@ def test_job_answers_with_registry_ir_and_openvino_backend(tmp_path):
     assert outputs["ir"].column("answer").to_pylist() == outputs["onnx"].column("answer").to_pylist()
     manifest = json.loads((tmp_path / "ir" / "_manifest.json").read_text())
     assert manifest["model"]["model_file"].endswith("model.xml")
+
+
+def test_bf16_reads_the_fp32_graph_and_stays_close_to_it(tmp_path):
+    """--precision bf16: OpenVINO serves the directory's model-fp32.onnx (our int8 model.onnx uses ONNX Runtime
+    ops it cannot read) with bfloat16 matmuls where the CPU has them; logits move by bf16 rounding, no more."""
+    import shutil
+
+    d = write_model_dir(tmp_path / "m")
+    shutil.move(d / "model.onnx", d / "model-fp32.onnx")
+    (d / "model.onnx").write_bytes(b"stands in for ONNX Runtime's int8 graph, which OpenVINO cannot read")
+    spec, session = load_model(str(d), threads=1, precision="bf16")
+    assert isinstance(session, OpenVinoQASession) and spec.model_file.name == "model-fp32.onnx"
+    cpu_has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert session.precision == ("bf16" if cpu_has_bf16 else "f32")
+    want = QASession(d / "model-fp32.onnx").run(*windows(seq=64))
+    got = session.run(*windows(seq=64))
+    diff = max(np.abs(g - w).max() for g, w in zip(got, want))
+    assert diff <= 0.05 * max(np.abs(w).max() for w in want), diff
+    if cpu_has_bf16:
+        assert diff > 1e-6  # bf16 really ran: f32 would match to ~1e-6
+    _, fp32_session = load_model(str(d), threads=1, backend="openvino")
+    assert fp32_session.precision == "f32"
+    same_logits(fp32_session.run(*windows(seq=64)), want)
+    answer_rows(spec, session)
+
