@@ -6,7 +6,8 @@
 
 ``compare`` (the default) measures in one run: our job (jobs.evaluate.evaluate_model, real Ray actors)
 on the int8 graph and on the fp32 graph; the transformers question-answering pipeline in PyTorch on
-the same weights (transformers 4.x, where that pipeline still exists); and a plain ONNX Runtime loop
+the same weights (transformers 4.x, where that pipeline still exists); our job with --precision bf16
+(OpenVINO, when installed, on the fp32 graph); and a plain ONNX Runtime loop
 that pads every window to max_seq_len, batch 8, in input order, on each graph. Every system runs in
 a fresh process (clean peak RSS, its own threads) with the same thread count, and is scored with
 pipeline.squad. The int8 and fp32 matmul peak of these cores is measured in the same run, so that
@@ -178,7 +179,34 @@ def matmul_peak(threads: int, seconds: float = 0.5) -> dict:
             out[key] = max(out.get(key, 0.0), gflops)
     a = np.random.default_rng(2).standard_normal((2048, 2048)).astype(np.float32)
     out["numpy_fp32"] = 2 * 2048**3 / _best_seconds(lambda: a @ a, seconds) / 1e9
+    if openvino_available():
+        out.update(openvino_bf16_peak(threads, seconds, out["shapes"]))
     return out
+
+
+def openvino_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None
+
+
+def openvino_bf16_peak(threads: int, seconds: float, shapes: dict) -> dict:
+    """The same fp32 matmul graphs compiled by OpenVINO with the job's bf16 settings (AMX where present)."""
+    import openvino as ov
+
+    from pipeline.openvino_session import compile_config
+
+    core, best = ov.Core(), 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for m, k, n in PEAK_SHAPES:
+            path = Path(tmp) / f"mm{m}x{k}x{n}.onnx"
+            path.write_bytes(_matmul_graph(m, k, n, int8=False))
+            request = core.compile_model(str(path), "CPU", compile_config(threads, "bf16")).create_infer_request()
+            a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+            gflops = 2 * m * k * n / _best_seconds(lambda r=request, x=a: r.infer({0: x}), seconds) / 1e9
+            shapes[f"bf16 {m}x{k}x{n}"] = round(gflops, 1)
+            best = max(best, gflops)
+    return {"bf16": best}
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -265,7 +293,7 @@ def our_windows(model_dir: str, items: list[dict]) -> np.ndarray:
 
 
 def run_job(data: str, limit: int | None, model_dir: str, out_dir: str, concurrency: int, cpus_per_actor: int,
-            batch_tokens: int, rows_per_unit: int) -> dict:
+            batch_tokens: int, rows_per_unit: int, precision: str = "fp32") -> dict:
     """Our job end to end on a Ray started here with exactly the CPUs given; the rate is the manifest's
     (actor start and model load included, ray.init not: a cluster is up before a job is submitted)."""
     import ray
@@ -280,7 +308,8 @@ def run_job(data: str, limit: int | None, model_dir: str, out_dir: str, concurre
     rss.start()
     try:
         report = evaluate_model(data, model_dir, Path(out_dir), limit, concurrency=concurrency,
-                                cpus_per_actor=cpus_per_actor, batch_tokens=batch_tokens, rows_per_unit=rows_per_unit)
+                                cpus_per_actor=cpus_per_actor, batch_tokens=batch_tokens, rows_per_unit=rows_per_unit,
+                                precision=precision)
     finally:
         peaks = rss.stop()
         ray.shutdown()
@@ -460,11 +489,12 @@ def median_result(name: str, precision: str, runs: list[dict], flops: float) -> 
 
 def job_result(setup: Setup, name: str, precision: str, model_dir: Path, concurrency: int, threads: int,
                flops: float) -> Result:
+    """``precision`` names the peak to compare with; "bf16" also runs the job with --precision bf16."""
     runs = []
     for i in range(setup.repeats):
-        out = setup.work / f"{name.replace(' ', '-')}-{i}"
+        out = setup.work / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}-{i}"
         runs.append(in_child(run_job, setup.data, setup.limit, str(model_dir), str(out), concurrency, threads,
-                             setup.batch_tokens, setup.rows_per_unit))
+                             setup.batch_tokens, setup.rows_per_unit, "bf16" if precision == "bf16" else "fp32"))
     return median_result(name, precision, runs, flops)
 
 
@@ -487,6 +517,8 @@ def compare(setup: Setup, hf_model: str | None, hf_weights: str | None, hf_batch
     results, variants = [], graphs(setup)
     for precision, model_dir in variants:
         results.append(job_result(setup, f"our job {precision}", precision, model_dir, 1, setup.cpus, ours))
+    if len(variants) > 1 and openvino_available():
+        results.append(job_result(setup, "our job bf16 (OpenVINO)", "bf16", variants[1][1], 1, setup.cpus, ours))
     skip = transformers_pipeline_available()
     if skip is None:
         hf_dir = hf_model or unpaused_child(hf_model_dir, str(setup.model_dir), str(setup.work / "hf-model"), hf_weights)
@@ -637,8 +669,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "windows_per_s": r.windows_per_s, "useful_gflops": r.useful_gflops}
                                  for r in results]
             peak = report["peak_gflops"]
+            bf16 = f", bf16 {peak['bf16']:.0f} (OpenVINO)" if "bf16" in peak else ""
             print(f"N={n} questions, {a.cpus} CPUs ({report['cpu']}); matmul peak int8 {peak['int8']:.0f}, "
-                  f"fp32 {peak['fp32']:.0f} GFLOP/s (ONNX Runtime), numpy fp32 {peak['numpy_fp32']:.0f}")
+                  f"fp32 {peak['fp32']:.0f} GFLOP/s (ONNX Runtime){bf16}, numpy fp32 {peak['numpy_fp32']:.0f}")
             print(table(results, peak, PEER if a.mode == "compare" else results[0].name))
             print(stage_shares(results))
     if a.report:

@@ -59,7 +59,8 @@ def test_flop_model_counts_every_matmul_weight(tmp_path):
 
 def test_compare_runs_every_system(tiny_model, tmp_path):
     args = ["--data", str(squad_file(tmp_path / "squad.json")), "--limit", "6", "--model", str(tiny_model),
-            "--cpus", "1", "--report", str(tmp_path / "report.json"), "--work-dir", str(tmp_path)]
+            "--cpus", "1", "--report", str(tmp_path / "report.json"), "--work-dir", str(tmp_path),
+            "--fp32-model", str(tiny_model / "model.onnx")]  # the tiny graph is fp32: it stands in for both
     peer = benchmark.transformers_pipeline_available() is None
     if peer:
         args += ["--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf"))]
@@ -68,6 +69,9 @@ def test_compare_runs_every_system(tiny_model, tmp_path):
     names = [r["name"] for r in report["results"]]
     assert names[0] == "our job int8" and "ORT loop pad-384 b8 int8" in names
     assert (benchmark.PEER in names) == peer
+    assert "our job fp32" in names and "ORT loop pad-384 b8 fp32" in names
+    assert ("our job bf16 (OpenVINO)" in names) == benchmark.openvino_available()
+    assert ("bf16" in report["peak_gflops"]) == benchmark.openvino_available()
     for r in report["results"]:
         assert r["questions"] == 6 and r["windows"] >= 6
         assert 0 <= r["f1"] <= 100 and r["useful_flops"] > 0 and r["peak_rss_mb"] > 0
