@@ -31,7 +31,7 @@ def _figures(report: dict, command: str) -> dict:
 
 
 def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, training: dict, train_config: dict,
-               note: str = "") -> dict:
+               note: str = "", bf16: dict | None = None, int8_per_tensor: dict | None = None) -> dict:
     epochs = training["epoch"]
     card = {
         "name": json.loads((MODEL_DIR / "qa_spec.json").read_text())["name"],
@@ -50,6 +50,9 @@ def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, trainin
         "dev_first_200": _figures(slice_report, f"{EVAL} --limit 200"),
         "dev_int8": _figures(int8, EVAL) if int8 else None,
         "dev_fp32": _figures(fp32, f"{EVAL} --model models/minilm-squad/model-fp32.onnx") if fp32 else None,
+        "dev_bf16": _figures(bf16, f"{EVAL} --precision bf16") if bf16 else None,
+        "dev_int8_per_tensor": _figures(int8_per_tensor, f"{EVAL} --model PER_TENSOR_INT8_DIR") if int8_per_tensor
+        else None,
     }
     return card
 
@@ -58,6 +61,10 @@ def card_markdown(card: dict) -> str:
     t = card["training"]
     rows = [("int8 (model.onnx, served)", card["dev_int8"]), ("fp32 (model-fp32.onnx)", card["dev_fp32"]),
             ("int8, first 200 dev questions", card["dev_first_200"])]
+    optional = [("bf16 (model-fp32.onnx on OpenVINO, `--precision bf16`)", card.get("dev_bf16")),
+                ("int8 with per-tensor scales (not committed; the quantizer's old setting)",
+                 card.get("dev_int8_per_tensor"))]
+    rows += [(label, fig) for label, fig in optional if fig]
     lines = [
         f"`{card['name']}`: {card['base']}, fine-tuned on {card['data']} for {t['epochs']} epochs "
         f"(step {t['step']}; max_seq_len {t['max_seq_len']}, doc_stride {t['doc_stride']}, batch {t['batch_size']}, "
@@ -82,12 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slice", required=True, help="report of jobs.evaluate --limit 200 on the int8 model")
     p.add_argument("--int8", help="report of the full dev set, int8 model")
     p.add_argument("--fp32", help="report of the full dev set, fp32 model")
+    p.add_argument("--bf16", help="report of the full dev set, --precision bf16 (OpenVINO)")
+    p.add_argument("--int8-per-tensor", help="report of the full dev set, int8 with per-tensor weight scales")
     p.add_argument("--note", default="", help="how the run went, e.g. a re-planned schedule")
     p.add_argument("--train-config", default=str(Path("~/.cache/qa-train/minilm/train_config.json").expanduser()))
     a = p.parse_args(argv)
     load = lambda path: json.loads(Path(path).read_text()) if path else None  # noqa: E731
     training = load(MODEL_DIR / "training.json")
-    card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note)
+    card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note,
+                      load(a.bf16), load(a.int8_per_tensor))
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     readme = MODELS / "README.md"
     text = readme.read_text()
