@@ -164,7 +164,9 @@ def collate(windows: dict[str, np.ndarray], idx: np.ndarray):
     )
 
 
-def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
+def train(cfg: TrainConfig, budget_minutes: float, threads: int | None, stop_at_step: int | None = None) -> None:
+    """Train until the planned steps are done, the budget is spent, ``stop_at_step`` is reached or a signal
+    comes; each way ends with a checkpoint that the next run resumes from."""
     import torch
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
@@ -172,6 +174,7 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)  # the QA head's initial weights and the dropout masks (a resume restores the RNG)
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -260,7 +263,8 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
     last_ckpt = time.monotonic()
     t0, seen, loss_ema = time.monotonic(), 0, None
     epoch_cache: tuple[int, list[np.ndarray]] | None = None
-    while step < total_steps and time.monotonic() < deadline and not stop:
+    last_step = min(total_steps, stop_at_step or total_steps)
+    while step < last_step and time.monotonic() < deadline and not stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if epoch_cache is None or epoch_cache[0] != epoch:
             epoch_cache = (epoch, epoch_batches(windows["lengths"], cfg.batch_size, cfg.chunk_batches, cfg.seed, epoch))
@@ -288,7 +292,8 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None) -> None:
             save_checkpoint()
             last_ckpt = time.monotonic()
     save_checkpoint()
-    print("done" if step >= total_steps else "stopped by signal" if stop else "time budget reached", flush=True)
+    print("done" if step >= total_steps else "stopped by signal" if stop else
+          f"stopped at step {step}" if step >= last_step else "time budget reached", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         default = TrainConfig.__dataclass_fields__[field].default
         p.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--init-weights", default=None)
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop (with a checkpoint) at this step; the next run resumes from it")
     a = p.parse_args(argv)
     cfg = TrainConfig(
         base=a.base or default_base(), train_file=a.train_file, workdir=os.path.expanduser(a.workdir),
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed, checkpoint_minutes=a.checkpoint_minutes, init_weights=a.init_weights,
     )
     random.seed(cfg.seed)
-    train(cfg, a.budget_minutes, a.threads)
+    train(cfg, a.budget_minutes, a.threads, a.stop_at_step)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""models.train_qa and models.export_qa on a tiny base encoder: window labels, exact resume, export, warm start.
+
+Needs the train extra (torch, transformers, safetensors); skips without it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from tiny_models import vocab_tokens, write_tokenizer_json, write_vocab
+
+torch = pytest.importorskip("torch", reason="training needs the train extra: pip install torch==2.13.0 -e .[train]")
+pytest.importorskip("transformers")
+
+from models import export_qa
+from models.train_qa import TrainConfig, build_windows, epoch_batches, train
+from pipeline.answer import Answerer, load_model
+
+CONTEXTS = [
+    "the king of france was born in paris in 1789 , the first year of the war . " * 3
+    + "the queen was born in the city by the river in 1790 .",
+    "the cafe naive is on the river . who is at the cafe ? the king and the queen .",
+]
+QAS = [(0, "where was the king born ?", "paris"), (0, "when was the queen born ?", "1790"),
+       (0, "who was born in paris ?", "the king of france"), (1, "what is on the river ?", "the cafe naive"),
+       (1, "who is at the cafe ?", "the king and the queen"), (0, "which year was the war ?", "1789"),
+       (0, "who was born in paris in the first year of the war ?", "the king of france")]  # > max_query_len
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A random-weight BERT encoder saved as the MiniLM base is: config.json, model.safetensors, tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab_tokens()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(d))
+    write_tokenizer_json(d)
+    write_vocab(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def squad_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("squad") / "train.json"
+    paragraphs = [{"context": c, "qas": [{"id": f"q{i}", "question": q,
+                                         "answers": [{"text": a, "answer_start": c.index(a)}]}
+                                        for i, (ci, q, a) in enumerate(QAS) if ci == k]}
+                  for k, c in enumerate(CONTEXTS)]
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def config(base, squad_file, workdir, **kw) -> TrainConfig:
+    settings = {"max_seq_len": 32, "doc_stride": 8, "max_query_len": 8, "batch_size": 4, "epochs": 3.0,
+                "chunk_batches": 2, "lr": 1e-3, **kw}
+    return TrainConfig(base=str(base), train_file=str(squad_file), workdir=str(workdir), **settings)
+
+
+def test_windows_follow_run_squad_and_label_the_answer(base, squad_file, tmp_path):
+    """Each question's windows start at context tokens 0, s, 2s, ... (s = doc_stride) until one reaches the end;
+    a window holding the whole answer labels exactly its tokens, the others point at [CLS]."""
+    from tokenizers import Tokenizer
+
+    cfg = config(base, squad_file, tmp_path)
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    windows = build_windows(cfg, tok)
+    tok.no_padding()
+    tok.no_truncation()
+    w = 0
+    for ci, question, answer in sorted(QAS, key=lambda qa: qa[0]):  # file order: paragraph by paragraph
+        q_ids = tok.encode(question, add_special_tokens=False).ids[: cfg.max_query_len]
+        c_ids = tok.encode(CONTEXTS[ci], add_special_tokens=False).ids
+        a_ids = tok.encode(answer, add_special_tokens=False).ids
+        room = cfg.max_seq_len - len(q_ids) - 3
+        at = next(i for i in range(len(c_ids)) if c_ids[i : i + len(a_ids)] == a_ids)  # answer_start's occurrence
+        labelled = 0
+        for start in range(0, len(c_ids), cfg.doc_stride):
+            ids = windows["ids"][windows["offsets"][w] : windows["offsets"][w + 1]].tolist()
+            part = c_ids[start : start + room]
+            assert ids == [2, *q_ids, 3, *part, 3], (question, start)
+            s, e = int(windows["start"][w]), int(windows["end"][w])
+            if start <= at and at + len(a_ids) <= start + len(part):
+                labelled += 1
+                first = len(q_ids) + 2 + at - start
+                assert (s, e) == (first, first + len(a_ids) - 1), (question, start)
+            else:
+                assert (s, e) == (0, 0), (question, start)
+            w += 1
+            if start + room >= len(c_ids):
+                break
+        assert labelled >= 1, question
+    assert w == len(windows["lengths"])
+
+
+def test_batches_are_a_pure_function_of_seed_and_epoch():
+    lengths = np.random.default_rng(0).integers(10, 200, 1000).astype(np.int32)
+    a, b = epoch_batches(lengths, 32, 4, seed=13, epoch=1), epoch_batches(lengths, 32, 4, seed=13, epoch=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert sorted(np.concatenate(a).tolist()) == list(range(1000))  # every window once per epoch
+    other = epoch_batches(lengths, 32, 4, seed=13, epoch=2)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, other))
+    spread = np.median([np.ptp(lengths[x]) for x in a])
+    assert spread < np.ptp(lengths) / 4  # batches are cut from length-sorted chunks
+
+
+def test_stopped_and_resumed_training_equals_one_run(base, squad_file, tmp_path):
+    """Same data order, schedule, optimizer moments and dropout RNG: a resumed run ends bit-for-bit where an
+    uninterrupted one does."""
+    one = config(base, squad_file, tmp_path / "one")
+    train(one, budget_minutes=10, threads=1)
+    two = config(base, squad_file, tmp_path / "two")
+    train(two, budget_minutes=10, threads=1, stop_at_step=3)
+    assert json.loads((tmp_path / "two" / "progress.json").read_text())["step"] == 3
+    train(two, budget_minutes=10, threads=1)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] > 3
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    trained = {k.removeprefix("bert."): v for k, v in a["model"].items()}
+    assert any(not torch.equal(trained[k], v) for k, v in _base_weights(base).items())  # it did train
+
+
+def _base_weights(base) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(base / "model.safetensors"))
+
+
+def test_export_serves_the_trained_weights_and_warm_starts(base, squad_file, tmp_path):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    cfg = config(base, squad_file, tmp_path / "work")
+    train(cfg, budget_minutes=10, threads=1, stop_at_step=4)
+    dst = tmp_path / "model"
+    export_qa.main(["--weights", str(tmp_path / "work" / "checkpoint.pt"), "--dst", str(dst), "--base", str(base),
+                    "--fp32", "--name", "tiny-qa"])
+    assert {p.name for p in dst.iterdir()} >= {"model.onnx", "model-fp32.onnx", "tokenizer.json", "vocab.txt",
+                                              "config.json", "qa_spec.json", "weights-bf16.safetensors",
+                                              "training.json"}
+    record = json.loads((dst / "training.json").read_text())
+    assert record["step"] == 4 and record["train_config"]["max_seq_len"] == 32
+
+    # The fp32 graph gives the trained torch model's logits; the int8 graph is close to them.
+    state = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)["model"]
+    model = BertForQuestionAnswering(BertConfig.from_pretrained(str(base)))
+    model.load_state_dict(state)
+    model.eval()
+    ids = torch.randint(5, len(vocab_tokens()), (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 12:] = 1
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    scale = float(out.start_logits.abs().max())
+    for graph, tol in (("model-fp32.onnx", 1e-4), ("model.onnx", 0.1 * scale)):  # int8: measured ~0.01 x scale
+        spec, session = load_model(str(dst / graph))
+        start, end = session.run(ids.numpy(), mask.numpy(), types.numpy())
+        keep = mask.numpy().astype(bool)
+        assert np.abs(start - out.start_logits.numpy())[keep].max() <= tol, graph
+        assert np.abs(end - out.end_logits.numpy())[keep].max() <= tol, graph
+    spec, session = load_model(str(dst))
+    rows = Answerer(spec, session)(pa.table({"question": [q for _, q, _ in QAS],
+                                             "context": [CONTEXTS[c] for c, _, _ in QAS]})).to_pylist()
+    assert all(r["error"] is None and CONTEXTS[c][r["answer_start"]:r["answer_end"]] == r["answer"]
+               for r, (c, _, _) in zip(rows, QAS))
+
+    # A warm start from the exported weights continues the schedule at the recorded step.
+    warm = config(base, squad_file, tmp_path / "warm", init_weights=str(dst / "weights-bf16.safetensors"))
+    train(warm, budget_minutes=10, threads=1, stop_at_step=6)
+    assert json.loads((tmp_path / "warm" / "progress.json").read_text())["step"] == 6
