@@ -105,12 +105,13 @@ def build_windows(cfg: TrainConfig, tokenizer) -> dict[str, np.ndarray]:
             enc = tokenizer.encode(q, ctx)
             a_end = a_start + len(ans)
             for w in [enc, *enc.overflowing]:
-                seq = w.sequence_ids
-                ctx_tok = [i for i, s in enumerate(seq) if s == 1]
+                # Read once: each access to an Encoding's list property builds a new Python list.
+                offsets = w.offsets
+                ctx_tok = [i for i, s in enumerate(w.sequence_ids) if s == 1]
                 s_tok = e_tok = 0
-                if ctx_tok and w.offsets[ctx_tok[0]][0] <= a_start and w.offsets[ctx_tok[-1]][1] >= a_end:
-                    s_tok = next(i for i in ctx_tok if w.offsets[i][1] > a_start)
-                    e_tok = next(i for i in reversed(ctx_tok) if w.offsets[i][0] < a_end)
+                if ctx_tok and offsets[ctx_tok[0]][0] <= a_start and offsets[ctx_tok[-1]][1] >= a_end:
+                    s_tok = next(i for i in ctx_tok if offsets[i][1] > a_start)
+                    e_tok = next(i for i in reversed(ctx_tok) if offsets[i][0] < a_end)
                 ids_flat.append(np.asarray(w.ids, dtype=np.int32))
                 types_flat.append(np.asarray(w.type_ids, dtype=np.int8))
                 lengths.append(len(w.ids))
