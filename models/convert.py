@@ -338,7 +338,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8: weights quantized once, per output channel; activations per batch at run time.
 
     Per-channel scales, because one scale per weight tensor lets a few large columns set the step for all
-    (the default model's card compares both against fp32 on SQuAD dev).
+    (the default model's card, full SQuAD dev: per-tensor int8 F1 79.80, per-channel 80.76, fp32 80.83; the
+    per-tensor graph was quantize_dynamic(per_channel=False) of model-fp32.onnx, served from a copy of the directory).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
