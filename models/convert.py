@@ -306,7 +306,10 @@ def torch_logits(exported: Exported, feeds: dict[str, np.ndarray]) -> tuple[np.n
 def onnx_logits(path: Path, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from pipeline.session import session_options
+
+    # The job's own options: on CPUs without VNNI the default int8 kernels saturate (see session_options).
+    session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     s, e = session.run(["start_logits", "end_logits"], {k: v for k, v in feeds.items() if k in names})
     return s, e

@@ -21,6 +21,7 @@ from models.convert import ConvertError, ConvertOptions, convert, detect_source,
 from models.registry import MODELS, REGISTRY, ModelNotFoundError, resolve_model
 from pipeline.answer import Answerer, load_model
 from pipeline.model_dir import load_spec
+from pipeline.session import session_options
 
 EXTRA = ("pip install torch==2.13.0 'transformers>=4.44,<5' tensorflow-cpu openvino "
          "(the torch CPU build; see tests/test_convert.py)")
@@ -46,7 +47,7 @@ TABLE = pa.table({
 def onnx_logits(model_dir, feeds):
     import onnxruntime as ort
 
-    s = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(str(model_dir / "model.onnx"), session_options(1), providers=["CPUExecutionProvider"])
     names = {i.name for i in s.get_inputs()}
     return s.run(["start_logits", "end_logits"], {k: v for k, v in feeds.items() if k in names})
 
@@ -155,7 +156,7 @@ def test_int8_scales_are_per_output_channel(tmp_path):
     scales = [numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if "scale" in t.name]
     assert any(s.shape == (32,) for s in scales), [s.shape for s in scales]
     x = rng.standard_normal((16, 64)).astype(np.float32)
-    y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = ort.InferenceSession(str(dst), session_options(1), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     small = slice(1, None)
     rel = np.abs(y[:, small] - (x @ w)[:, small]).max() / np.abs((x @ w)[:, small]).max()
     assert rel < 0.05, rel  # per-tensor int8 gives ~0.3 here

@@ -133,3 +133,25 @@ def test_a_graph_file_picks_that_variant_of_its_directory(tmp_path, reference):
     want, _, _ = answers(other, overrides={"max_seq_len": 64})
     same_answers(got, want)
     assert [r["score"] for r in got] != [r["score"] for r in answers(d)[0]]
+
+
+def test_int8_matmul_is_exact_on_cpus_without_vnni():
+    """u8 255 x s8 127 pairs overflow a 16-bit sum: without VNNI, ONNX Runtime's fast u8s8 kernel saturates
+    (this CPU decides whether the default options would pass; ours must pass on every CPU)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.session import session_options
+
+    k, n = 64, 16
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1::2] = -128
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["m", n])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    x = np.full((32, k), 255, np.uint8)
+    y = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, x.astype(np.int32) @ w.astype(np.int32))
