@@ -39,8 +39,8 @@ class JobConfig:
     model: str = field(default_factory=default_model)
     columns: Columns = field(default_factory=Columns)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
-    concurrency: int | None = None  # answering actors; None: one per 4 cluster CPUs, at least 1
-    cpus_per_actor: int | None = None  # None: cluster CPUs // concurrency
+    concurrency: int | None = None  # answering actors; None: see actor_layout
+    cpus_per_actor: int | None = None  # Ray CPUs and ONNX Runtime threads per actor; None: see actor_layout
     rows_per_unit: int = 1024  # rows per read unit: one actor call, one output file
     batch_tokens: int = 4096  # tokens (padding included) per inference call (BENCHMARKS.md: token budget)
     address: str | None = None
@@ -125,6 +125,29 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error(str(exc))
 
 
+LARGE_MODEL_BYTES = 256 * 2**20
+
+
+def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int | None,
+                 model_bytes: int) -> tuple[int, int]:
+    """(actors, CPUs per actor) for what the user left unset.
+
+    One single-threaded actor per CPU by default: ONNX Runtime's threads meet at every op, and an op
+    waits for the slowest, so two threads on two cores lose to two actors whenever anything else runs
+    (BENCHMARKS.md: 2 x 1 CPU was 10% faster than 1 x 2 on 2000 SQuAD questions, the same answers).
+    Graphs of 256 MB and more (BERT-large fp32) get 4 CPUs per actor instead: every actor holds its own
+    copy, and their big matmuls keep four threads busy.
+    """
+    if cpus_per_actor is None:
+        if concurrency is not None:
+            cpus_per_actor = max(1, cluster_cpus // concurrency)
+        else:
+            cpus_per_actor = min(cluster_cpus, 4) if model_bytes >= LARGE_MODEL_BYTES else 1
+    if concurrency is None:
+        concurrency = max(1, cluster_cpus // cpus_per_actor)
+    return concurrency, cpus_per_actor
+
+
 def job_identity(cfg: JobConfig, spec, in_fs, in_files: list[str], questions) -> dict:
     """What staged answers depend on: resume refuses to mix runs that differ in any of it."""
     sizes = [f.size for f in in_fs.get_file_info(in_files)]
@@ -207,8 +230,9 @@ def run(cfg: JobConfig) -> dict:
         # No preserve_order: output files are named by read unit, so completion order changes nothing.
         ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
         cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-        concurrency = cfg.concurrency or max(1, cluster_cpus // 4)
-        threads = cfg.cpus_per_actor or max(1, cluster_cpus // concurrency)
+        weights = [spec.model_file, spec.model_file.with_suffix(".bin")]  # an OpenVINO IR keeps them in .bin
+        concurrency, threads = actor_layout(cluster_cpus, cfg.concurrency, cfg.cpus_per_actor,
+                                            sum(f.stat().st_size for f in weights if f.exists()))
         ray_info = {"concurrency": concurrency, "cpus_per_actor": threads, "cluster_cpus": cluster_cpus}
 
         stats = StageStats.remote()

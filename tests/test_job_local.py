@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from jobs.answer import JobConfig, parse_args, run
+from jobs.answer import LARGE_MODEL_BYTES, JobConfig, actor_layout, parse_args, run
 from pipeline.answer import Answerer, load_model
 from pipeline.config import Columns
 
@@ -132,3 +132,13 @@ def test_bf16_is_refused_with_onnxruntime():
         JobConfig(input="in", output="out", backend="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         JobConfig(input="in", output="out", precision="fp16")
+
+
+def test_actor_layout_defaults_and_overrides():
+    small, large = 23 * 2**20, LARGE_MODEL_BYTES
+    assert actor_layout(16, None, None, small) == (16, 1)  # one single-threaded actor per CPU
+    assert actor_layout(16, None, None, large) == (4, 4)  # big graphs: fewer copies, 4 threads each
+    assert actor_layout(2, None, None, large) == (1, 2)  # never more CPUs per actor than the cluster has
+    assert actor_layout(16, 2, None, small) == (2, 8)  # only --concurrency: the CPUs are shared out
+    assert actor_layout(16, None, 3, small) == (5, 3)  # only --cpus-per-actor: as many actors as fit
+    assert actor_layout(16, 3, 2, large) == (3, 2)  # both: as given
