@@ -159,7 +159,8 @@ PEAK_SHAPES = ((4096, 384, 1536), (4096, 1536, 384), (4096, 384, 1152), (2048, 2
 
 
 def matmul_peak(threads: int, seconds: float = 0.5) -> dict:
-    """GFLOP/s of int8 (u8 x s8 -> s32, the VNNI path dynamic quantization takes) and fp32 matmuls in
+    """GFLOP/s of int8 (u8 x s8 -> s32, the path dynamic quantization takes: VNNI/AMX where the CPU has
+    them, else the exact u8 x u8 kernels that the job's session options ask for) and fp32 matmuls in
     ONNX Runtime on ``threads`` threads, with the job's session options; the best shape is the peak.
     numpy fp32 (its BLAS on its default threads) is a cross-check."""
     import onnxruntime as ort
@@ -191,7 +192,8 @@ def openvino_available() -> bool:
 
 
 def openvino_bf16_peak(threads: int, seconds: float, shapes: dict) -> dict:
-    """The same fp32 matmul graphs compiled by OpenVINO with the job's bf16 settings (AMX where present)."""
+    """The same fp32 matmul graphs compiled by OpenVINO with the job's bf16 settings (AMX where present);
+    empty where the CPU computes them in f32 (no AMX/AVX512-BF16): then there is no bf16 to compare."""
     import openvino as ov
 
     from pipeline.openvino_session import compile_config
@@ -201,7 +203,10 @@ def openvino_bf16_peak(threads: int, seconds: float, shapes: dict) -> dict:
         for m, k, n in PEAK_SHAPES:
             path = Path(tmp) / f"mm{m}x{k}x{n}.onnx"
             path.write_bytes(_matmul_graph(m, k, n, int8=False))
-            request = core.compile_model(str(path), "CPU", compile_config(threads, "bf16")).create_infer_request()
+            compiled = core.compile_model(str(path), "CPU", compile_config(threads, "bf16"))
+            if compiled.get_property("INFERENCE_PRECISION_HINT").to_string() != "bf16":
+                return {}
+            request = compiled.create_infer_request()
             a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
             gflops = 2 * m * k * n / _best_seconds(lambda r=request, x=a: r.infer({0: x}), seconds) / 1e9
             shapes[f"bf16 {m}x{k}x{n}"] = round(gflops, 1)
@@ -507,8 +512,9 @@ def graphs(setup: Setup) -> list[tuple[str, Path]]:
 
 
 def compare(setup: Setup, hf_model: str | None, hf_weights: str | None, hf_batch_size: int,
-            max_answer_len: int) -> list[Result]:
-    """Every system on the same questions: our job, the peer, the padded loop; int8 and fp32 graphs."""
+            max_answer_len: int, bf16: bool) -> list[Result]:
+    """Every system on the same questions: our job (its default layout: one single-threaded actor per CPU),
+    the peer, the padded loop; int8 and fp32 graphs, and bf16 where the CPU has it."""
     from pipeline.model_dir import load_spec
 
     items = _items(setup.data, setup.limit)
@@ -516,9 +522,9 @@ def compare(setup: Setup, hf_model: str | None, hf_weights: str | None, hf_batch
     ours = cost.flops(our_windows(str(setup.model_dir), items))
     results, variants = [], graphs(setup)
     for precision, model_dir in variants:
-        results.append(job_result(setup, f"our job {precision}", precision, model_dir, 1, setup.cpus, ours))
-    if len(variants) > 1 and openvino_available():
-        results.append(job_result(setup, "our job bf16 (OpenVINO)", "bf16", variants[1][1], 1, setup.cpus, ours))
+        results.append(job_result(setup, f"our job {precision}", precision, model_dir, setup.cpus, 1, ours))
+    if len(variants) > 1 and bf16:
+        results.append(job_result(setup, "our job bf16 (OpenVINO)", "bf16", variants[1][1], setup.cpus, 1, ours))
     skip = transformers_pipeline_available()
     if skip is None:
         hf_dir = hf_model or unpaused_child(hf_model_dir, str(setup.model_dir), str(setup.work / "hf-model"), hf_weights)
@@ -663,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
         else:
             report["peak_gflops"] = in_child(matmul_peak, a.cpus)
-            results = (compare(setup, a.hf_model, a.hf_weights, a.hf_batch_size, a.max_answer_len)
+            results = (compare(setup, a.hf_model, a.hf_weights, a.hf_batch_size, a.max_answer_len,
+                               "bf16" in report["peak_gflops"])
                        if a.mode == "compare" else actors(setup))
             report["results"] = [{**asdict(r), "questions_per_s": r.questions_per_s,
                                   "windows_per_s": r.windows_per_s, "useful_gflops": r.useful_gflops}

@@ -70,8 +70,9 @@ def test_compare_runs_every_system(tiny_model, tmp_path):
     assert names[0] == "our job int8" and "ORT loop pad-384 b8 int8" in names
     assert (benchmark.PEER in names) == peer
     assert "our job fp32" in names and "ORT loop pad-384 b8 fp32" in names
-    assert ("our job bf16 (OpenVINO)" in names) == benchmark.openvino_available()
-    assert ("bf16" in report["peak_gflops"]) == benchmark.openvino_available()
+    bf16 = "bf16" in report["peak_gflops"]  # OpenVINO installed and the CPU computes bf16 (AMX, AVX512-BF16)
+    assert bf16 <= benchmark.openvino_available()
+    assert ("our job bf16 (OpenVINO)" in names) == bf16
     for r in report["results"]:
         assert r["questions"] == 6 and r["windows"] >= 6
         assert 0 <= r["f1"] <= 100 and r["useful_flops"] > 0 and r["peak_rss_mb"] > 0
