@@ -323,6 +323,7 @@ def run_job(data: str, limit: int | None, model_dir: str, out_dir: str, concurre
             "f1": report["f1"], "exact_match": report["exact_match"], "windows": report["stages"]["windows"],
             "peak_rss_mb": max(peaks.values(), default=0.0),
             "extra": {"stages": report["stages"], "ray_init_s": round(ray_init_s, 2), "wall_s": report["wall_s"],
+                      "until_first_actor_ready_s": report["durations_s"].get("until_first_actor_ready"),
                       "actor_rss_mb": sorted(round(v) for v in peaks.values())}}
 
 
@@ -567,7 +568,8 @@ def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budge
     from pipeline.answer import Answerer, load_model
     from pipeline.session import QASession
 
-    table = squad.to_table(_items(data, limit))
+    items = _items(data, limit)
+    table = squad.to_table(items)
     spec, _ = load_model(model_dir, threads)
     sessions = {spin: QASession(spec.model_file, threads, spec.input_names, spec.output_names, spinning=spin)
                 for spin in (False, True)}
@@ -577,16 +579,19 @@ def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budge
             for budget in budgets:
                 answerer = Answerer(spec, session, batch_tokens=budget)
                 t0 = time.perf_counter()
-                answerer(table)
+                out = answerer(table)
+                seconds = time.perf_counter() - t0
                 t = answerer.times
+                answers = dict(zip(out.column("id").to_pylist(), (a or "" for a in out.column("answer").to_pylist())))
                 times.setdefault((spin, budget), []).append(
-                    (time.perf_counter() - t0, t.tokenize, t.infer, t.decode, t.padded_tokens / max(t.tokens, 1)))
+                    (seconds, t.tokenize, t.infer, t.decode, t.padded_tokens / max(t.tokens, 1),
+                     squad.score(items, answers)["f1"]))
     rows = []
     for (spin, budget), runs in times.items():
         med = sorted(runs)[(len(runs) - 1) // 2]
         rows.append({"spinning": spin, "batch_tokens": budget, "questions_per_s": table.num_rows / med[0],
                      "seconds_all": [round(r[0], 3) for r in runs], "tokenize_s": med[1], "infer_s": med[2],
-                     "decode_s": med[3], "padded_over_real": med[4]})
+                     "decode_s": med[3], "padded_over_real": med[4], "f1": med[5]})
     return rows
 
 
@@ -618,8 +623,11 @@ def stage_shares(results: list[Result]) -> str:
             shares = ", ".join(f"{k} {stages[k]:.2f}s ({100 * stages[k] / total:.0f}%)"
                                for k in ("tokenize", "infer", "decode") if k in stages)
             pad = stages.get("padded_tokens", 0) / max(stages.get("tokens", 1), 1)
+            ready = r.extra.get("until_first_actor_ready_s")
+            startup = (f"; first actor ready {ready:.1f} s after the start (model loads: "
+                       f"{stages.get('model_load', 0.0):.1f} actor-s)" if ready is not None else "")
             lines.append(f"- {r.name}: {shares}; computed/real tokens {pad:.3f}; "
-                         f"{r.questions / total:.1f} questions per busy actor-second")
+                         f"{r.questions / total:.1f} questions per busy actor-second{startup}")
     return "\n".join(lines)
 
 

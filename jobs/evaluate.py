@@ -49,6 +49,7 @@ def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = Non
         "errors": manifest["errors"],
         "predictions": str(out_dir / "predictions.json"),
         "stages": manifest["stages"],
+        "durations_s": manifest["durations_s"],
         "ray": manifest["ray"],
     })
     return report

@@ -25,9 +25,14 @@ class StageStats:
 
     def __init__(self) -> None:
         self.by_actor: dict[str, dict] = {}
+        self.ready_at: dict[str, float] = {}
 
     def report(self, actor: str, times: dict) -> None:
         self.by_actor[actor] = times
+
+    def ready(self, actor: str, at: float) -> None:
+        """An actor finished loading its model at wall-clock ``at``."""
+        self.ready_at[actor] = at
 
     def totals(self) -> dict:
         total: dict = {}
@@ -40,6 +45,8 @@ class StageStats:
                 else:
                     total[key] = total.get(key, 0) + value
         total["actors"] = len(self.by_actor)
+        if self.ready_at:
+            total["first_actor_ready_at"] = min(self.ready_at.values())
         return total
 
 
@@ -50,11 +57,15 @@ class AnswerActor:
                  decode: DecodeSettings, batch_tokens: int, model_overrides: dict | None = None,
                  backend: str = "auto", precision: str = "fp32", stats: ray.actor.ActorHandle | None = None,
                  questions: pa.Table | None = None, wide: bool = False):
+        t0 = time.perf_counter()
         spec, session = load_model(model_dir, threads, model_overrides, backend, precision)
         self.answerer = Answerer(spec, session, columns, decode, batch_tokens)
+        self.answerer.times.model_load = time.perf_counter() - t0
         self.reader = UnitReader(fs)
         self.stats = stats
         self.name = f"{os.getpid()}@{ray.util.get_node_ip_address()}"
+        if stats is not None:
+            ray.get(stats.ready.remote(self.name, time.time()))
         self.calls = 0
         self.input_rows = 0
         self.questions, self.wide = questions, wide

@@ -28,6 +28,7 @@ class StageTimes:
     tokenize: float = 0.0
     infer: float = 0.0
     decode: float = 0.0
+    model_load: float = 0.0  # once per actor: session creation (graph optimization, weight packing)
     rows: int = 0
     windows: int = 0
     tokens: int = 0  # non-padding tokens the model saw

@@ -88,3 +88,14 @@ def test_table_reports_ratios_to_the_peer():
     text = benchmark.table(results, {"int8": 400.0, "fp32": 100.0}, benchmark.PEER)
     ours = text.splitlines()[2]
     assert "| 50.0 |" in ours and "| 5.00 |" in ours and "| 200.0 | 50% (int8) |" in ours
+
+
+def test_tuning_scores_every_budget(tiny_model, tmp_path):
+    args = ["--data", str(squad_file(tmp_path / "squad.json")), "--limit", "6", "--model", str(tiny_model),
+            "--cpus", "1", "--mode", "tuning", "--budgets", "64,4096", "--report", str(tmp_path / "report.json")]
+    assert benchmark.main(args) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())["tuning"]
+    assert sorted((r["spinning"], r["batch_tokens"]) for r in rows) == [(False, 64), (False, 4096),
+                                                                          (True, 64), (True, 4096)]
+    # The tiny graph is fp32: batching changes no answer, so every budget scores the same.
+    assert len({r["f1"] for r in rows}) == 1 and all(r["questions_per_s"] > 0 for r in rows)

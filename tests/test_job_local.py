@@ -75,6 +75,9 @@ def test_job_answers_every_row_once(local_ray, tiny_model, tmp_path):
     assert sum(f["rows"] for f in on_disk["output_files"]) == 37
     assert on_disk["read_units"] == 10  # row groups of 8 cut into units of at most 5 rows
     assert on_disk["stages"]["rows"] == 37
+    assert on_disk["stages"]["actors"] == 2 and on_disk["stages"]["model_load"] > 0  # summed over both actors
+    durations = on_disk["durations_s"]
+    assert 0 < durations["until_first_actor_ready"] < durations["answer_and_write"] <= durations["total"]
 
 
 def test_refuses_missing_column_and_existing_output(local_ray, tiny_model, tmp_path):
