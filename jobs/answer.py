@@ -102,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--max-seq-len", type=int, help="override the model's window length")
     p.add_argument("--doc-stride", type=int, help="override the step between windows (run_squad's doc_stride)")
     p.add_argument("--max-query-len", type=int, help="override the question cut-off in tokens")
-    p.add_argument("--concurrency", type=int, help="answering actors (default: one per 4 cluster CPUs)")
-    p.add_argument("--cpus-per-actor", type=int, help="CPUs (= ONNX Runtime threads) per actor")
+    p.add_argument("--concurrency", type=int, help="answering actors (default: cluster CPUs / CPUs per actor)")
+    p.add_argument("--cpus-per-actor", type=int, help="CPUs (= ONNX Runtime threads) per actor (default: 1; "
+                   "4 for graphs of 256 MB and more)")
     p.add_argument("--rows-per-unit", type=int, default=1024, help="rows per actor call and output file")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens (padding included) per inference call")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
