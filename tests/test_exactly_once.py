@@ -90,11 +90,12 @@ def test_driver_killed_then_resumed(clean_run, tiny_model, tmp_path, seed):
     redoing only the units that were not staged."""
     src, reference = clean_run
     out = tmp_path / "out"
-    # Two actors x 0.8 s per unit: 18 units take >= 7 s, so a kill up to 3 s after the first is staged
-    # always lands mid-job, whatever the machine's CPU count.
+    # Two actors x 1.5 s per unit: 18 units take >= 13.5 s. The first staged file can lag the answers by
+    # seconds (the write task waits for a worker process to start on busy cores), so the job must outlast
+    # that lag plus the kill delay of up to 3 s on any machine.
     common = ["--input", str(src), "--output", str(out), "--model", str(tiny_model), "--rows-per-unit", "4",
               "--concurrency", "2", "--cpus-per-actor", "1"]
-    p = job(common, {"QA_FAULT_SLOW_CALL_S": "0.8"}, start_new_session=True)
+    p = job(common, {"QA_FAULT_SLOW_CALL_S": "1.5"}, start_new_session=True)
     deadline = time.time() + 240
     while not list((out / "_staging").glob("part-*.parquet")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
