@@ -354,7 +354,7 @@ def run_padded_loop(data: str, limit: int | None, model_dir: str, threads: int, 
     t0 = time.perf_counter()
     out = answerer(squad.to_table(items))
     seconds = time.perf_counter() - t0
-    predictions = dict(zip(out.column("id").to_pylist(), (a or "" for a in out.column("answer").to_pylist())))
+    predictions = squad.predictions(out)
     return _in_process_result(items, predictions, seconds, answerer.times.windows,
                               {"stages": {k: getattr(answerer.times, k) for k in
                                           ("tokenize", "infer", "decode", "tokens", "padded_tokens")}})
@@ -582,10 +582,9 @@ def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budge
                 out = answerer(table)
                 seconds = time.perf_counter() - t0
                 t = answerer.times
-                answers = dict(zip(out.column("id").to_pylist(), (a or "" for a in out.column("answer").to_pylist())))
                 times.setdefault((spin, budget), []).append(
                     (seconds, t.tokenize, t.infer, t.decode, t.padded_tokens / max(t.tokens, 1),
-                     squad.score(items, answers)["f1"]))
+                     squad.score(items, squad.predictions(out))["f1"]))
     rows = []
     for (spin, budget), runs in times.items():
         med = sorted(runs)[(len(runs) - 1) // 2]

@@ -36,7 +36,7 @@ def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = Non
                              **job_options))
     elapsed = time.time() - t0
     table = pq.read_table(answers_dir, columns=["id", "answer"])
-    predictions = {i: (a or "") for i, a in zip(table.column("id").to_pylist(), table.column("answer").to_pylist())}
+    predictions = squad.predictions(table)
     (out_dir / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=0))
     report = squad.score(items, predictions)
     report.update({

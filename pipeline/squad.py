@@ -62,6 +62,11 @@ def to_table(items: list[dict]) -> pa.Table:
     return pa.table({k: [q[k] for q in items] for k in ("id", "question", "context", "title")})
 
 
+def predictions(answered: pa.Table) -> dict[str, str]:
+    """{id: answer} from the job's output columns; a row with no answer (an error) predicts ""."""
+    return {i: (a or "") for i, a in zip(answered.column("id").to_pylist(), answered.column("answer").to_pylist())}
+
+
 def score(items: list[dict], predictions: dict[str, str]) -> dict:
     """Official v1.1 scoring: best over the gold answers, averaged over every question, x100.
     A question with no prediction scores 0, as in the official script."""

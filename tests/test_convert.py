@@ -18,6 +18,7 @@ from tiny_models import vocab_tokens, write_model_dir
 from tiny_sources import google_bert_variables, hf_bert_qa, hf_logits, tf_bert_squad_logits, write_tf1_checkpoint
 
 from models.convert import ConvertError, ConvertOptions, convert, detect_source, main, quantize_int8, sample_inputs
+from models.convert import onnx_logits as convert_onnx_logits
 from models.registry import MODELS, REGISTRY, ModelNotFoundError, resolve_model
 from pipeline.answer import Answerer, load_model
 from pipeline.model_dir import load_spec
@@ -45,11 +46,7 @@ TABLE = pa.table({
 
 
 def onnx_logits(model_dir, feeds):
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(model_dir / "model.onnx"), session_options(1), providers=["CPUExecutionProvider"])
-    names = {i.name for i in s.get_inputs()}
-    return s.run(["start_logits", "end_logits"], {k: v for k, v in feeds.items() if k in names})
+    return convert_onnx_logits(model_dir / "model.onnx", feeds)  # the job's session options
 
 
 def assert_same_logits(got, want, tol=1e-4):
