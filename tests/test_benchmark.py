@@ -17,6 +17,11 @@ pytest.importorskip("onnx")
 from tiny_models import bert_qa_graph, vocab_tokens
 
 from jobs import benchmark
+from jobs.benchmark.flops import flop_model
+from jobs.benchmark.peaks import openvino_available
+from jobs.benchmark.report import table
+from jobs.benchmark.runs import PEER, Result
+from jobs.benchmark.systems import transformers_pipeline_available
 
 CONTEXT = "The king of France was born in Paris in 1789, the first year of the war."
 
@@ -47,7 +52,7 @@ def test_flop_model_counts_every_matmul_weight(tmp_path):
 
     model, weights = bert_qa_graph(len(vocab_tokens()))
     onnx.save(model, str(tmp_path / "model.onnx"))
-    cost = benchmark.flop_model(tmp_path / "model.onnx")
+    cost = flop_model(tmp_path / "model.onnx")
     matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
     assert cost.matmul_params == sum(weights[w].size for w in matmul_weights if w in weights)
     assert cost.layers == 2 and cost.attention_width == 32
@@ -61,17 +66,17 @@ def test_compare_runs_every_system(tiny_model, tmp_path):
     args = ["--data", str(squad_file(tmp_path / "squad.json")), "--limit", "6", "--model", str(tiny_model),
             "--cpus", "1", "--report", str(tmp_path / "report.json"), "--work-dir", str(tmp_path),
             "--fp32-model", str(tiny_model / "model.onnx")]  # the tiny graph is fp32: it stands in for both
-    peer = benchmark.transformers_pipeline_available() is None
+    peer = transformers_pipeline_available() is None
     if peer:
         args += ["--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf"))]
     assert benchmark.main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     names = [r["name"] for r in report["results"]]
     assert names[0] == "our job int8" and "ORT loop pad-384 b8 int8" in names
-    assert (benchmark.PEER in names) == peer
+    assert (PEER in names) == peer
     assert "our job fp32" in names and "ORT loop pad-384 b8 fp32" in names
     bf16 = "bf16" in report["peak_gflops"]  # OpenVINO installed and the CPU computes bf16 (AMX, AVX512-BF16)
-    assert bf16 <= benchmark.openvino_available()
+    assert bf16 <= openvino_available()
     assert ("our job bf16 (OpenVINO)" in names) == bf16
     for r in report["results"]:
         assert r["questions"] == 6 and r["windows"] >= 6
@@ -83,9 +88,9 @@ def test_compare_runs_every_system(tiny_model, tmp_path):
 
 
 def test_table_reports_ratios_to_the_peer():
-    results = [benchmark.Result("ours", "int8", 100, 110, 2.0, 80.0, 70.0, 4e11, 300.0),
-               benchmark.Result(benchmark.PEER, "fp32", 100, 105, 10.0, 80.5, 71.0, 4e11, 500.0)]
-    text = benchmark.table(results, {"int8": 400.0, "fp32": 100.0}, benchmark.PEER)
+    results = [Result("ours", "int8", 100, 110, 2.0, 80.0, 70.0, 4e11, 300.0),
+               Result(PEER, "fp32", 100, 105, 10.0, 80.5, 71.0, 4e11, 500.0)]
+    text = table(results, {"int8": 400.0, "fp32": 100.0}, PEER)
     ours = text.splitlines()[2]
     assert "| 50.0 |" in ours and "| 5.00 |" in ours and "| 200.0 | 50% (int8) |" in ours
 
