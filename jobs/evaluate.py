@@ -15,15 +15,18 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
+from jobs.config import JobConfig, add_flags, from_args
 from pipeline import squad
 
 
 def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = None, **job_options) -> dict:
+    """``job_options``: any other JobConfig field (concurrency, precision, ...)."""
     import pyarrow.parquet as pq
 
-    from jobs.answer import JobConfig, run
+    from jobs.answer import run
 
     items = squad.questions(squad.load_squad(data), limit)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,32 +58,33 @@ def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = Non
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.answer import default_model
+# The job's flags that make no sense here: evaluate writes the input and output itself.
+NOT_JOB_FLAGS = ("input", "output", "mode", "skip_bad_files", "questions", "wide")
 
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qa-batch evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="SQuAD-format JSON (.json or .json.gz)")
     p.add_argument("--predictions", help="score this {id: answer} file instead of running a model")
-    p.add_argument("--model", default=default_model())
     p.add_argument("--limit", type=int, help="first N questions in file order")
     p.add_argument("--report", help="write the report JSON here too")
     p.add_argument("--out-dir", help="where the job's input, output and predictions go "
                                      "(default: out/evaluate/<time>)")
-    p.add_argument("--concurrency", type=int)
-    p.add_argument("--cpus-per-actor", type=int)
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: OpenVINO with bfloat16 matmuls (see jobs.answer --help)")
+    add_flags(p, JobConfig, skip=NOT_JOB_FLAGS)
     a = p.parse_args(argv)
+    try:
+        job = from_args(a, JobConfig, skip=NOT_JOB_FLAGS, input="-", output="-")
+    except ValueError as exc:
+        p.error(str(exc))
     if a.predictions:
         items = squad.questions(squad.load_squad(a.data), a.limit)
         predictions = json.loads(Path(a.predictions).read_text(encoding="utf-8"))
         report = {**squad.score(items, predictions), "data": a.data, "predictions": a.predictions}
     else:
         out_dir = Path(a.out_dir or f"out/evaluate/{time.strftime('%Y%m%d-%H%M%S')}")
-        report = evaluate_model(a.data, a.model, out_dir, a.limit, concurrency=a.concurrency,
-                                cpus_per_actor=a.cpus_per_actor, backend=a.backend, precision=a.precision)
+        options = {f.name: getattr(job, f.name) for f in fields(job) if f.name not in (*NOT_JOB_FLAGS, "model")}
+        report = evaluate_model(a.data, job.model, out_dir, a.limit, **options)
         if not a.report:
             (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     if a.report:

@@ -2,75 +2,103 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import socket
 import time
-from dataclasses import fields
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import fanout
-from pipeline.answer import Answerer, load_model
+from pipeline.answer import Answerer, StageTimes, StageTotals
+from pipeline.backends import load_model
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
-from pipeline.config import Columns, DecodeSettings
+from pipeline.config import Columns, DecodeSettings, WindowOverrides
 from pipeline.units import ReadUnit, UnitReader
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """What every answering actor is built with (besides the input filesystem and fan-out questions)."""
+
+    model_dir: str
+    threads: int  # runtime threads: the Ray CPUs the actor holds
+    columns: Columns
+    decode: DecodeSettings
+    windows: WindowOverrides
+    batch_tokens: int
+    backend: str
+    precision: str
+    wide: bool = False
+
+
+@dataclass(frozen=True)
+class ActorReport:
+    """One answering actor's cumulative work so far: reports replace each other, so a lost one costs nothing."""
+
+    actor: str
+    times: StageTimes
+    input_rows: int  # rows read (documents, with fan-out)
 
 
 @ray.remote(num_cpus=0)
 class StageStats:
-    """Latest cumulative StageTimes of each answering actor, for the manifest and progress."""
+    """Latest report of each answering actor, for the manifest and progress lines; placed on the driver's node
+    (see ``stage_stats``) so that losing a worker node cannot take the job's bookkeeping with it."""
 
     def __init__(self) -> None:
-        self.by_actor: dict[str, dict] = {}
+        self.reports: dict[str, ActorReport] = {}
         self.ready_at: dict[str, float] = {}
 
-    def report(self, actor: str, times: dict) -> None:
-        self.by_actor[actor] = times
+    def report(self, report: ActorReport) -> None:
+        self.reports[report.actor] = report
 
     def ready(self, actor: str, at: float) -> None:
         """An actor finished loading its model at wall-clock ``at``."""
         self.ready_at[actor] = at
 
-    def totals(self) -> dict:
-        total: dict = {}
-        for times in self.by_actor.values():
-            for key, value in times.items():
-                if isinstance(value, dict):
-                    bucket = total.setdefault(key, {})
-                    for k, v in value.items():
-                        bucket[k] = bucket.get(k, 0) + v
-                else:
-                    total[key] = total.get(key, 0) + value
-        total["actors"] = len(self.by_actor)
-        if self.ready_at:
-            total["first_actor_ready_at"] = min(self.ready_at.values())
-        return total
+    def totals(self) -> StageTotals:
+        times = sum((r.times for r in self.reports.values()), StageTimes())
+        return StageTotals(times, sum(r.input_rows for r in self.reports.values()), len(self.ready_at),
+                           min(self.ready_at.values(), default=None))
+
+
+def stage_stats() -> ray.actor.ActorHandle:
+    """The job's StageStats, pinned to the driver's node."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return StageStats.options(scheduling_strategy=here).remote()
 
 
 class AnswerActor:
-    """Loads one ONNX Runtime session in __init__; in __call__ reads read units and answers them."""
+    """Loads one model session in __init__; in __call__ reads read units and answers them.
 
-    def __init__(self, fs: pafs.FileSystem, model_dir: str, threads: int, columns: Columns,
-                 decode: DecodeSettings, batch_tokens: int, model_overrides: dict | None = None,
-                 backend: str = "auto", precision: str = "fp32", stats: ray.actor.ActorHandle | None = None,
-                 questions: pa.Table | None = None, wide: bool = False):
+    Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, settings: ActorSettings, questions: pa.Table | None = None,
+                 stats: ray.actor.ActorHandle | None = None):
         t0 = time.perf_counter()
-        spec, session = load_model(model_dir, threads, model_overrides, backend, precision)
-        self.answerer = Answerer(spec, session, columns, decode, batch_tokens)
+        spec, session = load_model(settings.model_dir, settings.threads, settings.windows.as_dict(),
+                                   settings.backend, settings.precision)
+        self.answerer = Answerer(spec, session, settings.columns, settings.decode, settings.batch_tokens)
         self.answerer.times.model_load = time.perf_counter() - t0
         self.reader = UnitReader(fs)
+        self.questions, self.wide = questions, settings.wide
         self.stats = stats
-        self.name = f"{os.getpid()}@{ray.util.get_node_ip_address()}"
+        self.name = f"{os.getpid()}@{socket.gethostname()}"
         if stats is not None:
-            ray.get(stats.ready.remote(self.name, time.time()))
+            stats.ready.remote(self.name, time.time())  # not awaited: bookkeeping never holds up answers
         self.calls = 0
         self.input_rows = 0
-        self.questions, self.wide = questions, wide
 
     def __call__(self, units: pa.Table) -> pa.Table:
+        """Units as rows (ReadUnit.as_row) in; their answered rows out, with the hidden unit/row columns."""
         self.calls += 1
         _maybe_crash(self.calls)
         parts = []
@@ -86,13 +114,10 @@ class AnswerActor:
             n = answered.num_rows
             answered = answered.append_column(UNIT_COLUMN, pa.array([u["index"]] * n, pa.int64()))
             parts.append(answered.append_column(ROW_COLUMN, pa.array(range(n), pa.int64())))
-        out = pa.concat_tables(parts)
         if self.stats is not None:
-            t = self.answerer.times
-            times = {**{f.name: getattr(t, f.name) for f in fields(t)}, "errors": dict(t.errors),
-                     "input_rows": self.input_rows}
-            ray.get(self.stats.report.remote(self.name, times))
-        return out
+            # Fire and forget: a report lost with its node (or a slow stats actor) must not fail an answer.
+            self.stats.report.remote(ActorReport(self.name, copy.deepcopy(self.answerer.times), self.input_rows))
+        return pa.concat_tables(parts)
 
 
 def _maybe_crash(call: int) -> None:

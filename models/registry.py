@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.backends import BACKENDS
 from pipeline.config import WindowSettings
 
 FORMATS = ("openvino-ir", "hf-pytorch", "tf1-checkpoint", "onnx")
-BACKENDS = ("onnxruntime", "openvino")
 DEFAULT_ROOT = Path("models/zoo")
 
 
@@ -44,7 +44,7 @@ class ZooModel:
         if self.source_format not in FORMATS:
             raise ValueError(f"{self.name}: source_format {self.source_format!r} not in {FORMATS}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"{self.name}: backend {self.backend!r} not in {BACKENDS}")
+            raise ValueError(f"{self.name}: backend {self.backend!r} not in {tuple(BACKENDS)}")
         WindowSettings(self.max_seq_len, self.doc_stride, self.max_query_len)  # raises on impossible windows
         for score in (self.card_f1, self.card_em):
             if score is not None and not 0 < score <= 100:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 
+from .backends import load_model  # noqa: F401 - the stage and its loader, imported together by callers
 from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
 from .decode import Spans, best_spans
-from .model_dir import ModelSpec, find_model_file, load_spec, openvino_model_path
+from .model_dir import ModelSpec
 from .session import QASession
 from .windows import Windows, load_tokenizer, make_windows
 
@@ -33,50 +34,28 @@ class StageTimes:
     windows: int = 0
     tokens: int = 0  # non-padding tokens the model saw
     padded_tokens: int = 0  # tokens the model computed, padding included
-    errors: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)  # rows by error kind
+
+    def __add__(self, other: StageTimes) -> StageTimes:
+        """Summed over actors (or batches)."""
+        total = StageTimes(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                              for f in fields(self) if f.name != "errors"})
+        total.errors = self.errors + other.errors
+        return total
 
 
-BACKENDS = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16")
+@dataclass(frozen=True)
+class StageTotals:
+    """The job's answering work, summed over actors: what the manifest's ``stages`` records."""
 
+    times: StageTimes = field(default_factory=StageTimes)
+    input_rows: int = 0
+    actors: int = 0
+    first_actor_ready_at: float | None = None  # wall clock, when the first actor had loaded its model
 
-def resolve_backend(backend: str, precision: str) -> str:
-    """Checks the pair once; bf16 means OpenVINO, the backend here that computes in bfloat16 on CPUs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16":
-        if backend == "onnxruntime":
-            raise ValueError("precision bf16 runs on the OpenVINO backend; ONNX Runtime's CPU provider computes "
-                             "these graphs in fp32 or int8 (drop --backend onnxruntime, or --precision bf16)")
-        return "openvino"
-    return backend
-
-
-def load_model(model_dir: str, threads: int = 1, overrides: dict | None = None,
-               backend: str = "auto", precision: str = "fp32") -> tuple[ModelSpec, QASession]:
-    """The spec and a session; the graph's fixed shape feeds the spec.
-
-    ``backend`` "auto" runs an OpenVINO IR (model.xml) on OpenVINO and ONNX on ONNX Runtime (or as
-    qa_spec.json's "backend" says); "openvino" also runs ONNX graphs on OpenVINO, reading a directory's
-    model-fp32.onnx when it has one (see model_dir.openvino_model_path). ``precision`` "bf16" implies OpenVINO.
-    """
-    backend = resolve_backend(backend, precision)
-    if backend == "openvino":
-        model_dir = str(openvino_model_path(model_dir))
-    probe = load_spec(model_dir, overrides=overrides)
-    model_file = find_model_file(model_dir)
-    if backend == "auto":
-        backend = probe.spec.get("backend") or ("openvino" if model_file.suffix == ".xml" else "onnxruntime")
-    if backend == "openvino":
-        from .openvino_session import OpenVinoQASession
-
-        session = OpenVinoQASession(model_file, threads, probe.input_names, probe.output_names, precision)
-    else:
-        session = QASession(model_file, threads, probe.input_names, probe.output_names)
-    spec = load_spec(model_dir, fixed_seq_len=session.fixed_seq_len, overrides=overrides)
-    return spec, session
+    def manifest_stages(self) -> dict:
+        times = {k: v for k, v in asdict(self.times).items() if k != "errors"}
+        return {**times, "actors": self.actors, "input_rows": self.input_rows}
 
 
 def validate_texts(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[list, dict[int, str]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class WindowSettings:
 class DecodeSettings:
     """How answer spans are chosen from start/end logits."""
 
-    max_answer_len: int = 30  # in tokens
-    top_k: int = 1
+    max_answer_len: int = field(default=30, metadata={"help": "longest answer, in tokens"})
+    top_k: int = field(default=1, metadata={"help": "answers kept per question (a top_answers column if > 1)"})
 
     def __post_init__(self) -> None:
         if self.max_answer_len < 1:
@@ -49,9 +49,23 @@ class DecodeSettings:
 class Columns:
     """Names of the input columns the job reads; every other column passes through."""
 
-    id: str = "id"
-    question: str = "question"
-    context: str = "context"
+    id: str = field(default="id", metadata={"help": "input column with the row id"})
+    question: str = field(default="question", metadata={"help": "input column with the question"})
+    context: str = field(default="context", metadata={"help": "input column with the context"})
+
+
+@dataclass(frozen=True)
+class WindowOverrides:
+    """Window settings that win over the model directory's (None: as the model says)."""
+
+    max_seq_len: int | None = field(default=None, metadata={"help": "override the model's window length"})
+    doc_stride: int | None = field(default=None, metadata={
+        "help": "override the step between windows (run_squad's doc_stride)"})
+    max_query_len: int | None = field(default=None, metadata={"help": "override the question cut-off, in tokens"})
+
+    def as_dict(self) -> dict[str, int]:
+        """The overrides set, as load_spec takes them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 # Columns the job adds to every output row.

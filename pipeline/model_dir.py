@@ -112,16 +112,6 @@ def find_model_file(directory: str | Path) -> Path:
 FP32_GRAPH = "model-fp32.onnx"
 
 
-def openvino_model_path(directory: str | Path) -> Path:
-    """The graph OpenVINO should read from a model directory: its ``model-fp32.onnx`` when there is one.
-
-    Our exports' ``model.onnx`` is ONNX Runtime's int8 graph (com.microsoft QAttention and friends), which
-    OpenVINO cannot read; the fp32 graph beside it is the same model. A graph file given directly is kept.
-    """
-    d = Path(directory)
-    return d / FP32_GRAPH if d.is_dir() and (d / FP32_GRAPH).exists() else d
-
-
 def load_spec(directory: str | Path, fixed_seq_len: int | None = None, overrides: dict | None = None) -> ModelSpec:
     """Read and validate a model directory.
 

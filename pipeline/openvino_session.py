@@ -12,18 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import BACKENDS, OPENVINO_PRECISION_HINTS
+from .extras import require
 from .session import INPUT_ROLES, OUTPUT_ROLES, ModelLoadError, resolve_inputs, resolve_outputs, run_in_chunks
 
 
 def _openvino():
-    try:
-        import openvino
-    except ImportError as exc:
-        raise ModelLoadError("the OpenVINO backend needs the openvino package: pip install openvino") from exc
-    return openvino
-
-
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+    return require("openvino", BACKENDS["openvino"].extra, "the OpenVINO backend (--backend openvino, --precision bf16, IR models)")
 
 
 def compile_config(threads: int, precision: str = "fp32") -> dict:
@@ -35,14 +30,14 @@ def compile_config(threads: int, precision: str = "fp32") -> dict:
     float matmuls run in bfloat16 where the CPU has it (AMX: about 2x our int8 ONNX Runtime graph, closer to
     fp32 answers; BENCHMARKS.md) and in f32 elsewhere. int8 IRs keep their int8 ops either way.
     """
-    if precision not in PRECISION_HINTS:
-        raise ValueError(f"precision must be one of {sorted(PRECISION_HINTS)}, got {precision!r}")
+    if precision not in OPENVINO_PRECISION_HINTS:
+        raise ValueError(f"precision must be one of {sorted(OPENVINO_PRECISION_HINTS)}, got {precision!r}")
     return {
         "INFERENCE_NUM_THREADS": max(1, threads),
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
         "ENABLE_CPU_PINNING": False,
-        "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+        "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision],
     }
 
 

@@ -10,8 +10,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from jobs.answer import LARGE_MODEL_BYTES, JobConfig, actor_layout, parse_args, run
-from pipeline.answer import Answerer, load_model
+from jobs.answer import parse_args, run
+from jobs.config import JobConfig
+from jobs.execute import LARGE_MODEL_BYTES, actor_layout
+from pipeline.answer import Answerer
+from pipeline.backends import load_model
 from pipeline.config import Columns
 
 

@@ -95,14 +95,15 @@ def test_partitioned_dataset_in_answers_out(s3_env, tiny_model):
 def test_commit_protocol_on_s3(s3_env):
     """Staged parts become visible only at commit; an incomplete unit blocks the commit; resume keeps
     complete units and redoes the rest."""
-    from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
+    from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter, OutputState, pending_units
     from pipeline.units import ReadUnit
 
     fs = s3fs()
     committer = OutputCommitter(fs, "lake/protocol")
     job = {"input": "x"}
     units = [ReadUnit(0, "in", 0, 0, 3), ReadUnit(1, "in", 0, 3, 2)]
-    assert committer.prepare("error", job) is None
+    assert committer.inspect("error", job) == OutputState()
+    committer.begin("error", job)
 
     def block(unit: int, rows: int, first: int = 0) -> pa.Table:
         return pa.table({"id": [f"{unit}-{first + i}" for i in range(rows)], UNIT_COLUMN: [unit] * rows,
@@ -115,9 +116,12 @@ def test_commit_protocol_on_s3(s3_env):
     assert fs.get_file_info("lake/protocol/_manifest.json").type == pafs.FileType.NotFound
 
     resumed = OutputCommitter(fs, "lake/protocol")
-    assert resumed.prepare("resume", job) is None
-    pending, staged_rows = resumed.pending_units(units)
+    state = resumed.inspect("resume", job)
+    assert state.committed is None and state.commit_list is None
+    pending, staged_rows, stale = pending_units(units, state.staged)
     assert [u.index for u in pending] == [1] and staged_rows == 3
+    assert [(p.unit, p.rows) for p in stale] == [(1, 1)]  # the half-done unit's part goes before it is redone
+    resumed.begin("resume", job, stale)
     resumed.write_block(block(1, 2))
     manifest = resumed.commit(units, job, {})
     assert manifest["rows_out"] == 5
@@ -125,4 +129,4 @@ def test_commit_protocol_on_s3(s3_env):
                  for i in pq.read_table(f["path"], filesystem=fs).column("id").to_pylist())
     assert ids == ["0-0", "0-1", "0-2", "1-0", "1-1"]
     with pytest.raises(FileExistsError, match="different job"):
-        OutputCommitter(fs, "lake/protocol").prepare("resume", {"input": "y"})
+        OutputCommitter(fs, "lake/protocol").inspect("resume", {"input": "y"})

@@ -15,17 +15,19 @@ from jobs.benchmark.processes import PAUSE_PIDS, in_child
 from jobs.benchmark.report import cpu_name, stage_shares, table
 from jobs.benchmark.runs import PEER, Setup, actors, compare, tuning
 from jobs.benchmark.systems import squad_items
+from jobs.config import JobConfig, add_flags, from_args
+
+JOB_FLAGS = ("model", "batch_tokens", "decode__max_answer_len")  # our job's own flags, as jobs.answer has them
 
 
 def parse_args(argv: list[str] | None):
     from jobs import benchmark
-    from jobs.answer import default_model
 
     p = argparse.ArgumentParser(prog="qa-batch benchmark", description=benchmark.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="SQuAD-format JSON (.json or .json.gz)")
     p.add_argument("--limit", type=int, default=500, help="first N questions in file order (default %(default)s)")
-    p.add_argument("--model", default=default_model(), help="model directory (int8 model.onnx)")
+    add_flags(p, JobConfig, only=JOB_FLAGS)
     p.add_argument("--fp32-model", help="fp32 graph of the same weights (default: MODEL/model-fp32.onnx if present)")
     p.add_argument("--hf-model", help="Hugging Face model directory for the peer (default: built from MODEL's "
                                       "config.json and --hf-weights, in a temporary directory)")
@@ -34,28 +36,26 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--mode", choices=("compare", "actors", "tuning"), default="compare")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs every system gets (default: all)")
-    p.add_argument("--batch-tokens", type=int, default=4096,
-                   help="our job's token budget per inference call (default %(default)s: fastest here, see BENCHMARKS.md)")
     p.add_argument("--budgets", default="2048,4096,8192,16384,32768", help="token budgets for --mode tuning")
     p.add_argument("--rows-per-unit", type=int, help="our job's read unit (default: limit / 8, so that actors share)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each system; the median is reported")
-    p.add_argument("--max-answer-len", type=int, default=30)
     p.add_argument("--report", help="write every number as JSON here")
     p.add_argument("--pause-pid", type=int, action="append", default=[],
                    help="a noisy neighbour to SIGSTOP while each system is measured (SIGCONT right after); "
                         "repeatable")
     p.add_argument("--work-dir", help="job inputs/outputs (default: a temporary directory, removed)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    return a, from_args(a, JobConfig, only=JOB_FLAGS, input="-", output="-")
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    a, job = parse_args(argv)
     PAUSE_PIDS[:] = a.pause_pid
-    model_dir = Path(a.model)
+    model_dir = Path(job.model)
     fp32 = Path(a.fp32_model) if a.fp32_model else model_dir / "model-fp32.onnx"
     n = a.limit or len(squad_items(a.data, None))
     with tempfile.TemporaryDirectory(dir=a.work_dir) as work:
-        setup = Setup(a.data, a.limit, model_dir, fp32 if fp32.exists() else None, a.cpus, a.batch_tokens,
+        setup = Setup(a.data, a.limit, model_dir, fp32 if fp32.exists() else None, a.cpus, job.batch_tokens,
                       a.rows_per_unit or max(1, math.ceil(n / 8)), max(1, a.repeats), Path(work))
         report: dict = {"args": vars(a), "cpu": cpu_name()}
         if a.mode == "tuning":
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
         else:
             report["peak_gflops"] = in_child(matmul_peak, a.cpus)
-            results = (compare(setup, a.hf_model, a.hf_weights, a.hf_batch_size, a.max_answer_len,
+            results = (compare(setup, a.hf_model, a.hf_weights, a.hf_batch_size, job.decode.max_answer_len,
                                "bf16" in report["peak_gflops"])
                        if a.mode == "compare" else actors(setup))
             report["results"] = [{**asdict(r), "questions_per_s": r.questions_per_s,

@@ -1,0 +1,211 @@
+"""The driver's second step, and the only one that touches Ray: answer a plan's pending units into staging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.plan import JobPlan
+from pipeline.answer import StageTotals
+
+LARGE_MODEL_BYTES = 256 * 2**20
+REPORT_GRACE_S = 10.0  # how long the last actor reports may take to arrive after the last write
+
+
+@dataclass(frozen=True)
+class ActorLayout:
+    actors: int
+    cpus_per_actor: int
+    cluster_cpus: int
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What ``execute`` did: the layout it chose, the actors' totals, and when."""
+
+    layout: ActorLayout | None = None  # None: nothing was pending
+    totals: StageTotals = field(default_factory=StageTotals)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int | None,
+                 model_bytes: int) -> tuple[int, int]:
+    """(actors, CPUs per actor) for what the user left unset.
+
+    One single-threaded actor per CPU by default: ONNX Runtime's threads meet at every op, and an op
+    waits for the slowest, so two threads on two cores lose to two actors whenever anything else runs
+    (BENCHMARKS.md: 2 x 1 CPU was 10% faster than 1 x 2 on 2000 SQuAD questions, the same answers).
+    Graphs of 256 MB and more (BERT-large fp32) get 4 CPUs per actor instead: every actor holds its own
+    copy, and their big matmuls keep four threads busy.
+    """
+    if cpus_per_actor is None:
+        if concurrency is not None:
+            cpus_per_actor = max(1, cluster_cpus // concurrency)
+        else:
+            cpus_per_actor = min(cluster_cpus, 4) if model_bytes >= LARGE_MODEL_BYTES else 1
+    if concurrency is None:
+        concurrency = max(1, cluster_cpus // cpus_per_actor)
+    return concurrency, cpus_per_actor
+
+
+def execute(plan: JobPlan) -> Execution:
+    """Stage every pending unit's answers (``plan.output`` commits them afterwards)."""
+    started = time.time()
+    if not plan.pending:
+        return Execution(started_at=started, finished_at=started)
+    cfg = plan.config
+    plan.output.begin(cfg.mode, plan.identity, plan.stale)
+    with contextlib.nullcontext() if cfg.verbose else ray_lines_to_file():
+        return _answer(plan, started)
+
+
+def _answer(plan: JobPlan, started: float) -> Execution:
+    import ray
+
+    from jobs.ray_stage import ActorSettings, AnswerActor, StagedParquetDatasink, stage_stats
+
+    cfg = plan.config
+    start_ray(cfg.address, cfg.verbose)
+    ctx = ray.data.DataContext.get_current()
+    # No preserve_order: output files are named by read unit, so completion order changes nothing.
+    ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors, threads = actor_layout(cluster_cpus, cfg.concurrency, cfg.cpus_per_actor, plan.model_bytes)
+    settings = ActorSettings(plan.model_dir, threads, plan.columns, cfg.decode, cfg.windows, cfg.batch_tokens,
+                             cfg.backend, cfg.precision, cfg.wide)
+    stats = stage_stats()
+    ds = ray.data.from_items([u.as_row() for u in plan.pending], override_num_blocks=len(plan.pending))
+    ds = ds.map_batches(
+        AnswerActor,
+        fn_constructor_kwargs={"fs": plan.input_fs, "settings": settings, "questions": plan.questions,
+                               "stats": stats},
+        batch_format="pyarrow", batch_size=1, num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+    )
+    rows = plan.rows_in - plan.staged_rows
+    with ProgressReporter(stats, rows, cfg.progress_every_s):
+        ds.write_datasink(StagedParquetDatasink(plan.output), ray_remote_args={"num_cpus": 0})
+    totals = _final_totals(stats, rows)
+    return Execution(ActorLayout(actors, threads, cluster_cpus), totals, started, time.time())
+
+
+def _final_totals(stats, rows: int) -> StageTotals:
+    """The actors' totals once their last reports (sent without waiting) have arrived, or after a grace period."""
+    import ray
+
+    deadline = time.monotonic() + REPORT_GRACE_S
+    while True:
+        totals = ray.get(stats.totals.remote())
+        if totals.input_rows >= rows or time.monotonic() > deadline:
+            return totals
+        time.sleep(0.05)
+
+
+def start_ray(address: str | None, verbose: bool) -> None:
+    """Join the cluster (``address``, RAY_ADDRESS or a running one) or start a local Ray.
+
+    Quiet unless ``verbose``: a job's output shows our progress and summary lines, not Ray's start-up
+    notices, Ray Data's execution plan or warnings meant for Ray's developers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not verbose:
+        quiet_ray()
+    ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR,
+             log_to_driver=verbose, configure_logging=True)
+    if not verbose:
+        quiet_ray()  # ray.init configures its loggers again
+
+
+@contextlib.contextmanager
+def ray_lines_to_file():
+    """The driver's stderr (file descriptor 2) into a log file while Ray runs, unless --verbose.
+
+    Ray's core worker logs from C++ straight to the process's stderr, below any Python logger: for example
+    "constructor arguments in the object store" for every Ray Data actor pool (ray#57733, about restarts our
+    pool does not depend on). Our own progress and summary lines go to stdout; an exception still reaches
+    the terminal, after stderr is restored, with the log file named.
+    """
+    path = Path(tempfile.gettempdir()) / f"qa-batch-{os.getpid()}-ray.log"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    except BaseException:
+        _restore_stderr(saved)
+        print(f"Ray's own log lines of this run: {path} (or run with --verbose)", file=sys.stderr)
+        raise
+    _restore_stderr(saved)
+    path.unlink(missing_ok=True)  # nothing went wrong: nothing to read
+
+
+def _restore_stderr(saved: int) -> None:
+    if saved < 0:
+        return
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def quiet_ray() -> None:
+    """Ray's and Ray Data's loggers to errors only, their Python warnings off."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name in ("ray", "ray.data", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\..*)?")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(actor|ActorPool|concurrency).*")
+
+
+class ProgressReporter:
+    """A line every few seconds for headless logs (`ray job logs`): rows done/total, rate, ETA."""
+
+    def __init__(self, stats, total_rows: int, every_s: float):
+        self.stats, self.total, self.every = stats, total_rows, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="qa-progress")
+        self._t0 = time.time()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.every):
+            try:
+                totals = ray.get(self.stats.totals.remote(), timeout=10)
+            except Exception:  # noqa: BLE001, S112 - progress must never fail the job; the next tick retries
+                continue
+            done = totals.input_rows
+            elapsed = time.time() - self._t0
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.1f}%), "
+                  f"{rate:.1f} rows/s, ETA {_clock(eta)}, {totals.actors} actors", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if math.isnan(seconds):  # no rate yet
+        return "unknown"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

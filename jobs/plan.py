@@ -1,0 +1,118 @@
+"""The driver's first step: what a run will do, from the config and the input's metadata. No Ray here.
+
+``plan(cfg)`` fails before anything starts when the model does not load, the input has no such column,
+or the output refuses the mode; it returns a ``JobPlan`` that ``jobs.execute`` runs and ``jobs.answer``
+commits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from jobs.config import REPO, JobConfig
+from pipeline.backends import load_model
+from pipeline.commit import OutputCommitter, OutputState, StagedPart, pending_units
+from pipeline.config import Columns
+from pipeline.model_dir import ModelSpec
+from pipeline.units import ReadUnit
+
+MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", REPO / "models" / "zoo"))  # where registry names resolve
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything ``execute`` and ``commit`` need, decided before the cluster is touched."""
+
+    config: JobConfig
+    model_dir: str  # the resolved directory (or graph file) actors load
+    spec: ModelSpec
+    input_fs: pafs.FileSystem
+    input_files: tuple[str, ...]
+    skipped_files: tuple[str, ...]  # unreadable, with --skip-bad-files
+    units: tuple[ReadUnit, ...]
+    columns: Columns  # what the answering stage reads (fan-out: the questions' column)
+    questions: pa.Table | None  # fan-out questions
+    rows_per_input_row: int  # output rows each input row yields
+    identity: dict  # what staged answers depend on: resume refuses to mix runs that differ in any of it
+    output: OutputCommitter
+    state: OutputState  # what the output already holds
+    pending: tuple[ReadUnit, ...]  # units still to answer
+    staged_rows: int  # input rows already staged by an interrupted run of this job
+    stale: tuple[StagedPart, ...]  # staged parts of incomplete units, removed before answering
+
+    @property
+    def rows_in(self) -> int:
+        return sum(u.length for u in self.units)
+
+    @property
+    def model_bytes(self) -> int:
+        """The graph's size on disk (an OpenVINO IR keeps its weights in the .bin beside it)."""
+        files = [self.spec.model_file, self.spec.model_file.with_suffix(".bin")]
+        return sum(f.stat().st_size for f in files if f.exists())
+
+
+def plan(cfg: JobConfig) -> JobPlan:
+    from models.registry import resolve_model
+    from pipeline.fanout import QUESTION, QUESTION_ID
+    from pipeline.lake import expand_input, filesystem_and_path, input_base
+    from pipeline.units import plan_units
+
+    model_dir = str(resolve_model(cfg.model, MODEL_ZOO))
+    spec, _ = load_model(model_dir, 1, cfg.windows.as_dict(), cfg.backend, cfg.precision)
+    in_fs, in_files = expand_input(cfg.input)
+    units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files,
+                                          base=input_base(cfg.input))
+    questions, columns = None, cfg.columns
+    if cfg.questions:
+        questions = load_questions(cfg.questions)
+        columns = Columns(cfg.columns.id, QUESTION, cfg.columns.context)
+        clash = [c for c in (QUESTION, QUESTION_ID) if c in schema.names]
+        if clash:
+            raise KeyError(f"input {cfg.input}: has a column {clash[0]!r}, which fan-out adds; rename it")
+    needed = (columns.id, columns.context) if questions is not None else (columns.id, columns.question, columns.context)
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise KeyError(f"input {cfg.input}: no column {missing[0]!r} (columns: {schema.names}); "
+                       f"choose columns with --id-column/--question-column/--context-column")
+    rows_per_input_row = questions.num_rows if questions is not None and not cfg.wide else 1
+    out_fs, out_path = filesystem_and_path(cfg.output)
+    output = OutputCommitter(out_fs, out_path, rows_per_input_row)
+    identity = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files], questions)
+    state = output.inspect(cfg.mode, identity)
+    pending, staged_rows, stale = pending_units(units, state.staged, rows_per_input_row)
+    return JobPlan(cfg, model_dir, spec, in_fs, tuple(in_files), tuple(bad_files), tuple(units), columns, questions,
+                   rows_per_input_row, identity, output, state, tuple(pending), staged_rows, stale)
+
+
+def job_identity(cfg: JobConfig, spec: ModelSpec, in_fs: pafs.FileSystem, in_files: list[str],
+                 questions: pa.Table | None) -> dict:
+    """What staged answers depend on: resume refuses to mix runs that differ in any of it."""
+    sizes = [f.size for f in in_fs.get_file_info(in_files)]
+    return {
+        "questions": None if questions is None else questions.to_pydict(),
+        "wide": cfg.wide,
+        "input_files": [{"path": p, "size": n} for p, n in zip(in_files, sizes)],
+        "columns": asdict(cfg.columns),
+        "decode": asdict(cfg.decode),
+        "windows": asdict(spec.windows),
+        "model_sha256": spec.identity()["sha256"],
+        "backend": cfg.backend,
+        "precision": cfg.precision,
+        "rows_per_unit": cfg.rows_per_unit,
+    }
+
+
+def load_questions(uri: str) -> pa.Table:
+    """The fan-out questions table, validated (unique non-null question_id, a question column)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.fanout import validate_questions
+    from pipeline.lake import expand_input
+
+    fs, files = expand_input(uri)
+    return validate_questions(pq.ParquetDataset(files, filesystem=fs).read(), uri)

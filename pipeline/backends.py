@@ -1,0 +1,100 @@
+"""Which runtime serves a model, at which precision, from which graph file: the one table of backends.
+
+Cheap to import (no runtime is imported until a session is made), so the command line takes its choices
+from here. ``load_model`` is the one place a model directory becomes a spec and a session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model_dir import FP32_GRAPH, ModelSpec, find_model_file, load_spec
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One runtime: the graph files it reads, the precisions it computes, and how to install it."""
+
+    name: str
+    label: str  # as its makers write it, for messages
+    suffixes: tuple[str, ...]  # graph files it can read
+    precisions: tuple[str, ...]
+    extra: str | None  # the pyproject extra that installs it (pipeline.extras); None for a core dependency
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32",), None),
+    Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16"), "openvino"),
+)}
+AUTO = "auto"  # OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
+BACKEND_CHOICES = (AUTO, *BACKENDS)
+# fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them.
+PRECISIONS = ("fp32", "bf16")
+# OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
+# CPUs with AMX/AVX512-BF16 and answers would then depend on which node an actor lands on.
+OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def resolve_backend(backend: str, precision: str) -> str:
+    """Checks the pair once; returns the backend, which a precision may decide (bf16 runs only on OpenVINO).
+
+    Still "auto" when the graph file decides (see ``runtime_for``).
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    able = [b for b in BACKENDS.values() if precision in b.precisions]
+    if backend == AUTO:
+        return able[0].name if len(able) == 1 else AUTO
+    if backend not in [b.name for b in able]:
+        raise ValueError(f"precision {precision} runs on the {' or '.join(b.label for b in able)} backend; "
+                         f"{BACKENDS[backend].label} computes these graphs in their own precision "
+                         f"(drop --backend {backend}, or --precision {precision})")
+    return backend
+
+
+def graph_file(model: str | Path, backend: str) -> Path:
+    """The graph a backend reads from a model directory (or the graph file given).
+
+    OpenVINO reads a directory's ``model-fp32.onnx`` when it has one: our exports' ``model.onnx`` is ONNX
+    Runtime's int8 graph (com.microsoft QAttention and friends), which OpenVINO cannot read; the fp32 graph
+    beside it is the same model.
+    """
+    d = Path(model)
+    if backend == "openvino" and d.is_dir() and (d / FP32_GRAPH).exists():
+        return d / FP32_GRAPH
+    return find_model_file(d)
+
+
+def runtime_for(model_file: Path, spec: dict, backend: str) -> str:
+    """The backend that serves ``model_file``: as resolved, else qa_spec.json's, else by the file's suffix."""
+    if backend != AUTO:
+        return backend
+    return spec.get("backend") or ("openvino" if model_file.suffix == ".xml" else "onnxruntime")
+
+
+def open_session(model_file: Path, backend: str, threads: int, input_names: dict[str, str],
+                 output_names: dict[str, str], precision: str = "fp32"):
+    """A session of ``backend`` (a name in BACKENDS): ``run(ids, mask, types) -> (start, end)``, ``fixed_seq_len``."""
+    if backend == "openvino":
+        from .openvino_session import OpenVinoQASession
+
+        return OpenVinoQASession(model_file, threads, input_names, output_names, precision)
+    from .session import QASession
+
+    return QASession(model_file, threads, input_names, output_names)
+
+
+def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
+               backend: str = AUTO, precision: str = "fp32"):
+    """The spec and a session for a model directory (or a graph file inside one); the graph's fixed shape
+    feeds the spec. ``precision`` bf16 implies OpenVINO, which then reads the directory's fp32 graph."""
+    backend = resolve_backend(backend, precision)
+    model_file = graph_file(model_dir, backend)
+    probe = load_spec(model_file, overrides=overrides)
+    session = open_session(model_file, runtime_for(model_file, probe.spec, backend), threads,
+                           probe.input_names, probe.output_names, precision)
+    spec: ModelSpec = load_spec(model_file, fixed_seq_len=session.fixed_seq_len, overrides=overrides)
+    return spec, session
