@@ -119,10 +119,15 @@ def start_ray(address: str | None, verbose: bool) -> None:
     """
     import ray
 
+    from jobs.cluster import bootstrap_address
+
     if ray.is_initialized():
         return
     if not verbose:
         quiet_ray()
+    address, note = bootstrap_address(address)
+    if note:
+        print(note, flush=True)
     ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR,
              log_to_driver=verbose, configure_logging=True)
     if not verbose:
