@@ -245,22 +245,31 @@ def load_hf(src: Path) -> Exported:
 
 def load_tf1(src: Path) -> Exported:
     """A TF1 BERT SQuAD checkpoint as BertForQuestionAnswering (same graph as Google's modeling.py)."""
-    import torch
-    from transformers import BertConfig, BertForQuestionAnswering
-
     bert_config = json.loads((src / "bert_config.json").read_text(encoding="utf-8"))
     config = hf_config_from_bert_config(bert_config)
     prefix = tf1_checkpoint_prefix(src)
     state = tf1_to_hf_state_dict(read_tf1_checkpoint(prefix), config["num_hidden_layers"], prefix)
+    return load_bert_qa(config, state, prefix)
+
+
+def load_bert_qa(config: dict, state: dict, source: Path | str) -> Exported:
+    """BertForQuestionAnswering built from a config.json dict with ``state`` (torch tensors or numpy arrays) loaded:
+    TF1 checkpoints and models.train_qa's weights. A weight of the wrong shape, missing or left over is refused."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    # Eager attention exports as MatMul/Softmax, the pattern ONNX Runtime's BERT fusion recognizes (SDPA's is not;
+    # measured on the default model: +42% int8 throughput, -40% actor memory, BENCHMARKS.md).
     model = BertForQuestionAnswering(BertConfig(**config, attn_implementation="eager"))
     wanted = model.state_dict()
     for k, v in state.items():
-        if tuple(wanted[k].shape) != v.shape:
-            raise ConvertError(f"{prefix}: variable for {k} has shape {v.shape}, bert_config.json implies "
+        if k in wanted and tuple(wanted[k].shape) != tuple(v.shape):
+            raise ConvertError(f"{source}: weight {k} has shape {tuple(v.shape)}, the config implies "
                                f"{tuple(wanted[k].shape)}")
-    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
-    if [k for k in result.missing_keys if not k.endswith("position_ids")]:
-        raise ConvertError(f"{prefix}: no checkpoint variable for {result.missing_keys[:5]}")
+    result = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ConvertError(f"{source}: no weight for {missing[:5]}, no place for {result.unexpected_keys[:5]}")
     model.eval()
     return Exported(_wrap(model, INPUT_NAMES), INPUT_NAMES, config["num_attention_heads"], config["hidden_size"],
                     config["vocab_size"], config)
@@ -354,8 +363,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 
 def post_process(fp32: Path, dst: Path, options: ConvertOptions, exported: Exported | None,
-                 feeds: dict[str, np.ndarray]) -> dict:
-    """fp32 graph -> (optimized) -> (int8) graph at ``dst``, each step checked against the step before."""
+                 feeds: dict[str, np.ndarray], keep_fused: Path | None = None) -> dict:
+    """fp32 graph -> (optimized) -> (int8) graph at ``dst``, each step checked against the fp32 graph.
+
+    ``keep_fused`` (with ``options.optimize``) also keeps the optimized fp32 graph there: the fair fp32 variant to
+    serve and compare with the int8 one.
+    """
     report: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         current = fp32
@@ -369,6 +382,8 @@ def post_process(fp32: Path, dst: Path, options: ConvertOptions, exported: Expor
             report["optimize_max_diff"] = check_close(f"{dst} (--optimize)", onnx_logits(fused, feeds), reference,
                                                       mask, FUSED_TOL)
             current = fused
+            if keep_fused:
+                shutil.copy(fused, keep_fused)
         if options.quantize == "int8":
             q = Path(tmp) / "int8.onnx"
             quantize_int8(current, q)
@@ -408,17 +423,33 @@ def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def convert_torch(src: Path, dst: Path, kind: str, options: ConvertOptions) -> dict:
-    exported = load_hf(src) if kind == "hf" else load_tf1(src)
+def export_checked(exported: Exported, dst: Path, options: ConvertOptions, source: str,
+                   keep_fused: Path | None = None) -> dict:
+    """The one export path (users' checkpoints and models.export_qa): the torch module -> fp32 ONNX, checked
+    against the module's logits -> post_process (optimize, int8) -> the graph at ``dst``; returns the max diffs."""
     feeds = sample_inputs(exported.vocab_size, exported.input_names)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
         export_onnx(exported, fp32)
-        report = {"source_max_diff": check_close(f"{src} -> ONNX", onnx_logits(fp32, feeds),
+        report = {"source_max_diff": check_close(f"{source} -> ONNX", onnx_logits(fp32, feeds),
                                                  torch_logits(exported, feeds), feeds["attention_mask"], FP32_TOL)}
-        report.update(post_process(fp32, dst / "model.onnx", options, exported, feeds))
+        report.update(post_process(fp32, dst, options, exported, feeds, keep_fused))
+    return report
+
+
+def convert_torch(src: Path, dst: Path, kind: str, options: ConvertOptions) -> dict:
+    exported = load_hf(src) if kind == "hf" else load_tf1(src)
+    report = export_checked(exported, dst / "model.onnx", options, str(src))
     write_json(dst / "config.json", exported.config)
     return report
+
+
+def require_tools(kind: str, options: ConvertOptions) -> None:
+    """Import the optional tools converting a ``kind`` source needs, so a missing one is named up front."""
+    needed = {"hf": ["torch", "transformers", "onnx"], "tf1": ["torch", "transformers", "onnx", "tensorflow"],
+              "onnx": ["onnx"] if options.optimize or options.quantize else []}.get(kind, [])
+    for module in needed:
+        require(module, "convert", WHAT)
 
 
 def convert_onnx(src: Path, dst: Path, options: ConvertOptions) -> dict:
@@ -446,14 +477,6 @@ def copy_openvino(src: Path, dst: Path, options: ConvertOptions) -> dict:
     shutil.copy(xmls[0], dst / "model.xml")
     shutil.copy(xmls[0].with_suffix(".bin"), dst / "model.bin")
     return {}
-
-
-def require_tools(kind: str, options: ConvertOptions) -> None:
-    """Import the optional tools converting a ``kind`` source needs, so a missing one is named up front."""
-    needed = {"hf": ["torch", "transformers", "onnx"], "tf1": ["torch", "transformers", "onnx", "tensorflow"],
-              "onnx": ["onnx"] if options.optimize or options.quantize else []}.get(kind, [])
-    for module in needed:
-        require(module, "convert", WHAT)
 
 
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
