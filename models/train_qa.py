@@ -13,6 +13,9 @@ Why these choices, for 2 CPU cores:
 - bf16 autocast on CPU (about 1.8x fp32 on AVX-512 BF16 cores); fp16/bf16 autocast on CUDA;
 - the tokenized windows are cached next to the checkpoint, so a restart costs seconds.
 
+Training windows are cut by the serving code (pipeline.windows.make_windows, with the tokenizer loaded as the job
+loads it), so what the model learns on is token for token what it is asked later.
+
 Needs the ``train`` extra (torch, transformers, safetensors).
 
     python -m models.train_qa --workdir ~/.cache/qa-train/minilm --budget-minutes 150
@@ -33,9 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import WindowSettings
 from pipeline.extras import exits_on_missing_extra, require
+from pipeline.windows import Windows, load_tokenizer, make_windows
 
 WHAT = "models.train_qa"
+# In the cache file's name: a cache written by an older way of cutting windows is not reused.
+# 2: windows from pipeline.windows (literal "[SEP]" in a text is text, the serving normalizer).
+WINDOWS_VERSION = 2
+QUESTIONS_PER_BATCH = 4000  # bounds the padded [W, max_seq_len] arrays of one make_windows call
 
 DEFAULT_TRAIN = Path(__file__).resolve().parents[1].parent / "shared/data/squad/train-v1.1.json.gz"
 
@@ -57,10 +66,18 @@ class TrainConfig:
     chunk_batches: int = 50  # batches per length-sorted chunk
     checkpoint_minutes: float = 5.0
     init_weights: str | None = None  # warm start from a safetensors file (e.g. a committed model)
+    # BERT's normalizer with this casing, as serving applies qa_spec.json's "lowercase" (export_qa writes this
+    # value there); None keeps the base tokenizer.json's own normalizer.
+    lowercase: bool | None = True
 
     def __post_init__(self) -> None:
         if not 0 < self.doc_stride < self.max_seq_len:
             raise ValueError(f"doc_stride must be in (0, max_seq_len), got {self.doc_stride}")
+        self.window_settings  # noqa: B018 - validates max_query_len against max_seq_len now, not after loading data
+
+    @property
+    def window_settings(self) -> WindowSettings:
+        return WindowSettings(self.max_seq_len, self.doc_stride, self.max_query_len)
 
 
 def default_base() -> str:
@@ -85,52 +102,67 @@ def read_squad(path: str) -> list[tuple[str, str, str, int]]:
     return rows
 
 
-def build_windows(cfg: TrainConfig, tokenizer) -> dict[str, np.ndarray]:
-    """Tokenize SQuAD into labelled windows: ragged ids in one flat array plus offsets."""
+def training_tokenizer(cfg: TrainConfig):
+    """The base's tokenizer as the job loads the exported one (pipeline.windows.load_tokenizer)."""
+    return load_tokenizer(Path(cfg.base) / "tokenizer.json", cfg.lowercase)
+
+
+def answer_labels(windows: Windows, char_start: np.ndarray, char_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end token of each window's answer, int32 [W]; 0 ([CLS]) where the window lacks part of it.
+
+    ``char_start``/``char_end``: int [Q], each question's answer span in its context (``windows.row`` indexes
+    them). The start token is the first context token ending after ``char_start``, the end token the last one
+    starting before ``char_end``: an answer that begins or ends inside a word takes the whole word.
+    """
+    n, width = windows.context_mask.shape
+    if n == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    ctx = windows.context_mask
+    tok_start, tok_end = windows.offsets[..., 0], windows.offsets[..., 1]
+    a_start, a_end = char_start[windows.row][:, None], char_end[windows.row][:, None]
+    w = np.arange(n)
+    first = np.argmax(ctx, axis=1)
+    last = width - 1 - np.argmax(ctx[:, ::-1], axis=1)
+    holds = (ctx.any(axis=1) & (tok_start[w, first] <= a_start[:, 0]) & (tok_end[w, last] >= a_end[:, 0]))
+    start = np.argmax(ctx & (tok_end > a_start), axis=1)
+    end = width - 1 - np.argmax((ctx & (tok_start < a_end))[:, ::-1], axis=1)
+    return np.where(holds, start, 0).astype(np.int32), np.where(holds, end, 0).astype(np.int32)
+
+
+def build_windows(cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """Tokenize SQuAD into labelled windows, in file order: ragged ids in one flat array plus offsets.
+
+    ids int32 [T], types int8 [T], offsets int64 [W + 1] (window w is ids[offsets[w]:offsets[w + 1]]),
+    lengths/start/end int32 [W]. Questions make_windows refuses (no tokens) get no windows.
+    """
     rows = read_squad(cfg.train_file)
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    # Cut questions to max_query_len tokens (without specials) at a character boundary.
-    questions = []
-    for q_enc, (q, *_rest) in zip(tokenizer.encode_batch([r[0] for r in rows], add_special_tokens=False), rows):
-        if len(q_enc.ids) > cfg.max_query_len:
-            q = q[: q_enc.offsets[cfg.max_query_len - 1][1]]
-        questions.append(q)
-    ids_flat, types_flat, lengths, starts, ends = [], [], [], [], []
-    overlap = cfg.max_seq_len - 3  # placeholder; set per question below
-    batch = 2000
-    for b0 in range(0, len(rows), batch):
-        qs = questions[b0 : b0 + batch]
-        q_lens = [len(e.ids) for e in tokenizer.encode_batch(qs, add_special_tokens=False)]
-        for j, (q, (_, ctx, ans, a_start)) in enumerate(zip(qs, rows[b0 : b0 + batch])):
-            room = cfg.max_seq_len - q_lens[j] - 3
-            overlap = max(0, room - cfg.doc_stride)
-            tokenizer.enable_truncation(cfg.max_seq_len, stride=overlap, strategy="only_second")
-            enc = tokenizer.encode(q, ctx)
-            a_end = a_start + len(ans)
-            for w in [enc, *enc.overflowing]:
-                # Read once: each access to an Encoding's list property builds a new Python list.
-                offsets = w.offsets
-                ctx_tok = [i for i, s in enumerate(w.sequence_ids) if s == 1]
-                s_tok = e_tok = 0
-                if ctx_tok and offsets[ctx_tok[0]][0] <= a_start and offsets[ctx_tok[-1]][1] >= a_end:
-                    s_tok = next(i for i in ctx_tok if offsets[i][1] > a_start)
-                    e_tok = next(i for i in reversed(ctx_tok) if offsets[i][0] < a_end)
-                ids_flat.append(np.asarray(w.ids, dtype=np.int32))
-                types_flat.append(np.asarray(w.type_ids, dtype=np.int8))
-                lengths.append(len(w.ids))
-                starts.append(s_tok)
-                ends.append(e_tok)
-        print(f"tokenized {min(b0 + batch, len(rows))}/{len(rows)} questions, {len(lengths)} windows", flush=True)
-    tokenizer.no_truncation()
-    lengths_arr = np.asarray(lengths, dtype=np.int32)
+    if not rows:
+        raise ValueError(f"{cfg.train_file}: no question with an answer to train on")
+    tok = training_tokenizer(cfg)
+    ids, types, lengths, starts, ends, skipped = [], [], [], [], [], 0
+    for b0 in range(0, len(rows), QUESTIONS_PER_BATCH):
+        part = rows[b0 : b0 + QUESTIONS_PER_BATCH]
+        windows, errors = make_windows(tok, [r[0] for r in part], [r[1] for r in part], cfg.window_settings)
+        windows = windows.take(np.argsort(windows.row, kind="stable"))  # question order; each one's windows in order
+        char_start = np.array([r[3] for r in part], dtype=np.int64)
+        start, end = answer_labels(windows, char_start, char_start + [len(r[2]) for r in part])
+        real = windows.attention_mask.astype(bool)  # padding is on the right: row-major order is window order
+        ids.append(windows.input_ids[real].astype(np.int32))
+        types.append(windows.token_type_ids[real].astype(np.int8))
+        lengths.append(windows.lengths.astype(np.int32))
+        starts.append(start)
+        ends.append(end)
+        skipped += len(errors)
+        print(f"tokenized {b0 + len(part)}/{len(rows)} questions, {sum(map(len, lengths))} windows"
+              + (f", {skipped} questions without windows" if skipped else ""), flush=True)
+    lengths_arr = np.concatenate(lengths)
     return {
-        "ids": np.concatenate(ids_flat),
-        "types": np.concatenate(types_flat),
+        "ids": np.concatenate(ids),
+        "types": np.concatenate(types),
         "offsets": np.concatenate([[0], np.cumsum(lengths_arr)]).astype(np.int64),
         "lengths": lengths_arr,
-        "start": np.asarray(starts, dtype=np.int32),
-        "end": np.asarray(ends, dtype=np.int32),
+        "start": np.concatenate(starts),
+        "end": np.concatenate(ends),
     }
 
 
@@ -176,7 +208,6 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None, stop_at_
         require(module, "train", WHAT)
     import torch
     from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer
     from transformers import BertConfig, BertForQuestionAnswering
 
     if threads:
@@ -187,12 +218,12 @@ def train(cfg: TrainConfig, budget_minutes: float, threads: int | None, stop_at_
     (work / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     deadline = time.monotonic() + budget_minutes * 60
 
-    tokenizer = Tokenizer.from_file(str(Path(cfg.base) / "tokenizer.json"))
-    cache = work / f"windows-{cfg.max_seq_len}-{cfg.doc_stride}-{cfg.max_query_len}.npz"
+    cache = work / (f"windows-v{WINDOWS_VERSION}-{cfg.max_seq_len}-{cfg.doc_stride}-{cfg.max_query_len}"
+                    f"-lowercase-{cfg.lowercase}.npz")
     if cache.exists():
         windows = dict(np.load(cache))
     else:
-        windows = build_windows(cfg, tokenizer)
+        windows = build_windows(cfg)
         np.savez(cache, **windows)
     n_windows = len(windows["lengths"])
     steps_per_epoch = math.ceil(n_windows / cfg.batch_size)

@@ -15,9 +15,11 @@ from tiny_models import vocab_tokens, write_tokenizer_json, write_vocab
 torch = pytest.importorskip("torch", reason="training needs the train extra: pip install torch==2.13.0 -e .[train]")
 pytest.importorskip("transformers")
 
-from models import export_qa
+from models import export_qa, train_qa
 from models.train_qa import TrainConfig, build_windows, epoch_batches, train
 from pipeline.answer import Answerer, load_model
+from pipeline.model_dir import load_spec
+from pipeline.windows import load_tokenizer, make_windows
 
 CONTEXTS = [
     "the king of france was born in paris in 1789 , the first year of the war . " * 3
@@ -41,19 +43,29 @@ def base(tmp_path_factory):
                         intermediate_size=64, max_position_embeddings=512)
     BertModel(config, add_pooling_layer=False).save_pretrained(str(d))
     write_tokenizer_json(d)
+    # As in MiniLM's tokenizer.json, the specials are added tokens: "[SEP]" in a text matches one unless the
+    # tokenizer is told to encode special tokens as text (the job's does).
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens(vocab_tokens()[:5])
+    tok.save(str(d / "tokenizer.json"))
     write_vocab(d)
     return d
 
 
-@pytest.fixture(scope="module")
-def squad_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("squad") / "train.json"
+def write_squad(path, contexts, qas):
     paragraphs = [{"context": c, "qas": [{"id": f"q{i}", "question": q,
                                          "answers": [{"text": a, "answer_start": c.index(a)}]}
-                                        for i, (ci, q, a) in enumerate(QAS) if ci == k]}
-                  for k, c in enumerate(CONTEXTS)]
+                                        for i, (ci, q, a) in enumerate(qas) if ci == k]}
+                  for k, c in enumerate(contexts)]
     path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
     return path
+
+
+@pytest.fixture(scope="module")
+def squad_file(tmp_path_factory):
+    return write_squad(tmp_path_factory.mktemp("squad") / "train.json", CONTEXTS, QAS)
 
 
 def config(base, squad_file, workdir, **kw) -> TrainConfig:
@@ -68,8 +80,8 @@ def test_windows_follow_run_squad_and_label_the_answer(base, squad_file, tmp_pat
     from tokenizers import Tokenizer
 
     cfg = config(base, squad_file, tmp_path)
+    windows = build_windows(cfg)
     tok = Tokenizer.from_file(str(base / "tokenizer.json"))
-    windows = build_windows(cfg, tok)
     tok.no_padding()
     tok.no_truncation()
     w = 0
@@ -176,3 +188,68 @@ def test_export_serves_the_trained_weights_and_warm_starts(base, squad_file, tmp
     warm = config(base, squad_file, tmp_path / "warm", init_weights=str(dst / "weights-bf16.safetensors"))
     train(warm, budget_minutes=10, threads=1, stop_at_step=6)
     assert json.loads((tmp_path / "warm" / "progress.json").read_text())["step"] == 6
+
+
+# "[SEP]" typed in a question or a context is text to the job (pipeline.windows): training must cut it the same way.
+SEP_CONTEXTS = [*CONTEXTS, "the sign at the cafe said [SEP] . the king was at the [SEP] cafe in 1790 ."]
+SEP_QAS = [*QAS, (2, "who was at the [SEP] cafe ?", "the king"), (2, "what did the sign say ?", "[SEP]")]
+
+
+@pytest.fixture(scope="module")
+def served(base, tmp_path_factory):
+    """A model directory as models.export_qa writes it from random QA weights: the tokenizer the job serves."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    d = tmp_path_factory.mktemp("served")
+    torch.manual_seed(1)
+    model = BertForQuestionAnswering(BertConfig.from_pretrained(str(base)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "weights.safetensors"))
+    export_qa.main(["--weights", str(d / "weights.safetensors"), "--dst", str(d / "model"), "--base", str(base)])
+    return d / "model"
+
+
+def test_training_windows_are_the_serving_windows(base, served, tmp_path):
+    """Token for token, the windows training learns from are those the job cuts from the exported model directory
+    for the same questions (ids, type ids, lengths), and each label spans the answer in the served offsets."""
+    cfg = config(base, write_squad(tmp_path / "train.json", SEP_CONTEXTS, SEP_QAS), tmp_path)
+    got = build_windows(cfg)
+    spec = load_spec(served)
+    questions = [q for _, q, _ in sorted(SEP_QAS, key=lambda qa: qa[0])]  # file order: paragraph by paragraph
+    answers = [(SEP_CONTEXTS[c], a) for c, _, a in sorted(SEP_QAS, key=lambda qa: qa[0])]
+    want, errors = make_windows(load_tokenizer(spec.tokenizer_file, spec.lowercase), questions,
+                                [c for c, _ in answers], cfg.window_settings)
+    assert not errors
+    sep = load_tokenizer(spec.tokenizer_file, spec.lowercase).token_to_id("[SEP]")
+    w = 0
+    for i, (context, answer) in enumerate(answers):
+        mine = np.flatnonzero(want.row == i)  # the job's windows of question i, in order
+        labelled = 0
+        for k in mine:
+            n = int(want.lengths[k])
+            a, b = got["offsets"][w], got["offsets"][w + 1]
+            assert got["lengths"][w] == n == b - a, (questions[i], k)
+            assert got["ids"][a:b].tolist() == want.input_ids[k, :n].tolist(), (questions[i], k)
+            assert got["types"][a:b].tolist() == want.token_type_ids[k, :n].tolist(), (questions[i], k)
+            assert got["ids"][a:b].tolist().count(sep) == 2, questions[i]  # the two separators, not the text
+            s, e = int(got["start"][w]), int(got["end"][w])
+            if (s, e) != (0, 0):
+                labelled += 1
+                assert want.context_mask[k, s] and want.context_mask[k, e], (questions[i], k)
+                assert context[want.offsets[k, s, 0]:want.offsets[k, e, 1]] == answer, (questions[i], k)
+            w += 1
+        assert labelled >= 1, questions[i]
+    assert w == len(got["lengths"]) == len(want)
+    assert max(np.bincount(want.row)) >= 3  # the long context was cut into several windows
+    assert "[SEP]" in questions[-2] and "[SEP]" in answers[-1][1]
+
+
+def test_training_windows_do_not_depend_on_the_batch_size(base, squad_file, tmp_path, monkeypatch):
+    """Cut in batches of 3 questions (window rows restart at 0 in every batch), the arrays are the same."""
+    cfg = config(base, squad_file, tmp_path)
+    whole = build_windows(cfg)
+    monkeypatch.setattr(train_qa, "QUESTIONS_PER_BATCH", 3)
+    batched = build_windows(cfg)
+    assert whole.keys() == batched.keys()
+    for key, value in whole.items():
+        assert value.dtype == batched[key].dtype and np.array_equal(value, batched[key]), key
