@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.cpu import KernelOptions, kernel_options
+
 INPUT_ROLES = {
     "input_ids": ("input_ids", "input_ids:0", "ids", "input_word_ids"),
     "attention_mask": ("attention_mask", "input_mask", "attention_mask:0", "input_mask:0"),
@@ -22,6 +24,8 @@ INPUT_ROLES = {
 # output_s/output_e: Open Model Zoo BERT IRs.
 OUTPUT_ROLES = {"start_logits": ("start_logits", "output_start_logits", "output_s"),
                 "end_logits": ("end_logits", "output_end_logits", "output_e")}
+# The session config entry behind KernelOptions.exact_u8u8 (ONNX Runtime's x64 exact int8 kernels).
+EXACT_U8U8_KEY = "session.x64quantprecision"
 _DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
@@ -29,12 +33,15 @@ class ModelLoadError(ValueError):
     """The model file cannot serve as an extractive QA graph; the message names the file."""
 
 
-def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
+def session_options(threads: int, spinning: bool = False,
+                    kernels: KernelOptions | None = None) -> ort.SessionOptions:
     """Threads pinned to what the actor was given: ONNX Runtime ignores OMP_NUM_THREADS and,
     left alone, takes every core in every actor so that actors fight.
 
     ``spinning`` lets idle pool threads busy-wait for the next op instead of sleeping; it only exists
     so that jobs.benchmark can measure it (see BENCHMARKS.md); the job keeps it off.
+    ``kernels``: the int8 kernel options; by default those pipeline.cpu chooses for this CPU (read once
+    per process). jobs.benchmark passes both to measure what the exact kernels cost.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, threads)
@@ -46,9 +53,20 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     # x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with a 16-bit saturating
     # pair sum: int8 graphs then give different, worse answers there than on VNNI/AMX CPUs (default model,
     # first 1000 SQuAD dev questions on an AVX2 EPYC: F1 80.29 saturating, the card's answers with this).
-    # ONNX Runtime then takes its exact u8 x u8 kernels instead; on every other CPU this changes nothing.
-    opts.add_session_config_entry("session.x64quantprecision", "1")
+    # There ONNX Runtime is asked for its exact u8 x u8 kernels. Only there: on VNNI/AMX CPUs, whose fast
+    # kernel is already exact, the option costs throughput (default int8 model on an Intel Xeon with AMX,
+    # 2 threads: 48.6 windows/s with it, 85.3 without), so pipeline.cpu leaves it off on those.
+    if (kernel_options() if kernels is None else kernels).exact_u8u8:
+        opts.add_session_config_entry(EXACT_U8U8_KEY, "1")
     return opts
+
+
+def asks_exact_u8u8(opts: ort.SessionOptions) -> bool:
+    """Whether these session options ask for the exact u8 x u8 int8 kernels."""
+    try:
+        return opts.get_session_config_entry(EXACT_U8U8_KEY) == "1"
+    except RuntimeError:  # ONNX Runtime's answer for an entry never set
+        return False
 
 
 def resolve_inputs(model_file: Path, graph_inputs: list[str],

@@ -82,6 +82,10 @@ def test_compare_runs_every_system(tiny_model, tmp_path):
         assert r["questions"] == 6 and r["windows"] >= 6
         assert 0 <= r["f1"] <= 100 and r["useful_flops"] > 0 and r["peak_rss_mb"] > 0
     assert report["peak_gflops"]["int8"] > 0 and report["peak_gflops"]["fp32"] > 0
+    peak = report["peak_gflops"]  # int8 with and without the exact kernels, their ratio, the CPU class
+    assert peak["int8_exact"] > 0 and peak["int8_fast"] > 0 and peak["exact_kernel_cost"] > 0
+    assert peak["int8"] == (peak["int8_exact"] if peak["exact_kernels_used"] else peak["int8_fast"])
+    assert isinstance(peak["fast_kernel_saturates"], bool) and peak["cpu_class"]
     job = report["results"][0]["extra"]
     assert job["stages"]["windows"] == report["results"][0]["windows"]
     assert len(job["actor_rss_mb"]) == 1  # one actor, found among the job's processes

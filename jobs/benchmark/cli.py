@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.benchmark.peaks import matmul_peak
+from jobs.benchmark.peaks import exact_kernel_check, matmul_peak
 from jobs.benchmark.processes import PAUSE_PIDS, in_child
 from jobs.benchmark.report import cpu_name, stage_shares, table
 from jobs.benchmark.runs import PEER, Setup, actors, compare, tuning
@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                                  for r in results]
             peak = report["peak_gflops"]
             bf16 = f", bf16 {peak['bf16']:.0f} (OpenVINO)" if "bf16" in peak else ""
-            print(f"N={n} questions, {a.cpus} CPUs ({report['cpu']}); matmul peak int8 {peak['int8']:.0f}, "
-                  f"fp32 {peak['fp32']:.0f} GFLOP/s (ONNX Runtime){bf16}, numpy fp32 {peak['numpy_fp32']:.0f}")
+            print(f"N={n} questions, {a.cpus} CPUs ({report['cpu']}, class {peak['cpu_class']}); matmul peak "
+                  f"int8 {peak['int8']:.0f}, fp32 {peak['fp32']:.0f} GFLOP/s (ONNX Runtime){bf16}, "
+                  f"numpy fp32 {peak['numpy_fp32']:.0f}")
+            print(exact_kernel_check(peak))
             print(table(results, peak, PEER if a.mode == "compare" else results[0].name))
             print(stage_shares(results))
     if a.report:
