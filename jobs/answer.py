@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from jobs.cluster import ClusterAddressError
 from jobs.config import JobConfig, add_flags, from_args
 from jobs.execute import Execution, execute
 from jobs.plan import JobPlan, plan
@@ -33,7 +34,7 @@ from pipeline.units import InputFileError
 
 # What a user can fix from the message alone: bad paths, columns, model directories, an output in the way.
 USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadError, InputFileError, QuestionsError,
-               FileNotFoundError, KeyError)
+               ClusterAddressError, FileNotFoundError, KeyError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
@@ -52,8 +53,12 @@ def run(cfg: JobConfig) -> dict:
     if job.state.committed is not None:
         print(f"output {cfg.output} already holds this job's committed answers; nothing to do", flush=True)
         return job.state.committed
-    done = execute(job)
-    return commit(job, done, started)
+    try:
+        done = execute(job)
+        return commit(job, done, started)
+    except BaseException:
+        job.output.release_lease()  # this process may run again on the same output (a retry, a notebook)
+        raise
 
 
 def commit(job: JobPlan, done: Execution, started: float) -> dict:
@@ -85,7 +90,7 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
     if job.state.commit_list is not None:  # the last run died while publishing: finish its moves
         manifest = job.output.finish_interrupted_commit(job.state.commit_list, job.identity, fields)
     else:
-        manifest = job.output.commit(list(job.units), job.identity, fields)
+        manifest = job.output.commit(list(job.units), job.identity, fields, job.adopted)
     expected = job.rows_in * job.rows_per_input_row
     if manifest["rows_out"] != expected:
         raise RuntimeError(f"{job.rows_in} rows in but {manifest['rows_out']} rows out (expected {expected}); "

@@ -61,11 +61,11 @@ def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int
 def execute(plan: JobPlan) -> Execution:
     """Stage every pending unit's answers (``plan.output`` commits them afterwards)."""
     started = time.time()
+    cfg = plan.config
+    plan.output.begin(cfg.mode, plan.identity, plan.stale)  # the lease: a second run on this output refuses
     if not plan.pending:
         return Execution(started_at=started, finished_at=started)
-    cfg = plan.config
-    plan.output.begin(cfg.mode, plan.identity, plan.stale)
-    with contextlib.nullcontext() if cfg.verbose else ray_lines_to_file():
+    with LeaseKeeper(plan.output), contextlib.nullcontext() if cfg.verbose else ray_lines_to_file():
         return _answer(plan, started)
 
 
@@ -173,6 +173,32 @@ def quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"ray(\..*)?")
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*(actor|ActorPool|concurrency).*")
+
+
+class LeaseKeeper:
+    """Renews the run's lease on the output every LEASE_RENEW_S while the job answers."""
+
+    def __init__(self, output):
+        from pipeline.commit import LEASE_RENEW_S
+
+        self.output, self.every = output, LEASE_RENEW_S
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="qa-lease")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.output.renew_lease()
+            except OSError:  # a missed renewal only shortens the lease; the next tick retries
+                continue
 
 
 class ProgressReporter:

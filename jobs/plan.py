@@ -43,6 +43,7 @@ class JobPlan:
     state: OutputState  # what the output already holds
     pending: tuple[ReadUnit, ...]  # units still to answer
     staged_rows: int  # input rows already staged by an interrupted run of this job
+    adopted: tuple[StagedPart, ...]  # complete units staged by an earlier (dead) run of this job: kept
     stale: tuple[StagedPart, ...]  # staged parts of incomplete units, removed before answering
 
     @property
@@ -84,23 +85,33 @@ def plan(cfg: JobConfig) -> JobPlan:
     output = OutputCommitter(out_fs, out_path, rows_per_input_row)
     identity = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files], questions)
     state = output.inspect(cfg.mode, identity)
-    pending, staged_rows, stale = pending_units(units, state.staged, rows_per_input_row)
+    if state.commit_list is not None:  # everything was staged; the commit only has to roll forward
+        pending, staged_rows, adopted, stale = [], sum(u.length for u in units), (), ()
+    else:
+        pending, staged_rows, adopted, stale = pending_units(units, state.staged, rows_per_input_row)
     return JobPlan(cfg, model_dir, spec, in_fs, tuple(in_files), tuple(bad_files), tuple(units), columns, questions,
-                   rows_per_input_row, identity, output, state, tuple(pending), staged_rows, stale)
+                   rows_per_input_row, identity, output, state, tuple(pending), staged_rows, adopted, stale)
 
 
 def job_identity(cfg: JobConfig, spec: ModelSpec, in_fs: pafs.FileSystem, in_files: list[str],
                  questions: pa.Table | None) -> dict:
-    """What staged answers depend on: resume refuses to mix runs that differ in any of it."""
-    sizes = [f.size for f in in_fs.get_file_info(in_files)]
+    """What staged answers depend on: resume refuses to mix runs that differ in any of it.
+
+    Input files by path, size and modification time (S3: LastModified), so a file rewritten with the same size
+    is a different input; the model by the sha256 of its graph, tokenizer and qa_spec.json.
+    """
+    infos = in_fs.get_file_info(in_files)
+    model = spec.identity()
     return {
         "questions": None if questions is None else questions.to_pydict(),
         "wide": cfg.wide,
-        "input_files": [{"path": p, "size": n} for p, n in zip(in_files, sizes)],
+        "input_files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in infos],
         "columns": asdict(cfg.columns),
         "decode": asdict(cfg.decode),
         "windows": asdict(spec.windows),
-        "model_sha256": spec.identity()["sha256"],
+        "model_sha256": model["sha256"],
+        "tokenizer_sha256": model["tokenizer_sha256"],
+        "spec_sha256": model["spec_sha256"],
         "backend": cfg.backend,
         "precision": cfg.precision,
         "rows_per_unit": cfg.rows_per_unit,

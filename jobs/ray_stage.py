@@ -15,7 +15,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import fanout
+from pipeline import fanout, faults
 from pipeline.answer import Answerer, StageTimes, StageTotals
 from pipeline.backends import load_model
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
@@ -100,7 +100,7 @@ class AnswerActor:
     def __call__(self, units: pa.Table) -> pa.Table:
         """Units as rows (ReadUnit.as_row) in; their answered rows out, with the hidden unit/row columns."""
         self.calls += 1
-        _maybe_crash(self.calls)
+        faults.actor_call(self.calls)
         parts = []
         for u in units.to_pylist():
             documents = self.reader.read(ReadUnit.from_row(u))
@@ -118,19 +118,6 @@ class AnswerActor:
             # Fire and forget: a report lost with its node (or a slow stats actor) must not fail an answer.
             self.stats.report.remote(ActorReport(self.name, copy.deepcopy(self.answerer.times), self.input_rows))
         return pa.concat_tables(parts)
-
-
-def _maybe_crash(call: int) -> None:
-    """Fault injection for tests: QA_FAULT_CRASH_ON_CALL=k kills the actor process on its k-th call,
-    once per QA_FAULT_MARKER file (so the restarted actor goes on); QA_FAULT_SLOW_CALL_S=t makes
-    every call take t seconds longer (so a test can kill the driver mid-run)."""
-    if os.environ.get("QA_FAULT_SLOW_CALL_S"):
-        time.sleep(float(os.environ["QA_FAULT_SLOW_CALL_S"]))
-    k, marker = os.environ.get("QA_FAULT_CRASH_ON_CALL"), os.environ.get("QA_FAULT_MARKER")
-    if k and marker and call == int(k) and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(17)
 
 
 class StagedParquetDatasink(Datasink[list]):

@@ -1,52 +1,88 @@
-"""Exactly-once output: stage per-unit files, then commit them with a manifest written last.
+"""Exactly-once output: stage per-unit files, then commit them with a manifest swapped in last.
 
 Layout under the output root OUT (any pyarrow filesystem: local or s3://)::
 
-    OUT/_staging/_job.json                 what the staged files answer (input, model, settings)
-    OUT/_staging/part-UUUUUU-RRRRRR.parquet  rows of read unit U starting at row R of the unit
-    OUT/_staging/_commit.json              written when every unit is staged: the files to publish
-    OUT/part-UUUUUU-RRRRRR.parquet         published answers
-    OUT/_manifest.json                     written last: the commit marker, every file and its rows
+    OUT/_staging/_job.json                     what the staged files answer (input, model, settings)
+    OUT/_staging/_lease.json                   the live run: id, host, pid, start, heartbeat
+    OUT/_staging/part-<run>-UUUUUU-RRRRRR.parquet  rows of read unit U from row R, staged by run <run>
+    OUT/_staging/_commit.json                  written when every unit is staged: the files to publish
+    OUT/part-<run>-UUUUUU-RRRRRR.parquet       published answers
+    OUT/_manifest.json                         the commit marker: every file of the committed set, its rows
 
-File names are a function of the input plan, so a retried write task or a re-run rewrites the same
-names with the same rows: nothing is ever duplicated. A staged file appears under its final name
-only once complete (written under a temporary name, then renamed; an object-store PUT is atomic).
-Readers that skip ``_``-prefixed paths (pyarrow, Spark, Hive, Ray) never see staging; readers that
-need the whole committed set at once read ``_manifest.json``. If the driver dies, ``--mode resume``
-keeps every complete unit and redoes only the rest; if it dies during publishing, resume finishes
-the moves listed in ``_commit.json`` (roll forward).
+Staged names are a function of the plan and the run, so a retried write task rewrites the same name with
+the same rows. A file or marker appears under its name only once complete: written under a temporary name
+and renamed on local disks, one PUT on object stores (atomic there; no copy). Readers that skip
+``_``-prefixed paths (pyarrow, Spark, Hive, Ray) never see staging; readers that need the committed set read
+``_manifest.json``.
+
+Publishing never touches a committed file before the new manifest is in place: new files get names that
+cannot collide with committed ones (the run id is in them), the manifest is swapped (atomically) last, and
+only then are files of the previous commit removed. So a reader that follows ``_manifest.json`` sees, at any
+moment, either the previous committed set or the new one, never a mix.
+
+Crash points (``pipeline.faults``; README has the table of what a reader sees and what resume does):
+
+- ``stage:<k>``   after the run's k-th staged file (driver and write task die): resume keeps every complete
+                  unit and answers only the rest.
+- ``commit-list`` after ``_commit.json`` is durable: resume publishes exactly the files it lists.
+- ``publish:<k>`` after the k-th listed file is moved to the root: resume moves the rest (roll forward).
+- ``manifest``    after the new manifest is in place, before old files and staging are removed: resume only
+                  cleans up.
+
+Fencing: a commit takes, per unit, the parts staged by the current run, or those an earlier dead run of the
+same job staged completely (adopted at plan time); a late write of another run is never taken. A second run
+started while the first is alive refuses (the lease): the lease is live while its pid runs (same host) or its
+heartbeat is younger than LEASE_TTL_S (other hosts).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .faults import crash_at, crash_point
 from .lake import read_json, write_json
 from .units import ReadUnit
 
 STAGING = "_staging"
 MANIFEST = "_manifest.json"
+JOB_FILE = "_job.json"
+LEASE_FILE = "_lease.json"
+COMMIT_LIST = "_commit.json"
 UNIT_COLUMN = "_unit"  # hidden columns carried from the answering stage to the sink
 ROW_COLUMN = "_row"
 MODES = ("error", "overwrite", "resume")
 ERRORS_KEY = b"qa_batch.errors"  # staged files' footers count their rows with an error: the manifest reads it
-_PART = re.compile(r"part-(\d{6,})-(\d{6,})\.parquet$")
+RUN_KEY = b"qa_batch.run"
+LEASE_TTL_S = 120.0  # a lease on another host whose heartbeat is older than this is stale
+LEASE_RENEW_S = 15.0
+_PART = re.compile(r"part-(?:([0-9a-f]{12})-)?(\d{6,})-(\d{6,})\.parquet$")
 
 
 class OutputExistsError(FileExistsError):
     pass
 
 
-def part_name(unit: int, first_row: int) -> str:
-    return f"part-{unit:06d}-{first_row:06d}.parquet"
+class OutputBusyError(OutputExistsError):
+    """Another live run holds the output's lease."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def part_name(run: str, unit: int, first_row: int) -> str:
+    return f"part-{run}-{unit:06d}-{first_row:06d}.parquet"
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,21 @@ class StagedPart:
     rows: int
     path: str
     errors: int  # rows with an error
+    run: str = ""  # the run that staged it ("": staged before runs had ids)
+
+
+@dataclass(frozen=True)
+class Lease:
+    run: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+
+    def alive(self, now: float) -> bool:
+        if self.host == socket.gethostname():
+            return _pid_alive(self.pid)
+        return now - self.heartbeat_at < LEASE_TTL_S
 
 
 @dataclass(frozen=True)
@@ -68,67 +119,104 @@ class OutputState:
 
 
 def pending_units(units: list[ReadUnit], staged: tuple[StagedPart, ...], rows_per_input_row: int = 1
-                  ) -> tuple[list[ReadUnit], int, tuple[StagedPart, ...]]:
-    """Units still to answer, input rows already staged, and the staged parts to remove first: a unit
-    with a gap (a write task died between two of its parts) is redone whole."""
-    by_unit = defaultdict(list)
+                  ) -> tuple[list[ReadUnit], int, tuple[StagedPart, ...], tuple[StagedPart, ...]]:
+    """Units still to answer, input rows already staged, the staged parts kept (adopted) and those to remove
+    first. A unit is kept when one run staged all its rows; otherwise (a write task died between two of its
+    parts) it is redone whole."""
+    by_unit_run: dict[int, dict[str, list[StagedPart]]] = defaultdict(lambda: defaultdict(list))
     for p in staged:
-        by_unit[p.unit].append(p)
-    pending, staged_rows, stale = [], 0, []
+        by_unit_run[p.unit][p.run].append(p)
+    pending, staged_rows, kept, stale = [], 0, [], []
     for u in units:
-        parts = sorted(by_unit.get(u.index, []), key=lambda p: p.first_row)
-        if _contiguous(parts, u.length * rows_per_input_row):
+        runs = by_unit_run.get(u.index, {})
+        complete = next((ps for ps in runs.values() if _contiguous(ps, u.length * rows_per_input_row)), None)
+        if complete is not None:
             staged_rows += u.length
+            kept.extend(complete)
         else:
-            stale.extend(parts)
             pending.append(u)
-    return pending, staged_rows, tuple(stale)
+        stale.extend(p for ps in runs.values() if ps is not complete for p in ps)
+    return pending, staged_rows, tuple(kept), tuple(stale)
 
 
 class OutputCommitter:
     """The protocol's state on one filesystem; used by the driver and by write tasks alike."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, rows_per_input_row: int = 1):
-        """``rows_per_input_row``: output rows each input row yields (fan-out asks several questions)."""
+    def __init__(self, fs: pafs.FileSystem, root: str, rows_per_input_row: int = 1, run: str | None = None):
+        """``rows_per_input_row``: output rows each input row yields (fan-out asks several questions);
+        ``run``: this run's id (a new one if not given)."""
         self.fs, self.root = fs, root.rstrip("/")
         self.rows_per_input_row = rows_per_input_row
+        self.run = run or new_run_id()
         self.staging = f"{self.root}/{STAGING}"
+        self.driver_pid = os.getpid()  # made by the driver; write tasks get a pickled copy
 
     # -- driver, before the run ------------------------------------------------------------------
     def inspect(self, mode: str, job: dict) -> OutputState:
         """What the output already holds for ``mode``, read only; raises where the mode refuses it."""
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        self._refuse_if_leased()
         exists = self._exists(self.root) and bool(self._list(self.root))
         if exists and mode == "error":
             raise OutputExistsError(f"output {self.root} exists and is not empty; use --mode overwrite to replace "
                                     "it or --mode resume to finish an interrupted run")
         if mode != "resume":
             return OutputState()
-        manifest_path = f"{self.root}/{MANIFEST}"
-        if self._exists(manifest_path) and not self._exists(self.staging):
+        staged_job = f"{self.staging}/{JOB_FILE}"
+        if not self._exists(staged_job):  # nothing staged (or only strays written after a commit)
+            manifest_path = f"{self.root}/{MANIFEST}"
+            if not self._exists(manifest_path):
+                return OutputState()
             manifest = read_json(self.fs, manifest_path)
             if manifest.get("job") != job:
                 raise OutputExistsError(f"output {self.root} holds a committed run of a different job "
                                         "(input, model or settings differ); use --mode overwrite")
             return OutputState(committed=manifest)
-        if not self._exists(f"{self.staging}/_job.json"):
-            return OutputState()
-        if read_json(self.fs, f"{self.staging}/_job.json") != job:
+        if read_json(self.fs, staged_job) != job:
             raise OutputExistsError(f"{self.staging} was staged by a different job (input, model or settings "
                                     "differ); use --mode overwrite to start again")
-        commit_list = f"{self.staging}/_commit.json"
+        commit_list = f"{self.staging}/{COMMIT_LIST}"
         return OutputState(commit_list=read_json(self.fs, commit_list)["files"] if self._exists(commit_list) else None,
                            staged=tuple(self.staged_parts()))
 
     def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
-        """Make staging ready to take this job's files: cleared for overwrite, ``stale`` parts removed."""
+        """Take the output for this run: the lease, staging cleared for overwrite, ``stale`` parts removed."""
+        self._refuse_if_leased()  # again: another run may have started since the plan
         if mode == "overwrite":
             self._delete_dir(self.staging)
+        self.fs.create_dir(self.staging, recursive=True)
+        self.renew_lease(started_at=time.time())
         for p in stale:
             self.fs.delete_file(p.path)
-        self.fs.create_dir(self.staging, recursive=True)
-        write_json(self.fs, f"{self.staging}/_job.json", job)
+        write_json_atomic(self.fs, f"{self.staging}/{JOB_FILE}", job)
+
+    def renew_lease(self, started_at: float | None = None) -> None:
+        """Write (or refresh) this run's lease; the driver calls it every LEASE_RENEW_S while it runs."""
+        path = f"{self.staging}/{LEASE_FILE}"
+        if started_at is None:
+            started_at = read_json(self.fs, path)["started_at"] if self._exists(path) else time.time()
+        lease = Lease(self.run, socket.gethostname(), os.getpid(), started_at, time.time())
+        write_json_atomic(self.fs, path, asdict(lease))
+
+    def release_lease(self) -> None:
+        """Give the output up after a failed run (a committed run's lease goes with its staging)."""
+        path = f"{self.staging}/{LEASE_FILE}"
+        if self._exists(path) and read_json(self.fs, path).get("run") == self.run:
+            self.fs.delete_file(path)
+
+    def _refuse_if_leased(self) -> None:
+        path = f"{self.staging}/{LEASE_FILE}"
+        if not self._exists(path):
+            return
+        lease = Lease(**read_json(self.fs, path))
+        now = time.time()
+        if lease.run != self.run and lease.alive(now):
+            raise OutputBusyError(
+                f"output {self.root} is being written by run {lease.run}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(lease.started_at))} on {lease.host} "
+                f"(pid {lease.pid}, heartbeat {now - lease.heartbeat_at:.0f} s ago); wait for it to finish, or if "
+                f"it died on another host, run again after {LEASE_TTL_S:.0f} s without a heartbeat")
 
     def staged_parts(self) -> list[StagedPart]:
         parts = []
@@ -136,8 +224,8 @@ class OutputCommitter:
             m = _PART.search(info.path)
             if m:
                 meta = pq.ParquetFile(self.fs.open_input_file(info.path)).metadata
-                parts.append(StagedPart(int(m.group(1)), int(m.group(2)), meta.num_rows, info.path,
-                                        _errors_in(self.fs, info.path, meta)))
+                parts.append(StagedPart(int(m.group(2)), int(m.group(3)), meta.num_rows, info.path,
+                                        _errors_in(self.fs, info.path, meta), m.group(1) or ""))
         return parts
 
     # -- write tasks ----------------------------------------------------------------------------
@@ -150,53 +238,78 @@ class OutputCommitter:
             first = pc.min(rows.column(ROW_COLUMN)).as_py()
             rows = rows.drop_columns([UNIT_COLUMN, ROW_COLUMN])
             errors = pc.count(rows.column("error")).as_py() if "error" in rows.column_names else 0  # non-null
-            rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), ERRORS_KEY: str(errors).encode()})
-            final = f"{self.staging}/{part_name(unit, first)}"
-            tmp = f"{self.staging}/_tmp-{uuid.uuid4().hex}.parquet"
-            pq.write_table(rows, tmp, filesystem=self.fs)
-            self.fs.move(tmp, final)
+            footer = {**(rows.schema.metadata or {}), ERRORS_KEY: str(errors).encode(), RUN_KEY: self.run.encode()}
+            rows = rows.replace_schema_metadata(footer)
+            final = f"{self.staging}/{part_name(self.run, unit, first)}"
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                tmp = f"{self.staging}/_tmp-{uuid.uuid4().hex}.parquet"
+                pq.write_table(rows, tmp, filesystem=self.fs)
+                self.fs.move(tmp, final)
+            else:  # one PUT: an object appears whole or not at all
+                pq.write_table(rows, final, filesystem=self.fs)
             written.append({"unit": unit, "first_row": first, "rows": rows.num_rows})
+            if crash_at() is not None:
+                mine = sum(1 for p in self.staged_parts() if p.run == self.run)
+                crash_point("stage", mine, also_kill=self.driver_pid)
         return written
 
     # -- driver, after the run ------------------------------------------------------------------
-    def commit(self, units: list[ReadUnit], job: dict, extra: dict) -> dict:
-        """Publish staged parts and write the manifest last. Fails, publishing nothing, unless
-        every unit's rows are staged exactly once."""
-        parts = self.staged_parts()
-        by_unit = defaultdict(list)
-        for p in parts:
-            by_unit[p.unit].append(p)
-        problems = [u.index for u in units if not _contiguous(
-            sorted(by_unit.get(u.index, []), key=lambda p: p.first_row), u.length * self.rows_per_input_row)]
+    def commit(self, units: list[ReadUnit], job: dict, extra: dict, adopted: tuple[StagedPart, ...] = ()) -> dict:
+        """Publish this job's staged parts and swap the manifest in last. Fails, publishing nothing, unless
+        every unit's rows are staged exactly once, by this run or (``adopted``) by an earlier one."""
+        adopted_paths = {p.path for p in adopted}
+        by_unit: dict[int, dict[str, list[StagedPart]]] = defaultdict(lambda: defaultdict(list))
+        for p in self.staged_parts():
+            if p.run == self.run or p.path in adopted_paths:  # a late write of another run is never taken
+                by_unit[p.unit][p.run].append(p)
+        chosen, problems = [], []
+        for u in units:
+            runs = by_unit.get(u.index, {})
+            mine = runs.get(self.run, [])
+            parts = mine if _contiguous(mine, u.length * self.rows_per_input_row) else next(
+                (ps for run, ps in runs.items() if run != self.run
+                 and _contiguous(ps, u.length * self.rows_per_input_row)), None)
+            if parts is None:
+                problems.append(u.index)
+            else:
+                chosen.extend(parts)
         strays = sorted(set(by_unit) - {u.index for u in units})
         if problems or strays:
             raise RuntimeError(f"cannot commit {self.root}: units {problems[:10]} incomplete, units {strays[:10]} "
                                "unknown; nothing was published (run again with --mode resume)")
-        files = [{"path": f"{self.root}/{part_name(p.unit, p.first_row)}", "rows": p.rows, "unit": p.unit,
-                  "errors": p.errors} for p in sorted(parts, key=lambda p: (p.unit, p.first_row))]
-        write_json(self.fs, f"{self.staging}/_commit.json", {"files": files})
+        files = [{"path": f"{self.root}/{p.path.rsplit('/', 1)[-1]}", "rows": p.rows, "unit": p.unit,
+                  "errors": p.errors} for p in sorted(chosen, key=lambda p: (p.unit, p.first_row))]
+        write_json_atomic(self.fs, f"{self.staging}/{COMMIT_LIST}", {"run": self.run, "files": files})
+        crash_point("commit-list")
         return self._publish(files, job, extra)
 
     def finish_interrupted_commit(self, files: list[dict], job: dict, extra: dict) -> dict:
-        """Resume after a death during publishing: redo the moves ``_commit.json`` listed, write the manifest."""
+        """Resume after a death during publishing: redo the moves ``_commit.json`` listed, swap the manifest in
+        (unless it already is: a death after the swap leaves only clean-up)."""
         return self._publish(files, job, extra)
 
     def _publish(self, files: list[dict], job: dict, extra: dict) -> dict:
-        keep = {f["path"] for f in files}
-        for info in self._list(self.root):  # earlier output (overwrite mode) that this run does not own
-            name = info.path.rsplit("/", 1)[-1]
-            if info.type == pafs.FileType.File and info.path not in keep and (
-                    _PART.search(name) or name == MANIFEST or name.endswith(".parquet")):
-                self.fs.delete_file(info.path)
-        for f in files:
+        for k, f in enumerate(files, 1):
             staged = f"{self.staging}/{f['path'].rsplit('/', 1)[-1]}"
             if self._exists(staged):
                 self.fs.move(staged, f["path"])
             elif not self._exists(f["path"]):
                 raise RuntimeError(f"cannot commit {self.root}: {staged} vanished before publishing")
-        manifest = {**extra, "job": job, "output_files": files, "rows_out": sum(f["rows"] for f in files),
-                    "errors": sum(f.get("errors", 0) for f in files)}
-        write_json(self.fs, f"{self.root}/{MANIFEST}", manifest)
+            crash_point("publish", k)
+        manifest_path = f"{self.root}/{MANIFEST}"
+        current = read_json(self.fs, manifest_path) if self._exists(manifest_path) else None
+        if current is not None and current.get("job") == job and current.get("output_files") == files:
+            manifest = current  # swapped in already, before a crash: one manifest write per commit
+        else:
+            manifest = {**extra, "job": job, "run": self.run, "output_files": files,
+                        "rows_out": sum(f["rows"] for f in files), "errors": sum(f.get("errors", 0) for f in files)}
+            write_json_atomic(self.fs, manifest_path, manifest)
+        crash_point("manifest")
+        keep = {f["path"] for f in files}
+        for info in self._list(self.root):  # the previous commit's files, now that no manifest names them
+            name = info.path.rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.File and info.path not in keep and name.endswith(".parquet"):
+                self.fs.delete_file(info.path)
         self._delete_dir(self.staging)
         return manifest
 
@@ -214,6 +327,27 @@ class OutputCommitter:
             self.fs.delete_dir(path)
 
 
+def write_json_atomic(fs: pafs.FileSystem, path: str, value) -> None:
+    """A marker that appears whole or not at all: a temporary name then a rename on local disks; on object
+    stores one PUT, which is atomic there."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        write_json(fs, tmp, value)
+        fs.move(tmp, path)
+    else:
+        write_json(fs, path, value)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _errors_in(fs: pafs.FileSystem, path: str, meta: pq.FileMetaData) -> int:
     """Rows with an error in a staged file: from its footer, else (staged by an older version) counted."""
     recorded = (meta.metadata or {}).get(ERRORS_KEY)
@@ -225,7 +359,7 @@ def _errors_in(fs: pafs.FileSystem, path: str, meta: pq.FileMetaData) -> int:
 
 def _contiguous(parts: list[StagedPart], length: int) -> bool:
     expected = 0
-    for p in parts:
+    for p in sorted(parts, key=lambda p: p.first_row):
         if p.first_row != expected:
             return False
         expected += p.rows

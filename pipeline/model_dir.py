@@ -51,6 +51,8 @@ class ModelSpec:
             "model_file": str(self.model_file),
             "sha256": file_sha256(self.model_file),
             "tokenizer_file": str(self.tokenizer_file),
+            "tokenizer_sha256": file_sha256(self.tokenizer_file),
+            "spec_sha256": file_sha256(self.directory / SPEC_FILE) if (self.directory / SPEC_FILE).exists() else None,
             "lowercase": self.lowercase,
             "windows": vars(self.windows),
         }

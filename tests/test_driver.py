@@ -55,11 +55,12 @@ def test_plan_needs_no_ray(tiny_model, tmp_path):
     assert got["units"] == [[0, 0, 4], [0, 4, 2], [1, 0, 4], [1, 4, 2], [2, 0, 1]]
     assert got["pending"] == 5 and got["rows_in"] == 13
     identity = got["identity"]
-    assert identity["input_files"] == [{"path": str(tmp_path / "in.parquet"),
-                                        "size": (tmp_path / "in.parquet").stat().st_size}]
+    stat = (tmp_path / "in.parquet").stat()
+    assert identity["input_files"] == [{"path": str(tmp_path / "in.parquet"), "size": stat.st_size,
+                                        "mtime_ns": stat.st_mtime_ns}]
     assert identity["rows_per_unit"] == 4 and identity["columns"] == {"id": "id", "question": "question",
                                                                       "context": "context"}
-    assert len(identity["model_sha256"]) == 64
+    assert len(identity["model_sha256"]) == len(identity["tokenizer_sha256"]) == 64
     assert "bad.parquet: no column 'question'" in got["refused"] and "--context-column" in got["refused"]
     assert got["ray"] is False
     assert not (tmp_path / "out").exists()  # planning writes nothing

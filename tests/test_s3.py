@@ -114,16 +114,18 @@ def test_commit_protocol_on_s3(s3_env):
     with pytest.raises(RuntimeError, match="units \\[1\\] incomplete"):
         committer.commit(units, job, {})
     assert fs.get_file_info("lake/protocol/_manifest.json").type == pafs.FileType.NotFound
+    committer.release_lease()  # as the driver does when its run fails
 
     resumed = OutputCommitter(fs, "lake/protocol")
     state = resumed.inspect("resume", job)
     assert state.committed is None and state.commit_list is None
-    pending, staged_rows, stale = pending_units(units, state.staged)
+    pending, staged_rows, adopted, stale = pending_units(units, state.staged)
     assert [u.index for u in pending] == [1] and staged_rows == 3
+    assert [(p.unit, p.rows) for p in adopted] == [(0, 3)]
     assert [(p.unit, p.rows) for p in stale] == [(1, 1)]  # the half-done unit's part goes before it is redone
     resumed.begin("resume", job, stale)
     resumed.write_block(block(1, 2))
-    manifest = resumed.commit(units, job, {})
+    manifest = resumed.commit(units, job, {}, adopted)
     assert manifest["rows_out"] == 5
     ids = sorted(i for f in manifest["output_files"]
                  for i in pq.read_table(f["path"], filesystem=fs).column("id").to_pylist())

@@ -1,0 +1,57 @@
+"""Deterministic fault hooks for tests: named crash points of the commit protocol, and actor faults.
+
+``QA_FAULT_CRASH_AT=<point>[:<k>]`` makes the process that reaches that point exit at once (``os._exit``, no
+clean-up, as a kill would), where ``<point>`` is one of ``CRASH_POINTS`` (pipeline/commit.py documents where
+each lies in the protocol). ``stage:<k>`` fires in the write task that stages the k-th file of the run and
+takes the job's driver down with it (a driver lost mid-run); the driver's points fire in the driver.
+
+``QA_FAULT_CRASH_ON_CALL=<k>`` with ``QA_FAULT_MARKER=<file>`` kills an answering actor on its k-th call, once
+per marker file (the restarted actor goes on); ``QA_FAULT_SLOW_CALL_S=<t>`` makes every actor call take t
+seconds longer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+CRASH_POINTS = ("stage", "commit-list", "publish", "manifest")
+EXIT_CODE = 17
+
+
+def crash_at() -> tuple[str, int | None] | None:
+    """The crash point asked for, checked once per call (tests set it per process)."""
+    value = os.environ.get("QA_FAULT_CRASH_AT")
+    if not value:
+        return None
+    point, _, k = value.partition(":")
+    if point not in CRASH_POINTS:
+        raise ValueError(f"QA_FAULT_CRASH_AT={value!r}: point must be one of {CRASH_POINTS}")
+    return point, int(k) if k else None
+
+
+def crash_point(point: str, count: int | None = None, also_kill: int | None = None) -> None:
+    """Exit at once if the process has reached ``point`` (for counted points: at least k times);
+    ``also_kill`` is a process to SIGKILL first (the driver, from a write task)."""
+    wanted = crash_at()
+    # ">=": concurrent write tasks may each count past k between two listings; the first to see it fires.
+    if wanted is None or wanted[0] != point or (wanted[1] is not None and (count or 0) < wanted[1]):
+        return
+    if also_kill is not None and also_kill != os.getpid():
+        try:
+            os.kill(also_kill, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(EXIT_CODE)
+
+
+def actor_call(call: int) -> None:
+    """An answering actor's ``call``-th call: slow it, or crash it once per marker file."""
+    if os.environ.get("QA_FAULT_SLOW_CALL_S"):
+        time.sleep(float(os.environ["QA_FAULT_SLOW_CALL_S"]))
+    k, marker = os.environ.get("QA_FAULT_CRASH_ON_CALL"), os.environ.get("QA_FAULT_MARKER")
+    if k and marker and call == int(k) and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(EXIT_CODE)
