@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import pyarrow as pa
 
-from .backends import load_model  # noqa: F401 - the stage and its loader, imported together by callers
 from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
 from .decode import Spans, best_spans
 from .model_dir import ModelSpec

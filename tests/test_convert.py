@@ -20,7 +20,8 @@ from tiny_sources import google_bert_variables, hf_bert_qa, hf_logits, tf_bert_s
 from models.convert import ConvertError, ConvertOptions, convert, detect_source, main, quantize_int8, sample_inputs
 from models.convert import onnx_logits as convert_onnx_logits
 from models.registry import MODELS, REGISTRY, ModelNotFoundError, resolve_model
-from pipeline.answer import Answerer, load_model
+from pipeline.answer import Answerer
+from pipeline.backends import load_model
 from pipeline.model_dir import load_spec
 from pipeline.session import session_options
 

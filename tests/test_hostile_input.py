@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.answer import Answerer, load_model
+from pipeline.answer import Answerer
+from pipeline.backends import load_model
 
 NASTY = ["", " ", "\t\n ", "\x00\x01\x07", "\u200b\u200e\u202e", "😀🚀👩‍👩‍👧", "e\u0301\u0301\u0301",
          "مرحبا بالعالم", "שלום", "北京是中国的首都", "Ω≈ç√∫", "[SEP] [CLS] [PAD]", "\ufeff", "a" * 500]

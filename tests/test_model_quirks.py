@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from tiny_models import write_model_dir
 
-from pipeline.answer import Answerer, load_model
+from pipeline.answer import Answerer
+from pipeline.backends import load_model
 from pipeline.model_dir import ModelDirError
 from pipeline.session import ModelLoadError
 

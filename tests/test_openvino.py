@@ -15,7 +15,8 @@ from tiny_models import write_model_dir, write_vocab
 
 from models.convert import ConvertOptions, convert
 from models.registry import REGISTRY, resolve_model
-from pipeline.answer import Answerer, load_model
+from pipeline.answer import Answerer
+from pipeline.backends import load_model
 from pipeline.model_dir import load_spec
 from pipeline.session import ModelLoadError, QASession
 

@@ -17,7 +17,8 @@ pytest.importorskip("transformers")
 
 from models import export_qa, train_qa
 from models.train_qa import TrainConfig, build_windows, epoch_batches, train
-from pipeline.answer import Answerer, load_model
+from pipeline.answer import Answerer
+from pipeline.backends import load_model
 from pipeline.model_dir import load_spec
 from pipeline.windows import load_tokenizer, make_windows
 

@@ -150,7 +150,8 @@ def tuning(setup: Setup, budgets: list[int]) -> list[dict]:
 
 def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budgets: list[int],
                repeats: int) -> list[dict]:
-    from pipeline.answer import Answerer, load_model
+    from pipeline.answer import Answerer
+    from pipeline.backends import load_model
     from pipeline.session import QASession
 
     items = squad_items(data, limit)

@@ -32,7 +32,7 @@ def squad_items(data: str, limit: int | None) -> list[dict]:
 
 def our_windows(model_dir: str, items: list[dict]) -> np.ndarray:
     """Non-padding lengths of the windows our job cuts for these questions (int64 [W])."""
-    from pipeline.answer import load_model
+    from pipeline.backends import load_model
     from pipeline.windows import load_tokenizer, make_windows
 
     spec, _ = load_model(model_dir)
@@ -74,7 +74,8 @@ def run_job(data: str, limit: int | None, model_dir: str, out_dir: str, concurre
 def run_padded_loop(data: str, limit: int | None, model_dir: str, threads: int, batch: int = 8) -> dict:
     """The naive ONNX Runtime loop: our tokenizer and decoder, but every window padded to max_seq_len and
     batches of ``batch`` in input order. Timed from tokenizing to answers, model load excluded."""
-    from pipeline.answer import Answerer, StageTimes, load_model
+    from pipeline.answer import Answerer, StageTimes
+    from pipeline.backends import load_model
 
     class PaddedAnswerer(Answerer):
         def logits(self, windows):
