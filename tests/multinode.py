@@ -78,6 +78,7 @@ class LocalCluster:
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex)
         self.nodes: list[Node] = []
         self.address = ""
+        self.dashboard = ""
 
     def _start(self, name: str, args: list[str], num_cpus: int) -> Node:
         node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
@@ -94,12 +95,16 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def start_head(self) -> Node:
-        gcs, client = free_ports(2)
+    def start_head(self, num_cpus: int = 0, dashboard: bool = False) -> Node:
+        """The head; with ``dashboard``, ``self.dashboard`` is the address `ray job submit` takes."""
+        gcs, client, dash = free_ports(3)
         self.address = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        view = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
         head = self._start("head", ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-                                    "--include-dashboard", "false", "--temp-dir", str(self.temp / "ray")], 0)
-        self.wait_for_cpus(0, nodes=1)
+                                    *(view if dashboard else ["--include-dashboard", "false"]),
+                                    "--temp-dir", str(self.temp / "ray")], num_cpus)
+        self.wait_for_cpus(num_cpus, nodes=1)
         return head
 
     def add_worker(self, num_cpus: int = 1) -> Node:

@@ -3,47 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-
-RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from multinode import RAY, LocalCluster
 
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    """A one-node cluster; stopped afterwards whatever happens.
-
-    Ray >= 2.59 turns token authentication on for local clusters: the test makes its own token and
-    hands it to the cluster and to the `ray job` client, as a user's deployment would.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex)
-    gcs, dash = free_port(), free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    start = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
-             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-             "--temp-dir", str(temp), "--disable-usage-stats"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    """A one-node cluster (`ray start --head`, 2 CPUs, the dashboard's job server), stopped afterwards by its
+    process group whatever happens. Ray >= 2.59 turns token authentication on for such clusters: the cluster
+    makes its own token and hands it to the `ray job` client, as a user's deployment would."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("ray"))
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        cluster.start_head(num_cpus=2, dashboard=True)
+        yield cluster.dashboard, cluster.env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        cluster.stop()
 
 
 def test_ray_job_submit_answers_sample(head_node, tiny_model, tmp_path):
