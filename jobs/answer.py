@@ -28,13 +28,14 @@ from models.registry import ModelNotFoundError
 from pipeline.commit import OutputExistsError
 from pipeline.extras import exits_on_missing_extra
 from pipeline.fanout import QuestionsError
+from pipeline.lake import TableError
 from pipeline.model_dir import ModelDirError
 from pipeline.session import ModelLoadError
 from pipeline.units import InputFileError
 
 # What a user can fix from the message alone: bad paths, columns, model directories, an output in the way.
 USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadError, InputFileError, QuestionsError,
-               ClusterAddressError, FileNotFoundError, KeyError)
+               ClusterAddressError, TableError, FileNotFoundError, KeyError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
@@ -95,9 +96,10 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
     if manifest["rows_out"] != expected:
         raise RuntimeError(f"{job.rows_in} rows in but {manifest['rows_out']} rows out (expected {expected}); "
                            f"see {job.output.root}/_manifest.json")
+    committed_to = (f"snapshot {manifest['snapshot_id']} of {manifest['table']}" if "snapshot_id" in manifest
+                    else f"manifest {job.output.root}/_manifest.json")
     print(f"done: {job.rows_in} rows in, {manifest['rows_out']} rows out, {manifest['errors']} with errors, "
-          f"{durations['total']:.1f} s ({fields['questions_per_s']:.1f} rows/s); "
-          f"manifest {job.output.root}/_manifest.json", flush=True)
+          f"{durations['total']:.1f} s ({fields['questions_per_s']:.1f} rows/s); {committed_to}", flush=True)
     return manifest
 
 

@@ -38,8 +38,14 @@ def flag(help: str, *, name: str | None = None, choices: tuple | None = None, re
 class JobConfig:
     """Everything a run needs; validated here, printed into the manifest."""
 
-    input: str = field(metadata=flag("Parquet file, directory, glob, or s3:// URI", required=True))
-    output: str = field(metadata=flag("output directory or s3:// URI", required=True))
+    input: str = field(metadata=flag(
+        "Parquet file, directory, glob, s3:// URI, or iceberg://CATALOG/NAMESPACE.TABLE", required=True))
+    output: str = field(metadata=flag("output directory, s3:// URI, or iceberg://CATALOG/NAMESPACE.TABLE",
+                                      required=True))
+    where: str | None = field(default=None, metadata=flag(
+        "iceberg:// input: a pyiceberg row filter, e.g. \"lang = 'en' and day >= '2024-01-01'\""))
+    select: str | None = field(default=None, metadata=flag(
+        "iceberg:// input: comma-separated columns to read (the id, question and context columns always are)"))
     model: str = field(default_factory=default_model, metadata=flag(
         "model directory, a graph file inside one, or a registry name (models/registry.py)"))
     columns: Columns = field(default_factory=Columns, metadata=flag("input columns", suffix="-column"))
@@ -86,6 +92,8 @@ class JobConfig:
         resolve_backend(self.backend, self.precision)  # raises on a bad pair, e.g. bf16 with onnxruntime
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if (self.where or self.select) and not self.input.startswith("iceberg://"):
+            raise ValueError("--where and --select need an iceberg:// input table")
         if len({self.columns.id, self.columns.question, self.columns.context}) != 3:
             raise ValueError(f"id, question and context columns must differ: {self.columns}")
 

@@ -17,9 +17,9 @@ import pyarrow.fs as pafs
 from jobs.config import REPO, JobConfig
 from pipeline.backends import load_model
 from pipeline.commit import OutputCommitter, OutputState, StagedPart, pending_units
-from pipeline.config import Columns
+from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns
 from pipeline.model_dir import ModelSpec
-from pipeline.units import ReadUnit
+from pipeline.units import ReadUnit, plan_units
 
 MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", REPO / "models" / "zoo"))  # where registry names resolve
 
@@ -60,30 +60,39 @@ class JobPlan:
 def plan(cfg: JobConfig) -> JobPlan:
     from models.registry import resolve_model
     from pipeline.fanout import QUESTION, QUESTION_ID
-    from pipeline.lake import expand_input, filesystem_and_path, input_base
-    from pipeline.units import plan_units
+    from pipeline.lake import expand_input, input_base
 
     model_dir = str(resolve_model(cfg.model, MODEL_ZOO))
     spec, _ = load_model(model_dir, 1, cfg.windows.as_dict(), cfg.backend, cfg.precision)
-    in_fs, in_files = expand_input(cfg.input)
-    units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files,
-                                          base=input_base(cfg.input))
     questions, columns = None, cfg.columns
     if cfg.questions:
         questions = load_questions(cfg.questions)
         columns = Columns(cfg.columns.id, QUESTION, cfg.columns.context)
+    needed = (columns.id, columns.context) if questions is not None else (columns.id, columns.question, columns.context)
+    rows_per_input_row = questions.num_rows if questions is not None and not cfg.wide else 1
+    table_in = open_table_input(cfg) if cfg.input.startswith("iceberg://") else None
+    output = open_output(cfg, rows_per_input_row, table_in)
+    if table_in is not None:
+        if cfg.mode == "resume":  # read the snapshot the interrupted run read, even if the table moved on
+            table_in = open_table_input(cfg, pinned_snapshot(output, table_in))
+        in_fs, in_files, bad_files = table_in.fs, list(table_in.files), []
+        units, schema = table_in.plan_units(cfg.rows_per_unit, needed)
+    else:
+        in_fs, in_files = expand_input(cfg.input)
+        units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files,
+                                              base=input_base(cfg.input))
+    if questions is not None:
         clash = [c for c in (QUESTION, QUESTION_ID) if c in schema.names]
         if clash:
             raise KeyError(f"input {cfg.input}: has a column {clash[0]!r}, which fan-out adds; rename it")
-    needed = (columns.id, columns.context) if questions is not None else (columns.id, columns.question, columns.context)
     missing = [c for c in needed if c not in schema.names]
     if missing:
         raise KeyError(f"input {cfg.input}: no column {missing[0]!r} (columns: {schema.names}); "
                        f"choose columns with --id-column/--question-column/--context-column")
-    rows_per_input_row = questions.num_rows if questions is not None and not cfg.wide else 1
-    out_fs, out_path = filesystem_and_path(cfg.output)
-    output = OutputCommitter(out_fs, out_path, rows_per_input_row)
-    identity = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files], questions)
+    if cfg.output.startswith("iceberg://") and questions is None:  # fan-out's columns: checked at commit
+        top = [TOP_ANSWERS_COLUMN] if cfg.decode.top_k > 1 else []
+        output.check_columns(schema.names + list(OUTPUT_COLUMNS) + top)
+    identity = job_identity(cfg, spec, in_fs, [f for f in in_files if f not in bad_files], questions, table_in)
     state = output.inspect(cfg.mode, identity)
     if state.commit_list is not None:  # everything was staged; the commit only has to roll forward
         pending, staged_rows, adopted, stale = [], sum(u.length for u in units), (), ()
@@ -93,19 +102,52 @@ def plan(cfg: JobConfig) -> JobPlan:
                    rows_per_input_row, identity, output, state, tuple(pending), staged_rows, adopted, stale)
 
 
+def open_table_input(cfg: JobConfig, snapshot_id: int | None = None):
+    """An iceberg:// input pinned to ``snapshot_id`` (default: the table's current snapshot)."""
+    from pipeline.iceberg import open_input
+
+    select = tuple(c.strip() for c in cfg.select.split(",") if c.strip()) if cfg.select else ()
+    return open_input(cfg.input, cfg.where, select, snapshot_id)
+
+
+def pinned_snapshot(output, table_in) -> int:
+    """The input snapshot an interrupted run of this job staged answers for, else ``table_in``'s."""
+    staged = (output.staged_job() or {}).get("input_table") or {}
+    return staged.get("snapshot_id", table_in.snapshot_id) if staged.get("table") == table_in.ref.uri \
+        else table_in.snapshot_id
+
+
+def open_output(cfg: JobConfig, rows_per_input_row: int, table_in=None):
+    """The committer of ``cfg.output``: a folder's (``pipeline.commit``) or an Iceberg table's."""
+    if cfg.output.startswith("iceberg://"):
+        from pipeline.iceberg import IcebergCommitter
+
+        return IcebergCommitter(cfg.output, rows_per_input_row,
+                                partition_fields=table_in.partition_fields if table_in is not None else ())
+    from pipeline.lake import filesystem_and_path
+
+    out_fs, out_path = filesystem_and_path(cfg.output)
+    return OutputCommitter(out_fs, out_path, rows_per_input_row)
+
+
 def job_identity(cfg: JobConfig, spec: ModelSpec, in_fs: pafs.FileSystem, in_files: list[str],
-                 questions: pa.Table | None) -> dict:
+                 questions: pa.Table | None, table_in=None) -> dict:
     """What staged answers depend on: resume refuses to mix runs that differ in any of it.
 
     Input files by path, size and modification time (S3: LastModified), so a file rewritten with the same size
-    is a different input; the model by the sha256 of its graph, tokenizer and qa_spec.json.
+    is a different input; an Iceberg input by its snapshot, filter and projection (its data files never change);
+    the model by the sha256 of its graph, tokenizer and qa_spec.json.
     """
-    infos = in_fs.get_file_info(in_files)
     model = spec.identity()
+    if table_in is not None:
+        inputs = {"input_table": table_in.identity()}
+    else:
+        inputs = {"input_files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
+                                  for f in in_fs.get_file_info(in_files)]}
     return {
         "questions": None if questions is None else questions.to_pydict(),
         "wide": cfg.wide,
-        "input_files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in infos],
+        **inputs,
         "columns": asdict(cfg.columns),
         "decode": asdict(cfg.decode),
         "windows": asdict(spec.windows),

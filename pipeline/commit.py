@@ -180,6 +180,11 @@ class OutputCommitter:
         return OutputState(commit_list=read_json(self.fs, commit_list)["files"] if self._exists(commit_list) else None,
                            staged=tuple(self.staged_parts()))
 
+    def staged_job(self) -> dict | None:
+        """The identity of the job whose answers are staged (``_job.json``), if any."""
+        path = f"{self.staging}/{JOB_FILE}"
+        return read_json(self.fs, path) if self._exists(path) else None
+
     def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
         """Take the output for this run: the lease, staging cleared for overwrite, ``stale`` parts removed."""
         self._refuse_if_leased()  # again: another run may have started since the plan
@@ -257,6 +262,15 @@ class OutputCommitter:
     def commit(self, units: list[ReadUnit], job: dict, extra: dict, adopted: tuple[StagedPart, ...] = ()) -> dict:
         """Publish this job's staged parts and swap the manifest in last. Fails, publishing nothing, unless
         every unit's rows are staged exactly once, by this run or (``adopted``) by an earlier one."""
+        files = self.write_commit_list(units, adopted)
+        crash_point("commit-list")
+        return self._publish(files, job, extra)
+
+    def write_commit_list(self, units: list[ReadUnit], adopted: tuple[StagedPart, ...] = (),
+                          dest: str | None = None) -> list[dict]:
+        """Choose each unit's staged parts (this run's, else an adopted complete set) and make the list of files
+        to publish durable (``_commit.json``); each file's ``path`` is where it goes, under ``dest`` (default:
+        the output root). Raises, writing nothing, if a unit is incomplete or unknown."""
         adopted_paths = {p.path for p in adopted}
         by_unit: dict[int, dict[str, list[StagedPart]]] = defaultdict(lambda: defaultdict(list))
         for p in self.staged_parts():
@@ -277,11 +291,11 @@ class OutputCommitter:
         if problems or strays:
             raise RuntimeError(f"cannot commit {self.root}: units {problems[:10]} incomplete, units {strays[:10]} "
                                "unknown; nothing was published (run again with --mode resume)")
-        files = [{"path": f"{self.root}/{p.path.rsplit('/', 1)[-1]}", "rows": p.rows, "unit": p.unit,
+        dest = (dest or self.root).rstrip("/")
+        files = [{"path": f"{dest}/{p.path.rsplit('/', 1)[-1]}", "rows": p.rows, "unit": p.unit,
                   "errors": p.errors} for p in sorted(chosen, key=lambda p: (p.unit, p.first_row))]
         write_json_atomic(self.fs, f"{self.staging}/{COMMIT_LIST}", {"run": self.run, "files": files})
-        crash_point("commit-list")
-        return self._publish(files, job, extra)
+        return files
 
     def finish_interrupted_commit(self, files: list[dict], job: dict, extra: dict) -> dict:
         """Resume after a death during publishing: redo the moves ``_commit.json`` listed, swap the manifest in

@@ -12,6 +12,10 @@ import pyarrow.fs as pafs
 _GLOB_CHARS = "*?["
 
 
+class TableError(ValueError):
+    """A lake table (iceberg://) cannot be used as asked; the message names the table, column or setting."""
+
+
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it; plain paths are local.
 

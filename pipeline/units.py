@@ -29,13 +29,15 @@ class ReadUnit:
     offset: int  # first row inside the row group
     length: int
     partitions: tuple[tuple[str, str], ...] = ()  # Hive key=value folders above the file
+    columns: tuple[str, ...] = ()  # the columns to read (a projection); () = all
 
     def as_row(self) -> dict:
-        return {**asdict(self), "partitions": [list(kv) for kv in self.partitions]}
+        return {**asdict(self), "partitions": [list(kv) for kv in self.partitions], "columns": list(self.columns)}
 
     @classmethod
     def from_row(cls, row: dict) -> ReadUnit:
-        return cls(**{**row, "partitions": tuple(tuple(kv) for kv in row.get("partitions") or ())})
+        return cls(**{**row, "partitions": tuple(tuple(kv) for kv in row.get("partitions") or ()),
+                      "columns": tuple(row.get("columns") or ())})
 
 
 def plan_units(fs: pafs.FileSystem, files: list[str], rows_per_unit: int, skip_bad_files: bool = False,
@@ -80,14 +82,14 @@ class UnitReader:
 
     def __init__(self, fs: pafs.FileSystem):
         self.fs = fs
-        self._cached: tuple[tuple[str, int], pa.Table] | None = None
+        self._cached: tuple[tuple[str, int, tuple[str, ...]], pa.Table] | None = None
 
     def read(self, unit: ReadUnit) -> pa.Table:
-        key = (unit.path, unit.row_group)
+        key = (unit.path, unit.row_group, unit.columns)
         if self._cached is None or self._cached[0] != key:
             try:
                 with self.fs.open_input_file(unit.path) as f:
-                    table = pq.ParquetFile(f).read_row_group(unit.row_group)
+                    table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=list(unit.columns) or None)
             except (OSError, pa.ArrowException) as exc:
                 raise InputFileError(f"input file {unit.path}, row group {unit.row_group}: {exc}") from exc
             self._cached = (key, table)

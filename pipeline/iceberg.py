@@ -1,0 +1,433 @@
+"""Apache Iceberg tables in and out (``iceberg://<catalog>/<namespace>.<table>``), through pyiceberg.
+
+Imported only when a URI names a table; pyiceberg comes with the ``iceberg`` extra. The catalog is configured
+the way pyiceberg configures it: ``~/.pyiceberg.yaml`` (or ``$PYICEBERG_HOME/.pyiceberg.yaml``), or
+``PYICEBERG_CATALOG__<NAME>__URI`` / ``__WAREHOUSE`` and the other ``PYICEBERG_CATALOG__<NAME>__*`` variables.
+
+Input: one snapshot (the current one at plan time, or the one an interrupted run of the same job pinned), its
+data files as read units (row-group slices, as for Parquet folders). ``--where`` (pyiceberg's row filter syntax)
+prunes files through the table's metadata, then is evaluated at plan time on the filter's own columns, row group
+by row group: a unit is a run of consecutive matching rows, so actors read exactly the matching rows and the
+protocol's row counts hold. A filter matching scattered rows gives many small units. ``--select`` projects
+columns (the id, question and context columns are always read). Tables whose scan has delete files
+(merge-on-read deletes) are refused: compact them first.
+
+Output: the same staging as folder outputs (``pipeline.commit.OutputCommitter``, under
+``<table location>/_qa_staging``); the final step differs. Staged files are moved to ``<table location>/data/``
+and committed in one Iceberg transaction (``add_files``: no rewrite) whose snapshot summary carries the job's
+identity hash and run id. Before committing, and before every retry, the table's history (the current
+snapshot's ancestors) is searched for a snapshot with this job's hash: found, nothing is appended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .commit import MODES, OutputBusyError, OutputCommitter, OutputExistsError, OutputState, StagedPart
+from .extras import require
+from .faults import crash_point
+from .lake import TableError, filesystem_and_path
+from .units import ReadUnit, plan_units
+
+if TYPE_CHECKING:
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.table import Table
+    from pyiceberg.table.snapshots import Snapshot
+
+SCHEME = "iceberg://"
+JOB_KEY = "qa_batch.job"  # snapshot summary: sha256 of the job identity
+RUN_KEY = "qa_batch.run"
+ERRORS_KEY = "qa_batch.errors"
+STAGING_DIR = "_qa_staging"
+COMMIT_ATTEMPTS = 8  # our commit, each attempt after re-reading the table and re-checking the job's hash
+RACE_HOOK = "QA_FAULT_ICEBERG_RACE"  # tests: a Parquet file another writer appends right before our commit
+_raced = False
+
+
+def is_table(uri: str) -> bool:
+    return uri.startswith(SCHEME)
+
+
+def job_key(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TableRef:
+    catalog: str
+    identifier: str  # namespace.table
+
+    @classmethod
+    def parse(cls, uri: str) -> TableRef:
+        rest = uri[len(SCHEME):] if is_table(uri) else ""
+        catalog, _, identifier = rest.partition("/")
+        if not catalog or "." not in identifier.strip("."):
+            raise TableError(f"{uri!r}: a table is iceberg://<catalog>/<namespace>.<table>")
+        return cls(catalog, identifier)
+
+    @property
+    def uri(self) -> str:
+        return f"{SCHEME}{self.catalog}/{self.identifier}"
+
+    @property
+    def namespace(self) -> str:
+        return self.identifier.rsplit(".", 1)[0]
+
+    def connect(self) -> Catalog:
+        require("pyiceberg", "iceberg", "iceberg:// tables")
+        from pyiceberg.catalog import load_catalog
+
+        try:
+            return load_catalog(self.catalog)
+        except ValueError as exc:  # no such catalog configured: pyiceberg says which setting is missing
+            raise TableError(f"{self.uri}: catalog {self.catalog!r} is not configured ({exc}); set "
+                             f"PYICEBERG_CATALOG__{self.catalog.upper()}__URI (and __WAREHOUSE) or add it to "
+                             "~/.pyiceberg.yaml") from exc
+
+    def load(self, catalog: Catalog | None = None) -> Table | None:
+        from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+        try:
+            return (catalog or self.connect()).load_table(self.identifier)
+        except (NoSuchTableError, NoSuchNamespaceError):
+            return None
+
+
+# ------------------------------------------------------------------------------------------- input
+
+
+@dataclass(frozen=True)
+class TableInput:
+    """An input table pinned to one snapshot: its data files and what the job reads of them."""
+
+    ref: TableRef
+    snapshot_id: int
+    where: str | None
+    select: tuple[str, ...]  # () = every column
+    fs: pafs.FileSystem
+    files: tuple[str, ...]  # data files (filesystem paths) the scan plans, in plan order
+    file_uris: tuple[str, ...]
+    file_sizes: tuple[int, ...]
+    partition_fields: tuple[tuple[str, str, str], ...]  # (source column, transform, name) of its partition spec
+
+    def identity(self) -> dict:
+        """What a job's rows depend on: the table, the snapshot, the filter, the projection, the data files."""
+        return {"table": self.ref.uri, "snapshot_id": self.snapshot_id, "where": self.where,
+                "select": list(self.select), "files": [{"path": p, "size": s}
+                                                       for p, s in zip(self.file_uris, self.file_sizes)]}
+
+    def plan_units(self, rows_per_unit: int, needed: tuple[str, ...]) -> tuple[list[ReadUnit], pa.Schema]:
+        """Read units over the snapshot's data files, projected and filtered; the schema the actors read."""
+        if not self.files:
+            raise TableError(f"{self.ref.uri}: no rows at snapshot {self.snapshot_id}"
+                             + (f" match --where {self.where!r}" if self.where else ""))
+        units, schema, _ = plan_units(self.fs, list(self.files), rows_per_unit)
+        if self.select:
+            missing = [c for c in self.select if c not in schema.names]
+            if missing:
+                raise TableError(f"{self.ref.uri}: --select names {missing[0]!r}, not a column "
+                                 f"(columns: {schema.names})")
+            keep = tuple(c for c in schema.names if c in self.select or c in needed)
+            schema = pa.schema([schema.field(c) for c in keep])
+            units = [replace(u, columns=keep) for u in units]
+        if self.where:
+            units = self._matching(units)
+            if not units:
+                raise TableError(f"{self.ref.uri}: no rows at snapshot {self.snapshot_id} match "
+                                 f"--where {self.where!r}")
+        return units, schema
+
+    def _matching(self, units: list[ReadUnit]) -> list[ReadUnit]:
+        """Each unit cut to its runs of consecutive rows that match the filter (evaluated on its columns only)."""
+        expression, columns = self._filter()
+        out: list[ReadUnit] = []
+        cache: tuple[tuple[str, int], np.ndarray] | None = None
+        for u in units:
+            if cache is None or cache[0] != (u.path, u.row_group):
+                with self.fs.open_input_file(u.path) as f:
+                    rows = pq.ParquetFile(f).read_row_group(u.row_group, columns=columns)
+                rows = rows.append_column("__row", pa.array(np.arange(rows.num_rows)))
+                cache = ((u.path, u.row_group), rows.filter(expression).column("__row").to_numpy())
+            hits = cache[1]
+            hits = hits[(hits >= u.offset) & (hits < u.offset + u.length)]
+            for run in np.split(hits, np.flatnonzero(np.diff(hits) != 1) + 1) if hits.size else []:
+                out.append(replace(u, index=len(out), offset=int(run[0]), length=int(run.size)))
+        return out
+
+    def _filter(self):
+        from pyiceberg.expressions import parser
+        from pyiceberg.expressions.visitors import bind, extract_field_ids
+        from pyiceberg.io.pyarrow import expression_to_pyarrow
+
+        table = self.ref.load()
+        schema = table.schemas()[table.snapshot_by_id(self.snapshot_id).schema_id]
+        bound = bind(schema, parser.parse(self.where), case_sensitive=True)
+        return expression_to_pyarrow(bound, schema), [schema.find_column_name(i) for i in extract_field_ids(bound)]
+
+
+def open_input(uri: str, where: str | None = None, select: tuple[str, ...] = (),
+               snapshot_id: int | None = None) -> TableInput:
+    """The table at ``snapshot_id`` (default: its current snapshot), its data files planned for ``where``."""
+    ref = TableRef.parse(uri)
+    table = ref.load()
+    if table is None:
+        raise TableError(f"{uri}: no such table in catalog {ref.catalog!r}")
+    snapshot = table.snapshot_by_id(snapshot_id) if snapshot_id is not None else table.current_snapshot()
+    if snapshot is None:
+        raise TableError(f"{uri}: " + (f"snapshot {snapshot_id} (pinned by the interrupted run) is gone "
+                                       "(expired?); use --mode overwrite" if snapshot_id is not None
+                                       else "the table has no snapshot (no rows yet)"))
+    from pyiceberg.expressions import AlwaysTrue
+    from pyiceberg.manifest import FileFormat
+
+    try:
+        scan = table.scan(row_filter=where or AlwaysTrue(), snapshot_id=snapshot.snapshot_id)
+        tasks = list(scan.plan_files())
+    except ValueError as exc:  # a filter that does not parse or names no column
+        raise TableError(f"{uri}: --where {where!r}: {exc}") from exc
+    with_deletes = [t.file.file_path for t in tasks if t.delete_files]
+    if with_deletes:
+        raise TableError(f"{uri}: snapshot {snapshot.snapshot_id} has row-level delete files (merge-on-read) "
+                         f"for {len(with_deletes)} data files, e.g. {with_deletes[0]}; they are not applied here: "
+                         "compact the table first (Spark: CALL system.rewrite_data_files with delete-file-threshold)")
+    not_parquet = [t.file.file_path for t in tasks if t.file.file_format != FileFormat.PARQUET]
+    if not_parquet:
+        raise TableError(f"{uri}: data file {not_parquet[0]} is not Parquet; only Parquet data files are read")
+    fs, paths = None, []
+    for t in tasks:
+        fs, path = filesystem_and_path(t.file.file_path)
+        paths.append(path)
+    spec = table.specs()[table.metadata.default_spec_id]
+    schema = table.schema()
+    fields = tuple((schema.find_column_name(f.source_id), str(f.transform), f.name) for f in spec.fields)
+    return TableInput(ref, snapshot.snapshot_id, where, tuple(select), fs or pafs.LocalFileSystem(), tuple(paths),
+                      tuple(t.file.file_path for t in tasks), tuple(t.file.file_size_in_bytes for t in tasks), fields)
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def committed_snapshot(table: Table | None, key: str) -> Snapshot | None:
+    """The snapshot in the table's current history (the current snapshot and its ancestors) carrying job ``key``."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    if table is None:
+        return None
+    for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+        if snapshot.summary is not None and snapshot.summary.get(JOB_KEY) == key:
+            return snapshot
+    return None
+
+
+class IcebergCommitter:
+    """The commit protocol of ``pipeline.commit`` with an Iceberg transaction as its final step.
+
+    The same interface as ``OutputCommitter`` (the driver and write tasks use either); write tasks get a
+    pickled copy, which holds no catalog connection."""
+
+    def __init__(self, uri: str, rows_per_input_row: int = 1, run: str | None = None,
+                 partition_fields: tuple[tuple[str, str, str], ...] = ()):
+        self.ref = TableRef.parse(uri)
+        self.root = self.ref.uri  # what messages name
+        catalog = self.ref.connect()
+        table = self.ref.load(catalog)
+        if table is not None:
+            self.location = table.location().rstrip("/")
+        else:
+            catalog.create_namespace_if_not_exists(self.ref.namespace)
+            table_name = self.ref.identifier.rsplit(".", 1)[1]
+            self.location = catalog._resolve_table_location(None, self.ref.namespace, table_name)
+        self.fs, location_path = filesystem_and_path(self.location)
+        self.data_path = f"{location_path}/data"
+        self.staged = OutputCommitter(self.fs, f"{location_path}/{STAGING_DIR}", rows_per_input_row, run)
+        self.run = self.staged.run
+        self.partition_fields = partition_fields
+
+    @property
+    def staging(self) -> str:
+        return self.staged.staging
+
+    # -- driver, before the run ------------------------------------------------------------------
+    def check_columns(self, names: list[str]) -> None:
+        """Refuse an existing table whose columns differ from the ones the job writes, naming the column."""
+        table = self.ref.load()
+        if table is None:
+            return
+        have = [f.name for f in table.schema().fields]
+        missing = [n for n in names if n not in have]
+        extra = [n for n in have if n not in names]
+        if missing or extra:
+            what = (f"has no column {missing[0]!r}, which the job writes" if missing
+                    else f"has a column {extra[0]!r}, which the job does not write")
+            raise TableError(f"output table {self.root} {what} (table: {have}; job: {names}); "
+                             "write to a new table, or add the column (ALTER TABLE) first")
+
+    def inspect(self, mode: str, job: dict) -> OutputState:
+        if mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        snapshot = committed_snapshot(self.ref.load(), job_key(job))
+        if snapshot is not None:
+            listed = self._commit_list(job)
+            if listed is not None:  # committed, then died before cleaning up: the commit only cleans up
+                return OutputState(commit_list=listed)
+            return OutputState(committed=_manifest_of(self.root, snapshot))
+        try:
+            return self.staged.inspect(mode, job)
+        except OutputBusyError:
+            raise
+        except OutputExistsError as exc:
+            if mode != "error":
+                raise
+            raise OutputExistsError(f"output table {self.root}: an interrupted run left staged answers in "
+                                    f"{self.staged.root}; --mode resume finishes it, --mode overwrite drops them "
+                                    "and starts again (no table row is deleted either way)") from exc
+
+    def staged_job(self) -> dict | None:
+        return self.staged.staged_job()
+
+    def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
+        self.staged.begin(mode, job, stale)
+
+    def renew_lease(self, started_at: float | None = None) -> None:
+        self.staged.renew_lease(started_at)
+
+    def release_lease(self) -> None:
+        self.staged.release_lease()
+
+    # -- write tasks ----------------------------------------------------------------------------
+    def write_block(self, table: pa.Table) -> list[dict]:
+        # Field ids carried over from the input table's files would contradict the output table's own;
+        # without them, add_files maps columns by name.
+        plain = pa.schema([f.remove_metadata() for f in table.schema], metadata=table.schema.metadata)
+        return self.staged.write_block(table.cast(plain))
+
+    # -- driver, after the run ------------------------------------------------------------------
+    def commit(self, units: list[ReadUnit], job: dict, extra: dict, adopted: tuple[StagedPart, ...] = ()) -> dict:
+        files = self.staged.write_commit_list(units, adopted, dest=self.data_path)
+        crash_point("commit-list")
+        return self._publish(files, job, extra)
+
+    def finish_interrupted_commit(self, files: list[dict], job: dict, extra: dict) -> dict:
+        return self._publish(files, job, extra)
+
+    def _publish(self, files: list[dict], job: dict, extra: dict) -> dict:
+        key = job_key(job)
+        snapshot = committed_snapshot(self.ref.load(), key)
+        if snapshot is None:
+            self._move_in(files)
+            snapshot = self._append(files, key)
+        crash_point("manifest")
+        self.fs.delete_dir(self.staged.root)
+        return {**extra, **_manifest_of(self.root, snapshot), "job": job, "output_files": files}
+
+    def _commit_list(self, job: dict) -> list[dict] | None:
+        from .commit import COMMIT_LIST
+        from .lake import read_json
+
+        path = f"{self.staging}/{COMMIT_LIST}"
+        if self.staged_job() != job or self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        return read_json(self.fs, path)["files"]
+
+    def _move_in(self, files: list[dict]) -> None:
+        """Staged files to the table's data folder (roll forward: a file already moved stays)."""
+        self.fs.create_dir(self.data_path, recursive=True)
+        for k, f in enumerate(files, 1):
+            staged = f"{self.staging}/{f['path'].rsplit('/', 1)[-1]}"
+            if self.fs.get_file_info(staged).type != pafs.FileType.NotFound:
+                self.fs.move(staged, f["path"])
+            elif self.fs.get_file_info(f["path"]).type == pafs.FileType.NotFound:
+                raise RuntimeError(f"cannot commit {self.root}: {staged} vanished before the commit")
+            crash_point("publish", k)  # moved files are in no snapshot: readers do not see them
+
+    def _uri(self, path: str) -> str:
+        """A data file's URI, as the table's metadata names it (the location's scheme, not a filesystem path)."""
+        return f"{self.location}/data/{path.rsplit('/', 1)[-1]}"
+
+    def _append(self, files: list[dict], key: str) -> Snapshot:
+        """One transaction adding ``files``, with the job's hash in its summary; retried on a concurrent commit
+        after re-reading the table and checking that no other attempt committed this job meanwhile."""
+        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+
+        props = {JOB_KEY: key, RUN_KEY: self.run, ERRORS_KEY: str(sum(f.get("errors", 0) for f in files))}
+        uris = [self._uri(f["path"]) for f in files]
+        for attempt in range(COMMIT_ATTEMPTS):
+            catalog = self.ref.connect()
+            table = self.ref.load(catalog)
+            found = committed_snapshot(table, key)
+            if found is not None:
+                return found
+            _race_hook(self.ref)
+            try:
+                if table is None:
+                    tx = catalog.create_table_transaction(self.ref.identifier, self._schema(files[0]["path"]),
+                                                          location=self.location, partition_spec=self._spec(files))
+                else:
+                    tx = _one_attempt(table).transaction()
+                tx.add_files(uris, snapshot_properties=props)
+                tx.commit_transaction()
+            except (CommitFailedException, TableAlreadyExistsError) as exc:
+                print(f"commit to {self.root}: another writer committed first ({exc}); retrying", flush=True)
+                time.sleep(min(0.1 * 2 ** attempt, 5.0))
+                continue
+            found = committed_snapshot(self.ref.load(catalog), key)
+            if found is None:
+                raise RuntimeError(f"{self.root}: committed, but no snapshot carries job {key}")
+            return found
+        raise RuntimeError(f"cannot commit {self.root}: {COMMIT_ATTEMPTS} concurrent commits won over ours; "
+                           "nothing was appended (run again with --mode resume)")
+
+    def _schema(self, path: str) -> pa.Schema:
+        with self.fs.open_input_file(path) as f:
+            schema = pq.read_schema(f)
+        return pa.schema([f.remove_metadata() for f in schema])
+
+    def _spec(self, files: list[dict]):
+        """The input table's partition spec, on the new table's columns (``add_files`` reads each file's
+        partition from its statistics: a unit's rows come from one data file, so from one partition)."""
+        from pyiceberg.catalog import Catalog
+        from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionField, PartitionSpec
+        from pyiceberg.transforms import parse_transform
+
+        schema = Catalog._convert_schema_if_needed(self._schema(files[0]["path"]))
+        names = [f.name for f in schema.fields]
+        fields = [PartitionField(schema.find_field(src).field_id, 1000 + i, parse_transform(transform), name)
+                  for i, (src, transform, name) in enumerate(self.partition_fields) if src in names]
+        return PartitionSpec(*fields) if fields else UNPARTITIONED_PARTITION_SPEC
+
+
+def _one_attempt(table: Table) -> Table:
+    """pyiceberg retries a failed commit itself, rebuilding the append on fresh metadata without our job-hash
+    check; with no retries there, our loop re-checks the history before each new attempt. Only this process's
+    view of the table properties changes: the commit sends updates, not properties."""
+    props = {**table.metadata.properties, "commit.retry.num-retries": "0"}
+    table.metadata = table.metadata.model_copy(update={"properties": props})
+    return table
+
+
+def _manifest_of(uri: str, snapshot: Snapshot) -> dict:
+    summary = snapshot.summary
+    return {"table": uri, "snapshot_id": snapshot.snapshot_id, "job_sha256": summary.get(JOB_KEY),
+            "run": summary.get(RUN_KEY), "rows_out": int(summary.get("added-records", 0)),
+            "errors": int(summary.get(ERRORS_KEY, 0))}
+
+
+def _race_hook(ref: TableRef) -> None:
+    """Tests: another writer (its own catalog connection) appends the rows of the Parquet file named by
+    QA_FAULT_ICEBERG_RACE right before our first commit attempt, so that attempt loses the race."""
+    global _raced
+    path = os.environ.get(RACE_HOOK)
+    if not path or _raced:
+        return
+    _raced = True
+    ref.load(ref.connect()).append(pq.read_table(path))
