@@ -84,7 +84,7 @@ class TableRef:
         return self.identifier.rsplit(".", 1)[0]
 
     def connect(self) -> Catalog:
-        require("pyiceberg", "iceberg", "iceberg:// tables")
+        require("pyiceberg", "iceberg", "an iceberg:// table")
         from pyiceberg.catalog import load_catalog
 
         try:
@@ -95,10 +95,11 @@ class TableRef:
                              "~/.pyiceberg.yaml") from exc
 
     def load(self, catalog: Catalog | None = None) -> Table | None:
+        catalog = catalog or self.connect()  # first: without pyiceberg, the one-line error naming the extra
         from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 
         try:
-            return (catalog or self.connect()).load_table(self.identifier)
+            return catalog.load_table(self.identifier)
         except (NoSuchTableError, NoSuchNamespaceError):
             return None
 
@@ -370,8 +371,9 @@ class IcebergCommitter:
             _race_hook(self.ref)
             try:
                 if table is None:
-                    tx = catalog.create_table_transaction(self.ref.identifier, self._schema(files[0]["path"]),
-                                                          location=self.location, partition_spec=self._spec(files))
+                    schema = self._schema(files[0]["path"])
+                    tx = catalog.create_table_transaction(self.ref.identifier, schema, location=self.location,
+                                                          partition_spec=self._spec(schema))
                 else:
                     tx = _one_attempt(table).transaction()
                 tx.add_files(uris, snapshot_properties=props)
@@ -387,19 +389,23 @@ class IcebergCommitter:
         raise RuntimeError(f"cannot commit {self.root}: {COMMIT_ATTEMPTS} concurrent commits won over ours; "
                            "nothing was appended (run again with --mode resume)")
 
-    def _schema(self, path: str) -> pa.Schema:
+    def _schema(self, path: str):
+        """The new table's Iceberg schema, from a staged file's columns."""
+        from pyiceberg.catalog import Catalog
+        from pyiceberg.schema import assign_fresh_schema_ids
+
         with self.fs.open_input_file(path) as f:
             schema = pq.read_schema(f)
-        return pa.schema([f.remove_metadata() for f in schema])
+        # ids of our own (the conversion leaves -1), so that the partition spec can name its source columns
+        return assign_fresh_schema_ids(Catalog._convert_schema_if_needed(pa.schema([f.remove_metadata()
+                                                                                     for f in schema])))
 
-    def _spec(self, files: list[dict]):
-        """The input table's partition spec, on the new table's columns (``add_files`` reads each file's
-        partition from its statistics: a unit's rows come from one data file, so from one partition)."""
-        from pyiceberg.catalog import Catalog
+    def _spec(self, schema):
+        """The input table's partition spec, on ``schema``'s columns (``add_files`` reads each file's partition
+        from its statistics: a unit's rows come from one data file, so from one partition)."""
         from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionField, PartitionSpec
         from pyiceberg.transforms import parse_transform
 
-        schema = Catalog._convert_schema_if_needed(self._schema(files[0]["path"]))
         names = [f.name for f in schema.fields]
         fields = [PartitionField(schema.find_field(src).field_id, 1000 + i, parse_transform(transform), name)
                   for i, (src, transform, name) in enumerate(self.partition_fields) if src in names]

@@ -37,12 +37,15 @@ def input_rows(tmp) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
-    """Catalog "qa" on SQLite, warehouse a local folder; src.questions: 60 rows in two appends (two data files)."""
+    """Catalog "qa" on SQLite, warehouse a local folder; src.questions: 60 rows partitioned by topic, in two
+    appends (four data files)."""
     tmp = tmp_path_factory.mktemp("lake")
     cat, env = sql_catalog("qa", tmp, f"file://{tmp}/warehouse")
     cat.create_namespace("src")
     rows = input_rows(tmp)
     table = cat.create_table("src.questions", schema=rows.schema)
+    with table.update_spec() as spec:  # partitioned: the output table is partitioned like it
+        spec.add_identity("topic")
     table.append(rows.slice(0, 30))
     table.append(rows.slice(30))
     return cat, env
@@ -71,6 +74,8 @@ def test_table_in_table_out_and_rerun(lake, tiny_model):
     assert_once(rows, [f"r{i:03d}" for i in range(N_ROWS)])
     assert rows.column_names == ["id", "question", "context", "topic", *ANSWERS]
     assert rows.filter(pa.compute.equal(rows["id"], "r005"))["error"][0].as_py() == "question is null"
+    assert [(f.name, str(f.transform)) for f in table.spec().fields] == [("topic", "identity")]
+    assert {t.file.partition[0] for t in table.scan().plan_files()} == {"kings", "rivers"}
     (snapshot,) = job_snapshots(table)
     assert snapshot.summary["added-records"] == str(N_ROWS)
     assert not (lake_dir(table) / STAGING_DIR).exists()
