@@ -2,6 +2,17 @@
 
 Cheap to import (no runtime is imported until a session is made), so the command line takes its choices
 from here. ``load_model`` is the one place a model directory becomes a spec and a session.
+
+Precisions, and the graph each reads from a model directory (``graph_file``):
+
+- fp32: the graph as it is, in its own arithmetic. ONNX Runtime reads ``model.onnx`` (our exports' is int8:
+  dynamic int8 weights, kept int8); OpenVINO reads ``model-fp32.onnx`` when the directory has one.
+- bf16: OpenVINO only; the fp32 graph with bfloat16 matmuls where the CPU has them, f32 elsewhere.
+- int8: OpenVINO only; ``model-int8.xml``, the NNCF post-training int8 IR that ``python -m models.convert``
+  writes (``--quantize int8``, or ``--openvino-int8 DIR`` for an existing directory). ONNX Runtime refuses
+  int8 rather than serve ``model.onnx`` under that name: whether that graph is int8 depends on how it was
+  converted, and telling would mean reading the graph (onnx is not a core dependency). Its int8 graph is
+  what it serves at fp32, "the graph as it is".
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_dir import FP32_GRAPH, ModelSpec, find_model_file, load_spec
+from .model_dir import FP32_GRAPH, ModelDirError, ModelSpec, find_model_file, load_spec
 
 
 @dataclass(frozen=True)
@@ -25,19 +36,23 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32",), None),
-    Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16"), "openvino"),
+    Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16", "int8"), "openvino"),
 )}
 AUTO = "auto"  # OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
 BACKEND_CHOICES = (AUTO, *BACKENDS)
-# fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them.
-PRECISIONS = ("fp32", "bf16")
+# fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them;
+# int8: the directory's NNCF int8 IR (see the module docstring).
+PRECISIONS = ("fp32", "bf16", "int8")
 # OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
-# CPUs with AMX/AVX512-BF16 and answers would then depend on which node an actor lands on.
-OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+# CPUs with AMX/AVX512-BF16 and answers would then depend on which node an actor lands on. int8: the IR's
+# quantized ops run in int8, the rest (softmax, layer norms, GELU) in f32 on every CPU.
+OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+OPENVINO_INT8_GRAPH = "model-int8.xml"  # with model-int8.bin; written by models.convert (NNCF)
 
 
 def resolve_backend(backend: str, precision: str) -> str:
-    """Checks the pair once; returns the backend, which a precision may decide (bf16 runs only on OpenVINO).
+    """Checks the pair once; returns the backend, which a precision may decide (bf16 and int8 run only on
+    OpenVINO).
 
     Still "auto" when the graph file decides (see ``runtime_for``).
     """
@@ -49,22 +64,34 @@ def resolve_backend(backend: str, precision: str) -> str:
     if backend == AUTO:
         return able[0].name if len(able) == 1 else AUTO
     if backend not in [b.name for b in able]:
+        hint = (f"; {BACKENDS[backend].label}'s int8 graph (our exports' model.onnx) is what it serves at "
+                "--precision fp32, the graph as it is") if precision == "int8" and backend == "onnxruntime" else ""
         raise ValueError(f"precision {precision} runs on the {' or '.join(b.label for b in able)} backend; "
                          f"{BACKENDS[backend].label} computes these graphs in their own precision "
-                         f"(drop --backend {backend}, or --precision {precision})")
+                         f"(drop --backend {backend}, or --precision {precision}){hint}")
     return backend
 
 
-def graph_file(model: str | Path, backend: str) -> Path:
-    """The graph a backend reads from a model directory (or the graph file given).
+def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path:
+    """The graph a backend reads at a precision from a model directory (or the graph file given, as is).
 
     OpenVINO reads a directory's ``model-fp32.onnx`` when it has one: our exports' ``model.onnx`` is ONNX
     Runtime's int8 graph (com.microsoft QAttention and friends), which OpenVINO cannot read; the fp32 graph
-    beside it is the same model.
+    beside it is the same model. At int8 it reads the directory's ``model-int8.xml``, and refuses a directory
+    without one rather than serve another graph under that name. A graph file given is the user's choice and
+    is served as is at any precision.
     """
     d = Path(model)
-    if backend == "openvino" and d.is_dir() and (d / FP32_GRAPH).exists():
-        return d / FP32_GRAPH
+    if backend == "openvino" and d.is_dir():
+        if precision == "int8":
+            if not (d / OPENVINO_INT8_GRAPH).exists():
+                raise ModelDirError(
+                    f"{d}: no {OPENVINO_INT8_GRAPH} (the OpenVINO int8 IR) for --precision int8; make it with "
+                    f"python -m models.convert --openvino-int8 {d} (needs pip install nncf), or serve the "
+                    "directory's graph as it is with --precision fp32")
+            return find_model_file(d / OPENVINO_INT8_GRAPH)  # checks its .bin
+        if (d / FP32_GRAPH).exists():
+            return d / FP32_GRAPH
     return find_model_file(d)
 
 
@@ -90,9 +117,10 @@ def open_session(model_file: Path, backend: str, threads: int, input_names: dict
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
                backend: str = AUTO, precision: str = "fp32"):
     """The spec and a session for a model directory (or a graph file inside one); the graph's fixed shape
-    feeds the spec. ``precision`` bf16 implies OpenVINO, which then reads the directory's fp32 graph."""
+    feeds the spec. ``precision`` bf16 and int8 imply OpenVINO, which then reads the directory's fp32 graph
+    (bf16) or its int8 IR (int8)."""
     backend = resolve_backend(backend, precision)
-    model_file = graph_file(model_dir, backend)
+    model_file = graph_file(model_dir, backend, precision)
     probe = load_spec(model_file, overrides=overrides)
     session = open_session(model_file, runtime_for(model_file, probe.spec, backend), threads,
                            probe.input_names, probe.output_names, precision)
