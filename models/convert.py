@@ -1,6 +1,7 @@
 """Convert a QA model a user brings into a model directory the job serves (see pipeline/model_dir.py).
 
-    python -m models.convert SRC DST [--optimize] [--quantize int8] [--spec REGISTRY_NAME]
+    python -m models.convert SRC DST [--optimize] [--quantize int8 [--calibration FILE]] [--spec REGISTRY_NAME]
+    python -m models.convert --openvino-int8 DIR [--calibration FILE]   # add the OpenVINO int8 IR to DIR
 
 SRC is one of:
 
@@ -15,17 +16,25 @@ SRC is one of:
 Every ONNX export is checked against the source framework's start/end logits before it is written.
 ``--optimize`` fuses the graph with ONNX Runtime's BERT optimizer, ``--quantize int8`` quantizes its weights
 dynamically; both are checked against the fp32 graph (with a looser bound for int8).
+``--quantize int8`` also writes ``model-int8.xml``/``.bin``, an NNCF post-training int8 IR for OpenVINO
+(``--precision int8``), calibrated on windows cut as the job cuts them from ``--calibration FILE`` (SQuAD JSON,
+or Parquet/JSON rows with question and context; default SQuAD v1.1 train) and checked against the fp32 graph's
+logits on held-out windows; ``--no-openvino-int8`` skips it. ``--openvino-int8 DIR`` adds it to an existing model
+directory from its ``model-fp32.onnx`` (how the default model got its IR).
 ``--spec NAME`` fills qa_spec.json from models/registry.py (sequence length, stride, casing, card scores).
 
 Conversion tools are optional (the ``convert`` extra) and imported only when needed: torch + transformers (HF and
-TF1 sources), tensorflow-cpu (TF1), onnx (exports, --optimize, --quantize); onnxruntime always. A missing one is
-named before anything is written, in one line with the pip command (pipeline/extras.py).
+TF1 sources), tensorflow-cpu (TF1), onnx (exports, --optimize, --quantize), openvino + nncf (the int8 IR);
+onnxruntime always. A missing one is named before anything is written, in one line with the pip command
+(pipeline/extras.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -40,9 +49,16 @@ OPSET = 17
 FP32_TOL = 1e-4  # max abs logit difference accepted between the source framework and the fp32 graph
 INT8_TOL = 1.0  # int8 weights move logits; this only catches a broken graph, the card's F1 is the real check
 FUSED_TOL = 1e-3  # fused attention sums in another order
+# NNCF int8 quantizes activations too (static scales from calibration), so logits move more than with dynamic
+# int8; like INT8_TOL this catches a broken graph, on real windows; the card's F1 is the real check.
+NNCF_INT8_TOL = 2.0
+CALIBRATION_QUESTIONS = 300  # NNCF's own default subset is 300 samples
+CHECK_QUESTIONS = 32  # held out of calibration: the int8 IR is checked against fp32 on their windows
+CALIBRATION_SEED = 0
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+FP32_EXPORT = "model-fp32.onnx"
 TRANSFORMERS_4 = "pip install 'transformers>=4.44,<5'"
 WHAT = "models.convert"
 
@@ -56,10 +72,19 @@ class ConvertOptions:
     optimize: bool = False
     quantize: str | None = None  # None or "int8"
     spec: dict | None = None  # written as qa_spec.json (keys of pipeline/model_dir.py)
+    # With quantize="int8": also the NNCF int8 IR for OpenVINO (model-int8.xml). The command line turns it on
+    # with --quantize int8; callers of convert() ask for it, since it needs nncf and calibration data.
+    openvino_int8: bool = False
+    calibration: str | None = None  # questions + contexts to calibrate on (read_calibration); None: SQuAD train
+    calibration_questions: int = CALIBRATION_QUESTIONS
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.openvino_int8 and self.quantize != "int8":
+            raise ValueError("openvino_int8 comes with quantize='int8' (--quantize int8)")
+        if self.calibration_questions < 1:
+            raise ValueError(f"calibration_questions must be >= 1, got {self.calibration_questions}")
 
 
 @dataclass(frozen=True)
@@ -398,6 +423,137 @@ def _has_pruned_heads(exported: Exported | None) -> bool:
     return bool(exported and exported.config.get("pruned_heads"))
 
 
+# ---------------------------------------------------------------- OpenVINO int8 (NNCF)
+
+
+def default_calibration() -> Path:
+    """SQuAD v1.1 train, where models.train_qa reads it."""
+    from models.train_qa import DEFAULT_TRAIN
+
+    return DEFAULT_TRAIN
+
+
+def calibration_file(calibration: str | Path | None) -> Path:
+    """The calibration file to read, checked to exist (before anything is written)."""
+    path = Path(calibration).expanduser() if calibration else default_calibration()
+    if not path.is_file():
+        how = "" if calibration else (" (the default, SQuAD v1.1 train); give --calibration FILE with questions and "
+                                      "contexts like those the model will answer, or --no-openvino-int8")
+        raise ConvertError(f"{path}: calibration data not found{how}")
+    return path
+
+
+def read_calibration(path: Path) -> tuple[list[str], list[str]]:
+    """(questions, contexts) from a SQuAD JSON file (.json/.json.gz with "data"), a JSON list of objects with
+    "question" and "context", or a Parquet table with question and context columns."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = [c for c in ("question", "context") if c not in table.column_names]
+        if missing:
+            raise ConvertError(f"{path}: no column {missing[0]!r} (columns: {table.column_names}); calibration "
+                               "tables need question and context columns")
+        rows = list(zip(table.column("question").to_pylist(), table.column("context").to_pylist()))
+    elif path.name.endswith((".json", ".json.gz")):
+        from pipeline import squad
+
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "data" in data:
+            rows = [(q["question"], q["context"]) for q in squad.questions(data["data"])]
+        elif isinstance(data, list) and all(isinstance(r, dict) and {"question", "context"} <= set(r) for r in data):
+            rows = [(r["question"], r["context"]) for r in data]
+        else:
+            raise ConvertError(f"{path}: expected SQuAD JSON ({{\"data\": [...]}}) or a list of objects with "
+                               "\"question\" and \"context\"")
+    else:
+        raise ConvertError(f"{path}: calibration data must be .parquet, .json or .json.gz")
+    rows = [(q, c) for q, c in rows if isinstance(q, str) and isinstance(c, str) and q.strip() and c.strip()]
+    if len(rows) < 2:
+        raise ConvertError(f"{path}: {len(rows)} usable question(s); calibration needs at least 2 "
+                           "(some are held out to check the int8 IR)")
+    return [q for q, _ in rows], [c for _, c in rows]
+
+
+def split_calibration(n: int, calibrate: int, check: int = CHECK_QUESTIONS,
+                      seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the questions to calibrate on and of those held out to check on: disjoint, drawn at random
+    (file order groups questions by article), at most a quarter of a small file held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = min(check, max(1, n // 4))
+    return order[held:held + calibrate], order[:held]
+
+
+def calibration_feeds(session, windows) -> list[dict[str, np.ndarray]]:
+    """One feed per window, by the graph's input names and dtypes, each at the window's own length (padding
+    would enter the activation statistics) unless the graph fixes its length."""
+    def feed(i: int) -> dict[str, np.ndarray]:
+        w = windows.take(np.array([i]), None if session.fixed_seq_len else int(windows.lengths[i]))
+        arrays = {"input_ids": w.input_ids, "attention_mask": w.attention_mask, "token_type_ids": w.token_type_ids}
+        return {name: arrays[role].astype(session.dtypes[role]) for role, name in session.inputs.items()}
+
+    return [feed(i) for i in range(len(windows))]
+
+
+def write_openvino_int8(model_dir: Path, fp32_graph: Path, calibration: str | Path | None = None,
+                        questions: int = CALIBRATION_QUESTIONS, threads: int | None = None) -> dict:
+    """NNCF post-training int8 of ``fp32_graph`` (ONNX or IR) for OpenVINO, as ``model_dir/model-int8.xml``.
+
+    Calibrated on the windows of ``questions`` questions of ``calibration`` (see read_calibration; None: SQuAD
+    v1.1 train), cut by pipeline.windows with the directory's tokenizer and window settings, exactly as the job
+    cuts them; checked against the fp32 graph's logits (OpenVINO, f32) on the windows of held-out questions.
+    Nothing is written unless the check passes. ``threads``: OpenVINO threads for the check (None: all cores);
+    NNCF's own inference uses every core the process may run on.
+    """
+    nncf = require("nncf", "convert", WHAT)
+    ov = require("openvino", "convert", WHAT)
+    from pipeline.backends import OPENVINO_INT8_GRAPH
+    from pipeline.model_dir import load_spec
+    from pipeline.openvino_session import OpenVinoQASession
+    from pipeline.windows import load_tokenizer, make_windows
+
+    threads = threads or len(os.sched_getaffinity(0))
+    source = calibration_file(calibration)
+    probe = load_spec(model_dir)  # input/output name overrides of the directory's qa_spec.json
+    reference = OpenVinoQASession(fp32_graph, threads, probe.input_names, probe.output_names, precision="fp32")
+    if reference.fixed_batch not in (None, 1):
+        raise ConvertError(f"{fp32_graph}: fixes its batch at {reference.fixed_batch}; calibration feeds one "
+                           "window at a time (export it with a dynamic batch axis)")
+    spec = load_spec(model_dir, fixed_seq_len=reference.fixed_seq_len)
+    tok = load_tokenizer(spec.tokenizer_file, spec.lowercase)
+    qs, cs = read_calibration(source)
+    calibrate, check = split_calibration(len(qs), questions)
+
+    def cut(idx: np.ndarray):
+        return make_windows(tok, [qs[i] for i in idx], [cs[i] for i in idx], spec.windows,
+                            pad_to=reference.fixed_seq_len)[0]
+
+    calibration_windows, check_windows = cut(calibrate), cut(check)
+    items = calibration_feeds(reference, calibration_windows)
+    model = nncf.quantize(ov.Core().read_model(str(fp32_graph)), nncf.Dataset(items),
+                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+    fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    if not fake_quantize:
+        raise ConvertError(f"{fp32_graph}: NNCF found nothing to quantize; the int8 IR was not written")
+    dst = model_dir / OPENVINO_INT8_GRAPH
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:  # same file system: the moves below are renames
+        staged = Path(tmp) / dst.name
+        # fp32 constants kept as they are (save_model's default halves them to fp16): only NNCF's rounding.
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        feeds = (check_windows.input_ids, check_windows.attention_mask, check_windows.token_type_ids)
+        int8 = OpenVinoQASession(staged, threads, probe.input_names, probe.output_names, precision="int8")
+        diff = check_close(f"{dst} (NNCF int8)", int8.run(*feeds), reference.run(*feeds),
+                           check_windows.attention_mask, NNCF_INT8_TOL)
+        os.replace(staged.with_suffix(".bin"), dst.with_suffix(".bin"))
+        os.replace(staged, dst)  # last: graph_file looks for the .xml
+    return {"openvino_int8_max_diff": diff, "openvino_int8": {
+        "graph": dst.name, "from": fp32_graph.name, "calibration": str(source),
+        "calibration_questions": len(calibrate), "calibration_windows": len(calibration_windows),
+        "check_questions": len(check), "check_windows": len(check_windows), "fake_quantize_ops": fake_quantize}}
+
+
 # ---------------------------------------------------------------- model directory
 
 
@@ -424,9 +580,10 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def export_checked(exported: Exported, dst: Path, options: ConvertOptions, source: str,
-                   keep_fused: Path | None = None) -> dict:
+                   keep_fused: Path | None = None, keep_fp32: Path | None = None) -> dict:
     """The one export path (users' checkpoints and models.export_qa): the torch module -> fp32 ONNX, checked
-    against the module's logits -> post_process (optimize, int8) -> the graph at ``dst``; returns the max diffs."""
+    against the module's logits -> post_process (optimize, int8) -> the graph at ``dst``; returns the max diffs.
+    ``keep_fp32`` also keeps the checked fp32 export there (what the OpenVINO int8 IR is quantized from)."""
     feeds = sample_inputs(exported.vocab_size, exported.input_names)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
@@ -434,12 +591,14 @@ def export_checked(exported: Exported, dst: Path, options: ConvertOptions, sourc
         report = {"source_max_diff": check_close(f"{source} -> ONNX", onnx_logits(fp32, feeds),
                                                  torch_logits(exported, feeds), feeds["attention_mask"], FP32_TOL)}
         report.update(post_process(fp32, dst, options, exported, feeds, keep_fused))
+        if keep_fp32:
+            shutil.copy(fp32, keep_fp32)
     return report
 
 
-def convert_torch(src: Path, dst: Path, kind: str, options: ConvertOptions) -> dict:
+def convert_torch(src: Path, dst: Path, kind: str, options: ConvertOptions, keep_fp32: Path | None = None) -> dict:
     exported = load_hf(src) if kind == "hf" else load_tf1(src)
-    report = export_checked(exported, dst / "model.onnx", options, str(src))
+    report = export_checked(exported, dst / "model.onnx", options, str(src), keep_fp32=keep_fp32)
     write_json(dst / "config.json", exported.config)
     return report
 
@@ -448,7 +607,7 @@ def require_tools(kind: str, options: ConvertOptions) -> None:
     """Import the optional tools converting a ``kind`` source needs, so a missing one is named up front."""
     needed = {"hf": ["torch", "transformers", "onnx"], "tf1": ["torch", "transformers", "onnx", "tensorflow"],
               "onnx": ["onnx"] if options.optimize or options.quantize else []}.get(kind, [])
-    for module in needed:
+    for module in needed + (["openvino", "nncf"] if options.openvino_int8 else []):
         require(module, "convert", WHAT)
 
 
@@ -479,28 +638,43 @@ def copy_openvino(src: Path, dst: Path, options: ConvertOptions) -> dict:
     return {}
 
 
+def _convert_into(src: Path, dst: Path, kind: str, options: ConvertOptions, fp32: Path) -> tuple[dict, Path]:
+    """The model directory's files; returns the checks' report and the fp32 graph (an hf/tf1 export is kept
+    at ``fp32`` when the OpenVINO int8 IR is to be made from it)."""
+    if kind in ("hf", "tf1"):
+        report = convert_torch(src, dst, kind, options, keep_fp32=fp32 if options.openvino_int8 else None)
+    elif kind == "onnx":
+        from pipeline.backends import graph_file
+
+        fp32 = graph_file(src, "openvino")  # model-fp32.onnx beside an int8 model.onnx, else the graph
+        report = convert_onnx(src, dst, options)
+    else:
+        report = copy_openvino(src, dst, options)
+    if kind != "tf1" and (src / "config.json").exists() and not (dst / "config.json").exists():
+        shutil.copy(src / "config.json", dst / "config.json")
+    write_tokenizer(src, dst)
+    spec = {**json.loads((src / "qa_spec.json").read_text()), **(options.spec or {})} \
+        if (src / "qa_spec.json").exists() else dict(options.spec or {})
+    if spec:
+        write_json(dst / "qa_spec.json", spec)
+    return report, fp32
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
     """Write a complete model directory at ``dst`` from ``src``; returns what was checked (max logit diffs)."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     kind = detect_source(src)
     require_tools(kind, options)
+    if options.openvino_int8:
+        calibration_file(options.calibration)
     if dst.exists() and any(dst.iterdir()):
         raise ConvertError(f"{dst}: exists and is not empty; choose a new directory or empty it")
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        if kind in ("hf", "tf1"):
-            report = convert_torch(src, dst, kind, options)
-        elif kind == "onnx":
-            report = convert_onnx(src, dst, options)
-        else:
-            report = copy_openvino(src, dst, options)
-        if kind != "tf1" and (src / "config.json").exists() and not (dst / "config.json").exists():
-            shutil.copy(src / "config.json", dst / "config.json")
-        write_tokenizer(src, dst)
-        spec = {**json.loads((src / "qa_spec.json").read_text()), **(options.spec or {})} \
-            if (src / "qa_spec.json").exists() else dict(options.spec or {})
-        if spec:
-            write_json(dst / "qa_spec.json", spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            report, fp32 = _convert_into(src, dst, kind, options, Path(tmp) / FP32_EXPORT)
+            if options.openvino_int8:  # last: it cuts calibration windows with the directory's tokenizer and spec
+                report.update(write_openvino_int8(dst, fp32, options.calibration, options.calibration_questions))
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)  # never leave a half-written model directory to be served
         raise
@@ -511,16 +685,38 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="checkpoint directory: Hugging Face, TF1 BERT, OpenVINO IR or ONNX")
-    p.add_argument("dst", help="model directory to write (must not exist or be empty)")
+    p.add_argument("src", nargs="?", help="checkpoint directory: Hugging Face, TF1 BERT, OpenVINO IR or ONNX")
+    p.add_argument("dst", nargs="?", help="model directory to write (must not exist or be empty)")
     p.add_argument("--optimize", action="store_true", help="fuse with onnxruntime.transformers.optimizer")
-    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 weight quantization")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="dynamic int8 weights for ONNX Runtime, and the NNCF int8 IR for OpenVINO")
+    p.add_argument("--no-openvino-int8", action="store_true", help="with --quantize int8: no OpenVINO int8 IR")
+    p.add_argument("--openvino-int8", metavar="DIR",
+                   help="instead of SRC DST: add model-int8.xml to model directory DIR, from its fp32 graph")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="questions and contexts for the int8 IR's calibration: SQuAD JSON (.json/.json.gz), or "
+                        ".parquet/.json rows with question and context (default: SQuAD v1.1 train)")
+    p.add_argument("--calibration-questions", type=int, default=CALIBRATION_QUESTIONS,
+                   help="questions whose windows calibrate the int8 IR")
     p.add_argument("--spec", metavar="NAME", help="fill qa_spec.json from this models/registry.py entry")
     p.add_argument("--max-seq-len", type=int)
     p.add_argument("--doc-stride", type=int)
     p.add_argument("--max-query-len", type=int)
     p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
     a = p.parse_args(argv)
+    if a.openvino_int8:
+        if a.src or a.dst or a.quantize or a.optimize or a.spec:
+            p.error("--openvino-int8 DIR takes no SRC DST, --quantize, --optimize or --spec")
+        from pipeline.backends import graph_file
+
+        d = Path(a.openvino_int8).expanduser()
+        for module in ("openvino", "nncf"):
+            require(module, "convert", WHAT)
+        report = write_openvino_int8(d, graph_file(d, "openvino"), a.calibration, a.calibration_questions)
+        print(json.dumps({"wrote": str(d / report["openvino_int8"]["graph"]), **report}, indent=2))
+        return
+    if not (a.src and a.dst):
+        p.error("give SRC DST, or --openvino-int8 DIR")
     spec: dict = {}
     if a.spec:
         from models.registry import get_entry
@@ -529,7 +725,10 @@ def main(argv: list[str] | None = None) -> None:
     given = {"max_seq_len": a.max_seq_len, "doc_stride": a.doc_stride, "max_query_len": a.max_query_len,
              "lowercase": a.lowercase}
     spec.update({k: v for k, v in given.items() if v is not None})
-    report = convert(a.src, a.dst, ConvertOptions(optimize=a.optimize, quantize=a.quantize, spec=spec or None))
+    options = ConvertOptions(optimize=a.optimize, quantize=a.quantize, spec=spec or None,
+                             openvino_int8=a.quantize == "int8" and not a.no_openvino_int8,
+                             calibration=a.calibration, calibration_questions=a.calibration_questions)
+    report = convert(a.src, a.dst, options)
     print(json.dumps({"wrote": str(a.dst), **report}, indent=2))
 
 
