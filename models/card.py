@@ -5,6 +5,12 @@ them, in ``models/minilm-squad/card.json`` (read by tests/test_default_model.py 
 table in ``models/README.md`` between the card markers.
 
     python -m models.card --slice /tmp/ev/s200.json --int8 /tmp/ev/int8.json --fp32 /tmp/ev/fp32.json
+
+Without ``--slice`` the existing card is updated with the reports given (the others stay as measured), e.g. a
+variant measured on another CPU, named with ``--cpu``:
+
+    python -m models.card --openvino-int8 /tmp/ev/ov_int8.json --openvino-int8-ir /tmp/ev/convert.json \
+        --cpu "AMD EPYC, AVX2 only"
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ BEGIN, END = "<!-- card:begin -->", "<!-- card:end -->"
 EVAL = "python -m jobs.evaluate --data ../shared/data/squad/dev-v1.1.json"
 
 
-def _figures(report: dict, command: str) -> dict:
+OPENVINO_INT8 = "--backend openvino --precision int8"
+OPENVINO_INT8_IR = "python -m models.convert --openvino-int8 models/minilm-squad"
+
+
+def _figures(report: dict, command: str, cpu: str | None = None, speed_note: str | None = None) -> dict:
+    """``cpu``: the CPU class it ran on, when not the card's (an Intel Xeon with AMX); ``speed_note``: what
+    the questions/s are worth (e.g. measured while the machine was shared)."""
     return {
         "exact_match": round(report["exact_match"], 2),
         "f1": round(report["f1"], 2),
@@ -27,6 +39,21 @@ def _figures(report: dict, command: str) -> dict:
         "questions_per_s": report["questions_per_s"],
         "sha256": report["model"]["sha256"],
         "command": command,
+        **({"cpu": cpu} if cpu else {}),
+        **({"speed_note": speed_note} if speed_note else {}),
+    }
+
+
+def openvino_int8_ir(convert_report: dict) -> dict:
+    """How model-int8.xml was made, from the report ``python -m models.convert --openvino-int8`` prints."""
+    info = convert_report["openvino_int8"]
+    return {
+        "command": OPENVINO_INT8_IR,
+        "from": info["from"],
+        "calibration": (f"{info['calibration_questions']} questions ({info['calibration_windows']} windows) of "
+                        f"{Path(info['calibration']).name}, drawn with seed 0"),
+        "check": (f"max start/end logit difference {convert_report['openvino_int8_max_diff']:.3f} from fp32 on the "
+                  f"{info['check_windows']} windows of {info['check_questions']} held-out questions"),
     }
 
 
@@ -64,21 +91,30 @@ def card_markdown(card: dict) -> str:
     optional = [("bf16 (model-fp32.onnx on OpenVINO, `--precision bf16`)", card.get("dev_bf16")),
                 ("int8 with per-tensor scales (not committed; the quantizer's old setting)",
                  card.get("dev_int8_per_tensor"))]
+    if card.get("dev_openvino_int8"):
+        optional.append(("int8, NNCF (model-int8.xml on OpenVINO, `--backend openvino --precision int8`)",
+                         card["dev_openvino_int8"]))
     rows += [(label, fig) for label, fig in optional if fig]
+    rows = [(f"{label}, on {fig['cpu']}" if fig and fig.get("cpu") else label, fig) for label, fig in rows]
     lines = [
-        f"`{card['name']}`: {card['base']}, fine-tuned on {card['data']} for {t['epochs']} epochs "
-        f"(step {t['step']}; max_seq_len {t['max_seq_len']}, doc_stride {t['doc_stride']}, batch {t['batch_size']}, "
-        f"lr {t['lr']}, linear decay planned over {t['epochs_planned']} epochs, "
-        "bf16 autocast on 2 CPU cores).", *([f"{t['note']}"] if t.get("note") else []), "",
+        (f"`{card['name']}`: {card['base']}, fine-tuned on {card['data']} for {t['epochs']} epochs "
+         f"(step {t['step']}; max_seq_len {t['max_seq_len']}, doc_stride {t['doc_stride']}, "
+         f"batch {t['batch_size']}, lr {t['lr']}, linear decay planned over {t['epochs_planned']} epochs, "
+         "bf16 autocast on 2 CPU cores)."), *([f"{t['note']}"] if t.get("note") else []), "",
         "| variant | SQuAD v1.1 dev | EM | F1 | questions/s (2 cores, one actor) |", "| --- | --- | --- | --- | --- |",
     ]
     for label, fig in rows:
         if fig:
             speed = f"{fig['questions_per_s']:.1f}" if fig["count"] > 1000 else "(too few to time: Ray start-up dominates)"
+            speed += f" ({fig['speed_note']})" if fig.get("speed_note") else ""
             lines.append(f"| {label} | {fig['count']} questions | {fig['exact_match']:.2f} | {fig['f1']:.2f} | {speed} |")
         else:
             lines.append(f"| {label} | not measured for this export | | | |")
-    lines += ["", "Reproduce:", "", "```", t["command"], t["export"]]
+    ir = card.get("openvino_int8_ir")
+    if ir:
+        lines += ["", (f"`model-int8.xml` (NNCF post-training int8, `model_type=TRANSFORMER`) is quantized "
+                       f"from `{ir['from']}`, calibrated on {ir['calibration']}; {ir['check']}.")]
+    lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else [])]
     lines += [fig["command"] for _, fig in rows if fig]
     lines += ["```", "", "Figures are written by `python -m models.card` from the reports of those commands."]
     return "\n".join(lines)
@@ -86,18 +122,37 @@ def card_markdown(card: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slice", required=True, help="report of jobs.evaluate --limit 200 on the int8 model")
+    p.add_argument("--slice", help="report of jobs.evaluate --limit 200 on the int8 model (omit to update the "
+                                   "existing card with the reports given)")
     p.add_argument("--int8", help="report of the full dev set, int8 model")
     p.add_argument("--fp32", help="report of the full dev set, fp32 model")
     p.add_argument("--bf16", help="report of the full dev set, --precision bf16 (OpenVINO)")
     p.add_argument("--int8-per-tensor", help="report of the full dev set, int8 with per-tensor weight scales")
+    p.add_argument("--openvino-int8", help=f"report of the full dev set, {OPENVINO_INT8} (model-int8.xml)")
+    p.add_argument("--openvino-int8-ir", help=f"the JSON `{OPENVINO_INT8_IR}` printed")
+    p.add_argument("--cpu", help="the CPU class of the reports given, when not the card's Intel Xeon with AMX")
+    p.add_argument("--speed-note", help="what the questions/s of the reports given are worth, e.g. 'shared machine'")
     p.add_argument("--note", default="", help="how the run went, e.g. a re-planned schedule")
     p.add_argument("--train-config", default=str(Path("~/.cache/qa-train/minilm/train_config.json").expanduser()))
     a = p.parse_args(argv)
-    load = lambda path: json.loads(Path(path).read_text()) if path else None  # noqa: E731
-    training = load(MODEL_DIR / "training.json")
-    card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note,
-                      load(a.bf16), load(a.int8_per_tensor))
+    def load(path):
+        return json.loads(Path(path).read_text()) if path else None
+
+    if a.slice:
+        training = load(MODEL_DIR / "training.json")
+        card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note,
+                          load(a.bf16), load(a.int8_per_tensor))
+    else:
+        card = load(MODEL_DIR / "card.json")
+        given = {"dev_int8": (a.int8, EVAL), "dev_fp32": (a.fp32, f"{EVAL} --model models/minilm-squad/model-fp32.onnx"),
+                 "dev_bf16": (a.bf16, f"{EVAL} --precision bf16"),
+                 "dev_int8_per_tensor": (a.int8_per_tensor, f"{EVAL} --model PER_TENSOR_INT8_DIR")}
+        card.update({k: _figures(load(path), command, a.cpu, a.speed_note) for k, (path, command) in given.items()
+                     if path})
+    if a.openvino_int8:
+        card["dev_openvino_int8"] = _figures(load(a.openvino_int8), f"{EVAL} {OPENVINO_INT8}", a.cpu, a.speed_note)
+    if a.openvino_int8_ir:
+        card["openvino_int8_ir"] = openvino_int8_ir(load(a.openvino_int8_ir))
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     readme = MODELS / "README.md"
     text = readme.read_text()
