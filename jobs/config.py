@@ -62,8 +62,10 @@ class JobConfig:
     backend: str = field(default=AUTO, metadata=flag(
         "auto: OpenVINO for model.xml, ONNX Runtime for model.onnx", choices=BACKEND_CHOICES))
     precision: str = field(default="fp32", metadata=flag(
-        "bf16: OpenVINO runs the model's fp32 graph with bfloat16 matmuls on CPUs that have them "
-        "(AMX, AVX512-BF16), f32 elsewhere; needs pip install openvino", choices=PRECISIONS))
+        "fp32: the graph as it is (the default model's model.onnx is ONNX Runtime int8); bf16: OpenVINO runs the "
+        "model's fp32 graph with bfloat16 matmuls on CPUs that have them (AMX, AVX512-BF16), f32 elsewhere; int8: "
+        "OpenVINO serves the directory's NNCF int8 IR (model-int8.xml); OpenVINO needs pip install openvino",
+        choices=PRECISIONS))
     mode: str = field(default="error", metadata=flag(
         "when the output exists: fail (error), replace it (overwrite), or finish an interrupted run (resume)",
         choices=MODES))

@@ -152,6 +152,7 @@ def job_identity(cfg: JobConfig, spec: ModelSpec, in_fs: pafs.FileSystem, in_fil
         "decode": asdict(cfg.decode),
         "windows": asdict(spec.windows),
         "model_sha256": model["sha256"],
+        "weights_sha256": model["weights_sha256"],
         "tokenizer_sha256": model["tokenizer_sha256"],
         "spec_sha256": model["spec_sha256"],
         "backend": cfg.backend,

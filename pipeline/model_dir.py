@@ -50,6 +50,9 @@ class ModelSpec:
             "directory": str(self.directory),
             "model_file": str(self.model_file),
             "sha256": file_sha256(self.model_file),
+            # An OpenVINO IR keeps its weights beside the .xml: a changed .bin is a different model.
+            "weights_sha256": file_sha256(self.model_file.with_suffix(".bin")) if self.model_file.suffix == ".xml"
+            else None,
             "tokenizer_file": str(self.tokenizer_file),
             "tokenizer_sha256": file_sha256(self.tokenizer_file),
             "spec_sha256": file_sha256(self.directory / SPEC_FILE) if (self.directory / SPEC_FILE).exists() else None,
