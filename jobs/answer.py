@@ -30,12 +30,13 @@ from pipeline.extras import exits_on_missing_extra
 from pipeline.fanout import QuestionsError
 from pipeline.lake import TableError
 from pipeline.model_dir import ModelDirError
+from pipeline.poison import ModelCrashLoopError
 from pipeline.session import ModelLoadError
 from pipeline.units import InputFileError
 
 # What a user can fix from the message alone: bad paths, columns, model directories, an output in the way.
 USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadError, InputFileError, QuestionsError,
-               ClusterAddressError, TableError, FileNotFoundError, KeyError)
+               ClusterAddressError, TableError, ModelCrashLoopError, FileNotFoundError, KeyError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
@@ -81,6 +82,7 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
         "units_answered_now": len(job.pending) if done.layout else 0,
         "rows_staged_before": job.staged_rows,
         "errors_by_kind_this_run": dict(done.totals.times.errors),
+        "retries": asdict(done.retries),  # rows that crashed the model process, passes, restarts (jobs/execute.py)
         "ray": {} if done.layout is None else {"concurrency": done.layout.actors,
                                                "cpus_per_actor": done.layout.cpus_per_actor,
                                                "cluster_cpus": done.layout.cluster_cpus},

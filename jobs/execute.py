@@ -1,4 +1,29 @@
-"""The driver's second step, and the only one that touches Ray: answer a plan's pending units into staging."""
+"""The driver's second step, and the only one that touches Ray: answer a plan's pending units into staging.
+
+Bounded retries, and poison rows (pipeline/poison.py). Ray Data restarts a pool's actors and retries their
+tasks without limit by default, so a row that crashes the model process (a native fault in a runtime) would
+be retried forever. Here every limit is finite, and a crash costs only the rows that cause it:
+
+- A pass answers pieces of read units (the first: every pending unit whole), one piece per actor task and one
+  task in flight per actor, so a crash is charged to the one piece its actor was answering (the actor reads
+  its own Parquet rows, so a second task in flight would prefetch nothing).
+- Ray retries a piece whose actor process died on it on the restarted actor, CRASHES_PER_PASS (3) attempts
+  in all (``max_task_retries=2``); a Python exception is not retried. Ray Data then drops that piece's block
+  and goes on (``DataContext.max_errored_blocks = -1``), so one poison unit does not stop the others.
+- After the pass the driver compares what was staged with the pass's pieces. A piece not staged crashed its
+  actor 3 times: it is split in halves for the next pass, down to single rows; a single row that crashes it
+  3 times is written by the driver with ``error`` "crashed the model process" and no answer. A unit of R
+  rows takes at most 1 + ceil(log2 R) passes.
+- Exceptions raised in actors or write tasks (which Ray Data would drop with their blocks) are reported to
+  the driver, which raises the first once the pass is over: they fail the job as before.
+- A pass may restart actors ``poison.restart_budget(pieces)`` times: 3 for each of max(10, 10% of its pieces)
+  poison pieces. A restarted actor past the budget loads no model and fails its calls with
+  ModelCrashLoopError, which ends the job in seconds (a broken model, not poison rows). Ray's
+  ``max_restarts`` is that budget + 1, so no actor runs out of restarts first (a fixed pool never replaces an
+  actor gone for good, and a pass without actors waits 30 minutes for Ray Data's no-progress timeout).
+- An actor that dies while starting (not restarting) fails the job at once
+  (``DataContext.max_consecutive_actor_init_deaths`` = 0, Ray Data's default).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.plan import JobPlan
+from pipeline import poison
 from pipeline.answer import StageTotals
+from pipeline.poison import CRASHES_PER_PASS, Piece
 
 LARGE_MODEL_BYTES = 256 * 2**20
 REPORT_GRACE_S = 10.0  # how long the last actor reports may take to arrive after the last write
@@ -29,6 +56,17 @@ class ActorLayout:
 
 
 @dataclass(frozen=True)
+class Retries:
+    """What crashes of the model process cost this run (the manifest's ``retries``)."""
+
+    crashed_rows: tuple = ()  # ids of the rows written with error "crashed the model process"
+    passes: int = 0  # passes over pieces of units; 1 when no piece crashed its actor 3 times
+    pieces_retried: int = 0  # pieces answered again, halves of pieces that crashed their actor 3 times
+    actor_restarts: int = 0  # actor processes restarted after a crash, in all passes
+    attempts_per_piece: int = CRASHES_PER_PASS
+
+
+@dataclass(frozen=True)
 class Execution:
     """What ``execute`` did: the layout it chose, the actors' totals, and when."""
 
@@ -36,6 +74,7 @@ class Execution:
     totals: StageTotals = field(default_factory=StageTotals)
     started_at: float = 0.0
     finished_at: float = 0.0
+    retries: Retries = field(default_factory=Retries)
 
 
 def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int | None,
@@ -72,31 +111,89 @@ def execute(plan: JobPlan) -> Execution:
 def _answer(plan: JobPlan, started: float) -> Execution:
     import ray
 
-    from jobs.ray_stage import ActorSettings, AnswerActor, StagedParquetDatasink, stage_stats
+    from jobs.ray_stage import ActorSettings, stage_stats
 
     cfg = plan.config
     start_ray(cfg.address, cfg.verbose)
     ctx = ray.data.DataContext.get_current()
     # No preserve_order: output files are named by read unit, so completion order changes nothing.
     ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
+    ctx.max_errored_blocks = -1  # a piece that crashed its actor 3 times leaves the pass, not the job (above)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     actors, threads = actor_layout(cluster_cpus, cfg.concurrency, cfg.cpus_per_actor, plan.model_bytes)
     settings = ActorSettings(plan.model_dir, threads, plan.columns, cfg.decode, cfg.windows, cfg.batch_tokens,
                              cfg.backend, cfg.precision, cfg.wide)
     stats = stage_stats()
-    ds = ray.data.from_items([u.as_row() for u in plan.pending], override_num_blocks=len(plan.pending))
-    ds = ds.map_batches(
-        AnswerActor,
-        fn_constructor_kwargs={"fs": plan.input_fs, "settings": settings, "questions": plan.questions,
-                               "stats": stats},
-        batch_format="pyarrow", batch_size=1, num_cpus=threads,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-    )
     rows = plan.rows_in - plan.staged_rows
+    pieces, crashed, passes, retried = [poison.whole(u) for u in plan.pending], [], 0, 0
     with ProgressReporter(stats, rows, cfg.progress_every_s):
-        ds.write_datasink(StagedParquetDatasink(plan.output), ray_remote_args={"num_cpus": 0})
-    totals = _final_totals(stats, rows)
-    return Execution(ActorLayout(actors, threads, cluster_cpus), totals, started, time.time())
+        while pieces:
+            passes += 1
+            failed = _answer_pass(plan, settings, stats, pieces, min(actors, len(pieces)))
+            if failed:
+                split = sum(p.length > 1 for p in failed)
+                print(f"retry: {len(failed)} of {len(pieces)} pieces of read units crashed the model process "
+                      f"{CRASHES_PER_PASS} times each: {split} to answer again in halves, {len(failed) - split} "
+                      f"single rows to write with error {poison.CRASHED!r}", flush=True)
+            pieces, alone = poison.after_crashes(failed)
+            crashed += alone
+            retried += len(pieces)
+    ids = [_write_crashed(plan, p) for p in crashed]
+    totals = _final_totals(stats, rows - len(crashed))
+    retries = Retries(tuple(ids), passes, retried, ray.get(stats.restart_count.remote()))
+    return Execution(ActorLayout(actors, threads, cluster_cpus), totals, started, time.time(), retries)
+
+
+def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], actors: int) -> list[Piece]:
+    """Answer ``pieces`` into staging; the pieces that crashed their actor CRASHES_PER_PASS times (not staged).
+    Raises the first exception an actor or write task reported."""
+    import ray
+
+    from jobs.ray_stage import AnswerActor, StagedParquetDatasink
+    from pipeline.commit import part_name
+
+    budget = poison.restart_budget(len(pieces))
+    ray.get(stats.begin_pass.remote(budget))
+    ds = ray.data.from_items([p.as_row(plan.rows_per_input_row) for p in pieces], override_num_blocks=len(pieces))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for an actor pool's restarts and retries (unset, both are -1:
+        # unlimited), only the ray_remote_args it calls deprecated; check again before Ray 2.64 removes them.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            AnswerActor,
+            fn_constructor_kwargs={"fs": plan.input_fs, "settings": settings, "questions": plan.questions,
+                                   "stats": stats},
+            batch_format="pyarrow", batch_size=1, num_cpus=settings.threads,
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            max_restarts=budget + 1, max_task_retries=CRASHES_PER_PASS - 1,
+        )
+    sink = StagedParquetDatasink(plan.output, stats)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    failure = ray.get(stats.first_failure.remote())
+    if failure is not None:
+        raise failure[1]
+    staged = [(w["unit"], w["first_row"], w["rows"]) for w in sink.written]
+    failed, leftovers = poison.unstaged(pieces, staged, plan.rows_per_input_row)
+    for unit, first, _ in leftovers:
+        plan.output.fs.delete_file(f"{plan.output.staging}/{part_name(plan.output.run, unit, first)}")
+    return failed
+
+
+def _write_crashed(plan: JobPlan, piece: Piece) -> str | int | float:
+    """Stage the output of one input row that crashed the model process, read here on the driver; its id."""
+    import pyarrow as pa
+
+    from pipeline.commit import ROW_COLUMN, UNIT_COLUMN
+    from pipeline.units import UnitReader
+
+    documents = UnitReader(plan.input_fs).read(piece.read_unit)
+    rows = poison.crashed_rows(documents, plan.questions, plan.config.wide, plan.config.decode.top_k)
+    first = piece.first_row(plan.rows_per_input_row)
+    rows = rows.append_column(UNIT_COLUMN, pa.array([piece.unit.index] * rows.num_rows, pa.int64()))
+    rows = rows.append_column(ROW_COLUMN, pa.array(range(first, first + rows.num_rows), pa.int64()))
+    plan.output.write_block(rows)
+    row_id = documents.column(plan.config.columns.id)[0].as_py()
+    return row_id if isinstance(row_id, (str, int, float)) else str(row_id)  # the manifest is JSON
 
 
 def _final_totals(stats, rows: int) -> StageTotals:

@@ -20,7 +20,8 @@ from pipeline.answer import Answerer, StageTimes, StageTotals
 from pipeline.backends import load_model
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
 from pipeline.config import Columns, DecodeSettings, WindowOverrides
-from pipeline.units import ReadUnit, UnitReader
+from pipeline.poison import crash_loop, unit_and_first_row
+from pipeline.units import UnitReader
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,36 @@ class ActorReport:
 @ray.remote(num_cpus=0)
 class StageStats:
     """Latest report of each answering actor, for the manifest and progress lines; placed on the driver's node
-    (see ``stage_stats``) so that losing a worker node cannot take the job's bookkeeping with it."""
+    (see ``stage_stats``) so that losing a worker node cannot take the job's bookkeeping with it.
+
+    Also what the driver learns of a pass besides the staged rows: the actor restarts (crashes) counted
+    against the pass's budget, and the exceptions raised in actors and write tasks, which Ray Data drops
+    with their blocks once a pass may lose blocks (jobs/execute.py)."""
 
     def __init__(self) -> None:
         self.reports: dict[str, ActorReport] = {}
         self.ready_at: dict[str, float] = {}
+        self.restarts = 0  # in this run
+        self.pass_restarts, self.pass_budget = 0, 0
+        self.failures: list[tuple[str, Exception]] = []
+
+    def begin_pass(self, restart_budget: int) -> None:
+        self.pass_restarts, self.pass_budget = 0, restart_budget
+
+    def restarted(self) -> tuple[int, int]:
+        """An actor process came back after a crash: (restarts in this pass so far, the pass's budget)."""
+        self.restarts += 1
+        self.pass_restarts += 1
+        return self.pass_restarts, self.pass_budget
+
+    def failed(self, where: str, error: Exception) -> None:
+        self.failures.append((where, error))
+
+    def first_failure(self) -> tuple[str, Exception] | None:
+        return self.failures[0] if self.failures else None
+
+    def restart_count(self) -> int:
+        return self.restarts
 
     def report(self, report: ActorReport) -> None:
         self.reports[report.actor] = report
@@ -76,34 +102,55 @@ def stage_stats() -> ray.actor.ActorHandle:
 
 
 class AnswerActor:
-    """Loads one model session in __init__; in __call__ reads read units and answers them.
+    """Loads one model session in __init__; in __call__ reads read units (or pieces of them) and answers them.
 
-    Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it.
+    Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it. An actor
+    process that Ray restarts after a crash counts the restart against its pass's budget before loading the
+    model; past the budget it loads nothing and every call raises ModelCrashLoopError, so a model that
+    crashes on everything ends the pass in seconds instead of being split down to single rows.
     """
 
     def __init__(self, fs: pafs.FileSystem, settings: ActorSettings, questions: pa.Table | None = None,
                  stats: ray.actor.ActorHandle | None = None):
+        self.reader = UnitReader(fs)
+        self.questions, self.wide, self.id_column = questions, settings.wide, settings.columns.id
+        self.stats = stats
+        self.name = f"{os.getpid()}@{socket.gethostname()}"
+        self.calls = 0
+        self.input_rows = 0
+        self.refusal: Exception | None = None
+        if stats is not None and ray.get_runtime_context().was_current_actor_reconstructed:
+            restarts, budget = ray.get(stats.restarted.remote())
+            if restarts > budget:
+                self.refusal = crash_loop(restarts, budget)
+                return
         t0 = time.perf_counter()
         spec, session = load_model(settings.model_dir, settings.threads, settings.windows.as_dict(),
                                    settings.backend, settings.precision)
         self.answerer = Answerer(spec, session, settings.columns, settings.decode, settings.batch_tokens)
         self.answerer.times.model_load = time.perf_counter() - t0
-        self.reader = UnitReader(fs)
-        self.questions, self.wide = questions, settings.wide
-        self.stats = stats
-        self.name = f"{os.getpid()}@{socket.gethostname()}"
         if stats is not None:
             stats.ready.remote(self.name, time.time())  # not awaited: bookkeeping never holds up answers
-        self.calls = 0
-        self.input_rows = 0
 
     def __call__(self, units: pa.Table) -> pa.Table:
-        """Units as rows (ReadUnit.as_row) in; their answered rows out, with the hidden unit/row columns."""
+        """Units as rows (ReadUnit.as_row, or poison.Piece.as_row) in; their answered rows out, with the hidden
+        unit/row columns (a piece's rows numbered from its first row inside its unit)."""
         self.calls += 1
+        try:
+            return self._answer(units)
+        except Exception as exc:  # re-raised; reported first because Ray Data drops a failed block silently
+            report_failure(self.stats, f"answering actor {self.name}", exc)
+            raise
+
+    def _answer(self, units: pa.Table) -> pa.Table:
+        if self.refusal is not None:
+            raise self.refusal
         faults.actor_call(self.calls)
         parts = []
         for u in units.to_pylist():
-            documents = self.reader.read(ReadUnit.from_row(u))
+            unit, first = unit_and_first_row(u)
+            documents = self.reader.read(unit)
+            faults.actor_rows(documents, self.id_column)
             if self.questions is None:
                 answered = self.answerer(documents)
             else:
@@ -112,8 +159,8 @@ class AnswerActor:
                     answered = fanout.to_wide(answered, documents, self.questions)
             self.input_rows += documents.num_rows
             n = answered.num_rows
-            answered = answered.append_column(UNIT_COLUMN, pa.array([u["index"]] * n, pa.int64()))
-            parts.append(answered.append_column(ROW_COLUMN, pa.array(range(n), pa.int64())))
+            answered = answered.append_column(UNIT_COLUMN, pa.array([unit.index] * n, pa.int64()))
+            parts.append(answered.append_column(ROW_COLUMN, pa.array(range(first, first + n), pa.int64())))
         if self.stats is not None:
             # Fire and forget: a report lost with its node (or a slow stats actor) must not fail an answer.
             self.stats.report.remote(ActorReport(self.name, copy.deepcopy(self.answerer.times), self.input_rows))
@@ -124,16 +171,20 @@ class StagedParquetDatasink(Datasink[list]):
     """Ray Data's write hooks around pipeline.commit: write tasks stage files per read unit;
     the driver commits after the last one (see OutputCommitter)."""
 
-    def __init__(self, committer: OutputCommitter):
-        self.committer = committer
+    def __init__(self, committer: OutputCommitter, stats: ray.actor.ActorHandle | None = None):
+        self.committer, self.stats = committer, stats
         self.written: list[dict] = []
 
     def write(self, blocks, ctx) -> list[dict]:
         written = []
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if table.num_rows:
-                written.extend(self.committer.write_block(table))
+        try:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                if table.num_rows:
+                    written.extend(self.committer.write_block(table))
+        except Exception as exc:  # re-raised; reported first because Ray Data drops a failed block silently
+            report_failure(self.stats, "write task", exc)
+            raise
         return written
 
     def on_write_complete(self, write_result) -> None:
@@ -141,3 +192,10 @@ class StagedParquetDatasink(Datasink[list]):
 
     def get_name(self) -> str:
         return "StagedParquet"
+
+
+def report_failure(stats: ray.actor.ActorHandle | None, where: str, error: Exception) -> None:
+    """Tell the driver of an exception before the task fails with it (awaited: the driver reads the failures
+    once the pass is over, and this task's failure may end the pass)."""
+    if stats is not None:
+        ray.get(stats.failed.remote(where, error))

@@ -7,7 +7,10 @@ takes the job's driver down with it (a driver lost mid-run); the driver's points
 
 ``QA_FAULT_CRASH_ON_CALL=<k>`` with ``QA_FAULT_MARKER=<file>`` kills an answering actor on its k-th call, once
 per marker file (the restarted actor goes on); ``QA_FAULT_SLOW_CALL_S=<t>`` makes every actor call take t
-seconds longer.
+seconds longer. ``QA_FAULT_CRASH_ON_ROW=<id>`` kills an answering actor every time it is about to answer rows
+among which is the row whose id column holds ``<id>`` (compared as text): a poison row, as a native fault in
+a runtime would be (pipeline/poison.py); ``QA_FAULT_RESTART_BUDGET=<n>`` lowers a pass's budget of actor
+restarts to n, so that a test reaches the crash-loop stop in a few crashes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 CRASH_POINTS = ("stage", "commit-list", "publish", "manifest")
 EXIT_CODE = 17
@@ -55,3 +62,15 @@ def actor_call(call: int) -> None:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         os._exit(EXIT_CODE)
+
+
+def actor_rows(documents: pa.Table, id_column: str) -> None:
+    """An answering actor is about to answer ``documents``: crash if the poison row is among them."""
+    poison = os.environ.get("QA_FAULT_CRASH_ON_ROW")
+    if poison is not None and any(str(i) == poison for i in documents.column(id_column).to_pylist()):
+        os._exit(EXIT_CODE)
+
+
+def restart_budget_cap() -> int | None:
+    value = os.environ.get("QA_FAULT_RESTART_BUDGET")
+    return int(value) if value else None
