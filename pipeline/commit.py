@@ -11,7 +11,8 @@ Layout under the output root OUT (any pyarrow filesystem: local or s3://)::
 
 Staged names are a function of the plan and the run, so a retried write task rewrites the same name with
 the same rows. A file or marker appears under its name only once complete: written under a temporary name
-and renamed on local disks, one PUT on object stores (atomic there; no copy). Readers that skip
+and renamed on local disks, one upload on object stores (an object appears only when its upload completes;
+no copy). Readers that skip
 ``_``-prefixed paths (pyarrow, Spark, Hive, Ray) never see staging; readers that need the committed set read
 ``_manifest.json``.
 
@@ -250,7 +251,7 @@ class OutputCommitter:
                 tmp = f"{self.staging}/_tmp-{uuid.uuid4().hex}.parquet"
                 pq.write_table(rows, tmp, filesystem=self.fs)
                 self.fs.move(tmp, final)
-            else:  # one PUT: an object appears whole or not at all
+            else:  # one upload: an object appears whole or not at all
                 pq.write_table(rows, final, filesystem=self.fs)
             written.append({"unit": unit, "first_row": first, "rows": rows.num_rows})
             if crash_at() is not None:
@@ -343,7 +344,7 @@ class OutputCommitter:
 
 def write_json_atomic(fs: pafs.FileSystem, path: str, value) -> None:
     """A marker that appears whole or not at all: a temporary name then a rename on local disks; on object
-    stores one PUT, which is atomic there."""
+    stores one upload, which is atomic there (pyarrow completes it, single or multipart, at close)."""
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         write_json(fs, tmp, value)
