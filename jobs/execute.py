@@ -168,7 +168,10 @@ def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], actors: in
             max_restarts=budget + 1, max_task_retries=CRASHES_PER_PASS - 1,
         )
     sink = StagedParquetDatasink(plan.output, stats)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    # As many write tasks at once as answering actors: they keep up, and reuse their worker processes. Unbounded
+    # (num_cpus=0 admits any number), each staged unit started a Python worker of its own (16 on 2 cores for a
+    # 15-unit job: a tiny job took 25 s instead of 12).
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=max(1, actors))
     failure = ray.get(stats.first_failure.remote())
     if failure is not None:
         raise failure[1]

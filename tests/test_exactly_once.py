@@ -91,11 +91,10 @@ def crash(common: list[str], point: str) -> int:
     """Run the job into a crash point (QA_FAULT_CRASH_AT), then end whatever Ray processes its session left."""
     p = job(common, {"QA_FAULT_CRASH_AT": point}, start_new_session=True)
     p.communicate(timeout=300)
-    try:
-        os.killpg(p.pid, signal.SIGKILL)  # the local Ray the driver started, in its session
-    except ProcessLookupError:
-        pass
-    for _ in range(300):  # Ray worker processes that left the session notice the dead raylet and exit
+    # The local Ray the driver started lives in its session, some of it in process groups of its own: SIGKILL
+    # the whole session rather than wait for those to notice the dead raylet.
+    for _ in range(300):
+        subprocess.run(["pkill", "-KILL", "-s", str(p.pid)], capture_output=True)
         if subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True).returncode != 0:
             break
         time.sleep(0.1)
