@@ -275,63 +275,67 @@ def quiet_ray() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*(actor|ActorPool|concurrency).*")
 
 
-class LeaseKeeper:
+class Ticker:
+    """Calls ``tick()`` every ``every`` seconds on a daemon thread while the context is open."""
+
+    def __init__(self, every_s: float, name: str):
+        self.every = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=name)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.tick()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class LeaseKeeper(Ticker):
     """Renews the run's lease on the output every LEASE_RENEW_S while the job answers."""
 
     def __init__(self, output):
         from pipeline.commit import LEASE_RENEW_S
 
-        self.output, self.every = output, LEASE_RENEW_S
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="qa-lease")
+        super().__init__(LEASE_RENEW_S, "qa-lease")
+        self.output = output
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self.output.renew_lease()
-            except OSError:  # a missed renewal only shortens the lease; the next tick retries
-                continue
+    def tick(self) -> None:
+        try:
+            self.output.renew_lease()
+        except OSError:  # a missed renewal only shortens the lease; the next tick retries
+            pass
 
 
-class ProgressReporter:
+class ProgressReporter(Ticker):
     """A line every few seconds for headless logs (`ray job logs`): rows done/total, rate, ETA."""
 
     def __init__(self, stats, total_rows: int, every_s: float):
-        self.stats, self.total, self.every = stats, total_rows, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="qa-progress")
+        super().__init__(every_s, "qa-progress")
+        self.stats, self.total = stats, total_rows
         self._t0 = time.time()
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
+    def tick(self) -> None:
         import ray
 
-        while not self._stop.wait(self.every):
-            try:
-                totals = ray.get(self.stats.totals.remote(), timeout=10)
-            except Exception:  # noqa: BLE001, S112 - progress must never fail the job; the next tick retries
-                continue
-            done = totals.input_rows
-            elapsed = time.time() - self._t0
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
-            print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.1f}%), "
-                  f"{rate:.1f} rows/s, ETA {_clock(eta)}, {totals.actors} actors", flush=True)
+        try:
+            totals = ray.get(self.stats.totals.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress must never fail the job; the next tick retries
+            return
+        done = totals.input_rows
+        elapsed = time.time() - self._t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.1f}%), "
+              f"{rate:.1f} rows/s, ETA {_clock(eta)}, {totals.actors} actors", flush=True)
 
 
 def _clock(seconds: float) -> str:
