@@ -22,8 +22,8 @@ from dataclasses import asdict
 
 from jobs.cluster import ClusterAddressError
 from jobs.config import JobConfig, add_flags, from_args
-from jobs.execute import Execution, execute
-from jobs.plan import JobPlan, plan
+from jobs.execute import Execution, cluster_nodes, execute
+from jobs.plan import JobPlan, PrecisionChoiceError, plan, settle_precision
 from models.registry import ModelNotFoundError
 from pipeline.commit import OutputExistsError
 from pipeline.extras import exits_on_missing_extra
@@ -31,12 +31,13 @@ from pipeline.fanout import QuestionsError
 from pipeline.lake import TableError
 from pipeline.model_dir import ModelDirError
 from pipeline.poison import ModelCrashLoopError
+from pipeline.precision import NodeCpu
 from pipeline.session import ModelLoadError
 from pipeline.units import InputFileError
 
 # What a user can fix from the message alone: bad paths, columns, model directories, an output in the way.
 USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadError, InputFileError, QuestionsError,
-               ClusterAddressError, TableError, ModelCrashLoopError, FileNotFoundError, KeyError)
+               ClusterAddressError, TableError, ModelCrashLoopError, PrecisionChoiceError, FileNotFoundError, KeyError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
@@ -52,6 +53,8 @@ def run(cfg: JobConfig) -> dict:
     """Run the job and return its manifest (also written, last, to OUTPUT/_manifest.json)."""
     started = time.time()
     job = plan(cfg)
+    if job.chooses_on_cluster:  # --precision auto: one variant for the CPUs of every node (nothing to answer: here)
+        job = settle_precision(job, cluster_nodes(cfg) if job.pending else [NodeCpu.here()])
     if job.state.committed is not None:
         print(f"output {cfg.output} already holds this job's committed answers; nothing to do", flush=True)
         return job.state.committed
@@ -74,6 +77,7 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
     fields = {
         "config": asdict(job.config),
         "model": job.spec.identity(),
+        "precision": job.precision.as_dict(),  # the variant served, and why (pipeline/precision.py)
         "input_files": list(job.input_files),
         "skipped_bad_files": list(job.skipped_files),
         "read_units": len(job.units),

@@ -14,7 +14,7 @@ import typing
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from pipeline.backends import AUTO, BACKEND_CHOICES, PRECISIONS, resolve_backend
+from pipeline.backends import AUTO, BACKEND_CHOICES, PRECISION_CHOICES, resolve_backend
 from pipeline.commit import MODES
 from pipeline.config import Columns, DecodeSettings, WindowOverrides
 
@@ -61,11 +61,12 @@ class JobConfig:
     address: str | None = field(default=None, metadata=flag("Ray cluster address (default: RAY_ADDRESS, else local)"))
     backend: str = field(default=AUTO, metadata=flag(
         "auto: OpenVINO for model.xml, ONNX Runtime for model.onnx", choices=BACKEND_CHOICES))
-    precision: str = field(default="fp32", metadata=flag(
-        "fp32: the graph as it is (the default model's model.onnx is ONNX Runtime int8); bf16: OpenVINO runs the "
-        "model's fp32 graph with bfloat16 matmuls on CPUs that have them (AMX, AVX512-BF16), f32 elsewhere; int8: "
-        "OpenVINO serves the directory's NNCF int8 IR (model-int8.xml); OpenVINO needs pip install openvino",
-        choices=PRECISIONS))
+    precision: str = field(default="auto", metadata=flag(
+        "auto: per job, the fastest variant within 0.5 SQuAD F1 of fp32 on the CPU classes of the cluster's nodes, "
+        "from the model card's measurements (README: Precision); fp32: the graph as it is (the default model's "
+        "model.onnx is ONNX Runtime int8); bf16: OpenVINO runs the model's fp32 graph with bfloat16 matmuls on "
+        "CPUs that have them (AMX, AVX512-BF16), f32 elsewhere; int8: OpenVINO serves the directory's NNCF int8 IR "
+        "(model-int8.xml)", choices=PRECISION_CHOICES))
     mode: str = field(default="error", metadata=flag(
         "when the output exists: fail (error), replace it (overwrite), or finish an interrupted run (resume)",
         choices=MODES))

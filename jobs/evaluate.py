@@ -20,6 +20,7 @@ from pathlib import Path
 
 from jobs.config import JobConfig, add_flags, from_args
 from pipeline import squad
+from pipeline.cpu import cpu_class
 
 
 def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = None, **job_options) -> dict:
@@ -47,6 +48,8 @@ def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = Non
         "questions_per_s_answering": manifest["questions_per_s"],
         "wall_s": round(elapsed, 2),
         "model": manifest["model"],
+        "precision": manifest["precision"],  # the variant that answered (pipeline/precision.py)
+        "cpu_class": cpu_class(),  # of the machine that ran it (the driver's; a local run's actors share it)
         "data": str(data),
         "limit": limit,
         "errors": manifest["errors"],

@@ -121,8 +121,9 @@ def _answer(plan: JobPlan, started: float) -> Execution:
     ctx.max_errored_blocks = -1  # a piece that crashed its actor 3 times leaves the pass, not the job (above)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     actors, threads = actor_layout(cluster_cpus, cfg.concurrency, cfg.cpus_per_actor, plan.model_bytes)
+    variant = plan.precision.variant
     settings = ActorSettings(plan.model_dir, threads, plan.columns, cfg.decode, cfg.windows, cfg.batch_tokens,
-                             cfg.backend, cfg.precision, cfg.wide)
+                             variant.backend, variant.precision, cfg.wide)
     stats = stage_stats()
     rows = plan.rows_in - plan.staged_rows
     pieces, crashed, passes, retried = [poison.whole(u) for u in plan.pending], [], 0, 0
@@ -209,6 +210,30 @@ def _final_totals(stats, rows: int) -> StageTotals:
         if totals.input_rows >= rows or time.monotonic() > deadline:
             return totals
         time.sleep(0.05)
+
+
+def cluster_nodes(cfg) -> list:
+    """The CPU of every alive node with CPUs (``pipeline.precision.NodeCpu``), read on the node itself: what
+    ``--precision auto`` chooses for. Starts (or joins) Ray. A driver-only head (0 CPUs) runs no actor and
+    does not count."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.precision import NodeCpu
+
+    with contextlib.nullcontext() if cfg.verbose else ray_lines_to_file():
+        start_ray(cfg.address, cfg.verbose)
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        probe = ray.remote(num_cpus=0)(_cpu_flags)
+        flags = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+                         for node in nodes])
+    return [NodeCpu.from_flags(node, f) for node, f in zip(nodes, flags, strict=True)]
+
+
+def _cpu_flags() -> list[str]:
+    from pipeline.cpu import local_flags
+
+    return sorted(local_flags())
 
 
 def start_ray(address: str | None, verbose: bool) -> None:

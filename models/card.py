@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 MODELS = Path(__file__).resolve().parent
@@ -54,6 +55,31 @@ def openvino_int8_ir(convert_report: dict) -> dict:
                         f"{Path(info['calibration']).name}, drawn with seed 0"),
         "check": (f"max start/end logit difference {convert_report['openvino_int8_max_diff']:.3f} from fp32 on the "
                   f"{info['check_windows']} windows of {info['check_questions']} held-out questions"),
+    }
+
+
+def auto_precision_row(reports: list[dict], cpu: str, date: str) -> tuple[str, dict]:
+    """(CPU class, the card's ``auto_precision`` row) from ``jobs.evaluate`` reports of the variants on one
+    machine, the same questions each: what ``--precision auto`` chooses from (pipeline/precision.py). The
+    fp32 reference is OpenVINO's fp32 (the model's fp32 graph in f32)."""
+    classes = {r["cpu_class"] for r in reports}
+    counts = {r["count"] for r in reports}
+    if len(classes) != 1 or len(counts) != 1:
+        raise SystemExit(f"--auto-precision: reports from one CPU class on the same questions, got classes "
+                         f"{sorted(classes)} and counts {sorted(counts)}")
+    by_variant = {(r["precision"]["backend"], r["precision"]["precision"]): r for r in reports}
+    if ("openvino", "fp32") not in by_variant:
+        raise SystemExit("--auto-precision: needs the report of --backend openvino --precision fp32 (the reference)")
+    variants = sorted(({"backend": b, "precision": p, "f1": round(r["f1"], 2), "exact_match": round(r["exact_match"], 2),
+                        "questions_per_s": r["questions_per_s"]} for (b, p), r in by_variant.items()),
+                      key=lambda v: -v["questions_per_s"])
+    (count,) = counts
+    return classes.pop(), {
+        "fp32_f1": round(by_variant[("openvino", "fp32")]["f1"], 2),
+        "variants": variants,
+        "source": (f"{cpu}, {date}: {EVAL} --limit {count} --backend B --precision P for each variant; F1 on the "
+                   f"first {count} dev questions, questions/s of the whole job (a fresh local Ray, the default "
+                   "layout); python -m models.card --auto-precision REPORTS --cpu ... wrote this row"),
     }
 
 
@@ -114,6 +140,12 @@ def card_markdown(card: dict) -> str:
     if ir:
         lines += ["", (f"`model-int8.xml` (NNCF post-training int8, `model_type=TRANSFORMER`) is quantized "
                        f"from `{ir['from']}`, calibrated on {ir['calibration']}; {ir['check']}.")]
+    for cls, row in sorted(card.get("auto_precision", {}).items()):
+        lines += ["", (f"`--precision auto` on CPU class `{cls}` (fp32 F1 {row['fp32_f1']:.2f}; it takes the fastest "
+                       f"variant within 0.5 F1, pipeline/precision.py). {row['source']}."), "",
+                  "| backend | precision | F1 | questions/s |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {v['backend']} | {v['precision']} | {v['f1']:.2f} | {v['questions_per_s']:.1f} |"
+                  for v in row["variants"]]
     lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else [])]
     lines += [fig["command"] for _, fig in rows if fig]
     lines += ["```", "", "Figures are written by `python -m models.card` from the reports of those commands."]
@@ -130,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--int8-per-tensor", help="report of the full dev set, int8 with per-tensor weight scales")
     p.add_argument("--openvino-int8", help=f"report of the full dev set, {OPENVINO_INT8} (model-int8.xml)")
     p.add_argument("--openvino-int8-ir", help=f"the JSON `{OPENVINO_INT8_IR}` printed")
+    p.add_argument("--auto-precision", nargs="+", metavar="REPORT",
+                   help="reports of jobs.evaluate --limit N --backend B --precision P, one per variant, on this "
+                        "CPU: the card's auto_precision row for its class (--precision auto decides from it)")
     p.add_argument("--cpu", help="the CPU class of the reports given, when not the card's Intel Xeon with AMX")
     p.add_argument("--speed-note", help="what the questions/s of the reports given are worth, e.g. 'shared machine'")
     p.add_argument("--note", default="", help="how the run went, e.g. a re-planned schedule")
@@ -153,6 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         card["dev_openvino_int8"] = _figures(load(a.openvino_int8), f"{EVAL} {OPENVINO_INT8}", a.cpu, a.speed_note)
     if a.openvino_int8_ir:
         card["openvino_int8_ir"] = openvino_int8_ir(load(a.openvino_int8_ir))
+    if a.auto_precision:
+        if not a.cpu:
+            p.error("--auto-precision needs --cpu (the machine the reports ran on)")
+        cls, row = auto_precision_row([load(r) for r in a.auto_precision], a.cpu, time.strftime("%Y-%m-%d"))
+        card["auto_precision"] = {**card.get("auto_precision", {}), cls: row}
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     readme = MODELS / "README.md"
     text = readme.read_text()

@@ -17,10 +17,13 @@ Precisions, and the graph each reads from a model directory (``graph_file``):
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from .model_dir import FP32_GRAPH, ModelDirError, ModelSpec, find_model_file, load_spec
+from .precision import AUTO as PRECISION_AUTO
+from .precision import Variant
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ BACKEND_CHOICES = (AUTO, *BACKENDS)
 # fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them;
 # int8: the directory's NNCF int8 IR (see the module docstring).
 PRECISIONS = ("fp32", "bf16", "int8")
+# auto (the default): one of the above per job, chosen from the CPUs of the cluster's nodes (pipeline/precision.py)
+PRECISION_CHOICES = (PRECISION_AUTO, *PRECISIONS)
 # OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
 # CPUs with AMX/AVX512-BF16 and answers would then depend on which node an actor lands on. int8: the IR's
 # quantized ops run in int8, the rest (softmax, layer norms, GELU) in f32 on every CPU.
@@ -58,8 +63,10 @@ def resolve_backend(backend: str, precision: str) -> str:
     """
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
+    if precision == PRECISION_AUTO:  # chosen per job (pipeline/precision.py), among this backend's variants
+        return backend
     able = [b for b in BACKENDS.values() if precision in b.precisions]
     if backend == AUTO:
         return able[0].name if len(able) == 1 else AUTO
@@ -93,6 +100,36 @@ def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path
         if (d / FP32_GRAPH).exists():
             return d / FP32_GRAPH
     return find_model_file(d)
+
+
+def servable_variants(model: str | Path, backend: str = AUTO) -> frozenset[Variant]:
+    """The (backend, precision) pairs a model directory has graphs for, as ``--precision auto`` may choose them
+    (``--backend`` narrows them to one runtime). A graph file given is served only as it is.
+
+    OpenVINO's fp32 and bf16 need an OpenVINO-readable fp32 graph (``model-fp32.onnx``, or an IR): a
+    directory's ``model.onnx`` may be ONNX Runtime's int8 graph, which OpenVINO cannot read, and telling would
+    mean reading it. OpenVINO's int8 needs ``model-int8.xml``. Nothing OpenVINO unless it is installed.
+    """
+    d = Path(model)
+    if not d.is_dir():
+        return frozenset()
+    main = find_model_file(d)
+    found = set()
+    if main.suffix == ".onnx":
+        found.add(Variant("onnxruntime", "fp32"))
+    if importlib.util.find_spec("openvino") is not None:
+        if main.suffix == ".xml" or (d / FP32_GRAPH).exists():
+            found |= {Variant("openvino", "fp32"), Variant("openvino", "bf16")}
+        if (d / OPENVINO_INT8_GRAPH).exists():
+            found.add(Variant("openvino", "int8"))
+    return frozenset(v for v in found if backend in (AUTO, v.backend))
+
+
+def graph_as_is(model: str | Path, backend: str = AUTO) -> Variant:
+    """The variant that serves a model's own graph in its own arithmetic: what ``--precision auto`` falls back
+    to without measurements (and what the job served before auto existed)."""
+    model_file = find_model_file(model)
+    return Variant(runtime_for(model_file, load_spec(model_file).spec, resolve_backend(backend, "fp32")), "fp32")
 
 
 def runtime_for(model_file: Path, spec: dict, backend: str) -> str:

@@ -186,6 +186,13 @@ class OutputCommitter:
         path = f"{self.staging}/{JOB_FILE}"
         return read_json(self.fs, path) if self._exists(path) else None
 
+    def recorded_job(self) -> dict | None:
+        """The identity of the job staged here, else of the committed one (its manifest's), if any: what a
+        resume of ``--precision auto`` reads its variant from."""
+        manifest_path = f"{self.root}/{MANIFEST}"
+        return self.staged_job() or (read_json(self.fs, manifest_path).get("job")
+                                     if self._exists(manifest_path) else None)
+
     def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
         """Take the output for this run: the lease, staging cleared for overwrite, ``stale`` parts removed."""
         self._refuse_if_leased()  # again: another run may have started since the plan

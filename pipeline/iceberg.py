@@ -296,6 +296,11 @@ class IcebergCommitter:
     def staged_job(self) -> dict | None:
         return self.staged.staged_job()
 
+    def recorded_job(self) -> dict | None:
+        """The staged job's identity; a committed one is known only by its hash (snapshot summary), so a
+        ``--precision auto`` re-run finds it after choosing the same variant again."""
+        return self.staged.staged_job()
+
     def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
         self.staged.begin(mode, job, stale)
 

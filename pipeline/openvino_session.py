@@ -2,8 +2,8 @@
 
 Serves OpenVINO IR (model.xml + model.bin; e.g. Open Model Zoo's BERT-large SQuAD models, whose int8 variant
 runs only here) and also plain ONNX files. Input and output roles are resolved by session.py's tables, so a
-graph is accepted or refused the same way by both backends. ``openvino`` is an optional dependency
-(``pip install openvino``), imported when a session is made.
+graph is accepted or refused the same way by both backends. ``openvino`` is a core dependency
+(``--precision auto`` serves it where it is fastest), imported only when a session is made.
 """
 
 from __future__ import annotations

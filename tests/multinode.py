@@ -80,7 +80,7 @@ class LocalCluster:
         self.address = ""
         self.dashboard = ""
 
-    def _start(self, name: str, args: list[str], num_cpus: int) -> Node:
+    def _start(self, name: str, args: list[str], num_cpus: int, env: dict | None = None) -> Node:
         node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
         workers = free_range(WORKER_PORTS)
         cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
@@ -90,7 +90,7 @@ class LocalCluster:
                "--min-worker-port", str(workers), "--max-worker-port", str(workers + WORKER_PORTS - 1),
                "--disable-usage-stats", *args]
         log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - the node outlives this call
-        process = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, process, num_cpus)
         self.nodes.append(node)
         return node
@@ -107,9 +107,10 @@ class LocalCluster:
         self.wait_for_cpus(num_cpus, nodes=1)
         return head
 
-    def add_worker(self, num_cpus: int = 1) -> Node:
+    def add_worker(self, num_cpus: int = 1, env: dict | None = None) -> Node:
+        """A worker node; ``env`` adds to its environment, which its worker processes inherit."""
         expected = sum(n.num_cpus for n in self.nodes) + num_cpus
-        node = self._start(f"worker-{len(self.nodes)}", ["--address", self.address], num_cpus)
+        node = self._start(f"worker-{len(self.nodes)}", ["--address", self.address], num_cpus, env)
         self.wait_for_cpus(expected, nodes=len(self.nodes))
         return node
 

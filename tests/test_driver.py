@@ -73,18 +73,21 @@ def test_actor_and_commit_without_a_cluster(tiny_model, tmp_path):
 
     from jobs.answer import commit
     from jobs.execute import Execution
-    from jobs.plan import plan
+    from jobs.plan import plan, settle_precision
     from jobs.ray_stage import ActorSettings, AnswerActor
     from pipeline.answer import Answerer
     from pipeline.backends import load_model
     from pipeline.commit import ROW_COLUMN, UNIT_COLUMN
+    from pipeline.precision import NodeCpu
 
     table = write_input(tmp_path)
     cfg = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=str(tiny_model),
                     rows_per_unit=4)
-    job = plan(cfg)
+    job = settle_precision(plan(cfg), [NodeCpu.here()])  # --precision auto, for this machine's CPU
+    assert job.identity["precision_choice"] == {"backend": "onnxruntime", "precision": "fp32"}  # all it can serve
+    variant = job.precision.variant
     settings = ActorSettings(job.model_dir, 1, job.columns, cfg.decode, cfg.windows, cfg.batch_tokens,
-                             cfg.backend, cfg.precision)
+                             variant.backend, variant.precision)
     actor = AnswerActor(pafs.LocalFileSystem(), settings)
     job.output.begin(cfg.mode, job.identity)
     for unit in job.pending:

@@ -1,0 +1,152 @@
+"""``--precision auto``: one variant (backend, precision) for a whole job, from measurements kept as data.
+
+A model directory can be served several ways: ONNX Runtime with its ``model.onnx`` as it is (our exports':
+dynamic int8), OpenVINO with the fp32 graph at f32 or with bfloat16 matmuls, or OpenVINO with the NNCF int8
+IR. Which is fastest depends on the CPU (VNNI, AMX, BF16), and whether a variant answers as well as fp32 is
+a measurement, not a rule. So the choice is data: per CPU class (``pipeline.cpu``), each variant's F1 on the
+default model's SQuAD dev questions and its questions/s, in the ``auto_precision`` table of a model card
+(``card.json``; ``models/README.md`` says how it was measured). The rule, applied to that data:
+
+1. A variant is eligible on a class when its F1 is within ``F1_TOLERANCE`` (0.5) of that class's fp32 F1,
+   the directory has its graph (``servable``), and every node can compute it (bf16 needs bfloat16 matmuls on
+   every node: one node without them rules bf16 out for all, so answers never depend on where an actor lands).
+2. One choice for the job: among variants eligible on every measured class present, the one whose worst
+   node class loses least against that class's own fastest eligible variant (max of the min of speed
+   ratios); ties go to the table's order. A class without measurements takes what the measured classes
+   choose, if it can compute it.
+3. No measured class present, or nothing common: the graph as it is (``fallback``), as before auto existed.
+
+Pure: the caller gives the table, the nodes' CPUs and the variants the directory can serve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .cpu import cpu_class, has_bf16_matmuls, local_flags
+
+AUTO = "auto"
+F1_TOLERANCE = 0.5  # points of SQuAD F1 below fp32 a variant may lose and still be chosen
+
+
+@dataclass(frozen=True, order=True)
+class Variant:
+    backend: str  # a name in pipeline.backends.BACKENDS
+    precision: str  # a name in pipeline.backends.PRECISIONS
+
+    def __str__(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One variant on one CPU class: F1 on the default model's dev questions, and its speed."""
+
+    variant: Variant
+    f1: float
+    questions_per_s: float
+
+
+@dataclass(frozen=True)
+class ClassMeasurements:
+    """A card's row for one CPU class."""
+
+    cpu_class: str
+    fp32_f1: float
+    variants: tuple[Measured, ...]
+    source: str = ""  # where, how and when it was measured
+
+
+@dataclass(frozen=True)
+class NodeCpu:
+    """What the choice needs to know of a node."""
+
+    node_id: str
+    cpu_class: str
+    bf16: bool  # bfloat16 matmuls (AMX or AVX-512 BF16)
+
+    @classmethod
+    def from_flags(cls, node_id: str, flags: Iterable[str]) -> NodeCpu:
+        flags = frozenset(flags)
+        return cls(node_id, cpu_class(flags), has_bf16_matmuls(flags))
+
+    @classmethod
+    def here(cls) -> NodeCpu:
+        """This machine's CPU (a job with nothing left to answer chooses for the driver's)."""
+        return cls.from_flags("local", local_flags())
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The variant a job runs, and why; recorded in the manifest and the job's identity."""
+
+    variant: Variant
+    requested: str  # "auto", or the precision forced on the command line
+    reason: str
+    cpu_classes: tuple[str, ...] = ()  # of the nodes it was chosen for
+
+    def identity(self) -> dict:
+        """What answers depend on: the variant, not how it was asked for (a forced int8 resumes auto's int8)."""
+        return {"backend": self.variant.backend, "precision": self.variant.precision}
+
+    def as_dict(self) -> dict:
+        return {**self.identity(), "requested": self.requested, "reason": self.reason,
+                "cpu_classes": list(self.cpu_classes)}
+
+
+def parse_table(card: Mapping) -> dict[str, ClassMeasurements]:
+    """The ``auto_precision`` table of a card (``{}`` when it has none); raises ValueError on a malformed one."""
+    table = card.get("auto_precision") or {}
+    try:
+        return {name: ClassMeasurements(
+            name, float(row["fp32_f1"]),
+            tuple(Measured(Variant(v["backend"], v["precision"]), float(v["f1"]), float(v["questions_per_s"]))
+                  for v in row["variants"]),
+            row.get("source", "")) for name, row in table.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed auto_precision table in the model card: {exc!r}") from exc
+
+
+def runnable(variant: Variant, nodes: Sequence[NodeCpu]) -> bool:
+    """Whether every node computes ``variant`` as measured: bf16 needs bfloat16 matmuls on all of them."""
+    return variant.precision != "bf16" or all(n.bf16 for n in nodes)
+
+
+def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], servable: Iterable[Variant],
+           fallback: Variant) -> PrecisionChoice:
+    """The one variant for a job on ``nodes`` (the module docstring has the rule)."""
+    servable = frozenset(servable)
+    classes = tuple(sorted({n.cpu_class for n in nodes}))
+    measured = [table[c] for c in classes if c in table]
+    if not measured:
+        return PrecisionChoice(fallback, AUTO, f"no measurements for CPU class {', '.join(classes) or '?'}: "
+                                               "the graph as it is", classes)
+    speeds: list[dict[Variant, float]] = []
+    for row in measured:
+        speeds.append({m.variant: m.questions_per_s for m in row.variants
+                       if m.f1 >= row.fp32_f1 - F1_TOLERANCE and m.variant in servable and runnable(m.variant, nodes)})
+    order = [m.variant for m in measured[0].variants]
+    common = [v for v in order if all(v in s for s in speeds)]
+    if not common:
+        return PrecisionChoice(fallback, AUTO, "no variant within 0.5 F1 of fp32 on every CPU class "
+                                               f"({', '.join(classes)}) that this model can be served in: "
+                                               "the graph as it is", classes)
+
+    def worst_ratio(v: Variant) -> float:
+        return min(s[v] / max(s.values()) for s in speeds)
+
+    best = max(common, key=lambda v: (worst_ratio(v), -order.index(v)))
+    unmeasured = [c for c in classes if c not in table]
+    detail = "; ".join(f"{row.cpu_class}: {s[best]:.1f} q/s, F1 {_f1(row, best):.2f} against fp32's {row.fp32_f1:.2f}"
+                       for row, s in zip(measured, speeds, strict=True))
+    note = f"; unmeasured class {', '.join(unmeasured)} runs it too" if unmeasured else ""
+    bf16_out = any(m.variant.precision == "bf16" for row in measured for m in row.variants) and \
+        not runnable(Variant("openvino", "bf16"), nodes)
+    why = " (bf16 ruled out: a node has no bfloat16 matmuls)" if bf16_out else ""
+    return PrecisionChoice(best, AUTO, f"fastest within {F1_TOLERANCE} F1 of fp32 on every node's CPU class{why}: "
+                                       f"{detail}{note}", classes)
+
+
+def _f1(row: ClassMeasurements, variant: Variant) -> float:
+    return next(m.f1 for m in row.variants if m.variant == variant)

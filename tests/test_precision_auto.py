@@ -1,0 +1,208 @@
+"""--precision auto: the choice from measured data (pure), and the job choosing it for its cluster's nodes.
+
+The pure half is pipeline.precision.choose on recorded flag sets of each CPU class. The job half runs real
+Ray: a cluster whose two worker nodes are of different classes (one reads a recorded Sapphire Rapids flag
+set through QA_CPUINFO, as its worker processes inherit it) picks the one variant both compute and records
+it; a resume whose cluster cannot compute the recorded variant refuses, and one that can reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import REPO
+from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS, ZEN4_EPYC
+
+from jobs.plan import DEFAULT_CARD, auto_table
+from pipeline.backends import BACKENDS, graph_as_is, servable_variants
+from pipeline.precision import F1_TOLERANCE, NodeCpu, Variant, choose, parse_table
+
+ORT = Variant("onnxruntime", "fp32")
+OV_FP32, OV_BF16, OV_INT8 = Variant("openvino", "fp32"), Variant("openvino", "bf16"), Variant("openvino", "int8")
+EVERY = frozenset({ORT, OV_FP32, OV_BF16, OV_INT8})
+
+
+def row(fp32_f1: float, *variants: tuple[Variant, float, float]) -> dict:
+    return {"fp32_f1": fp32_f1, "variants": [{"backend": v.backend, "precision": v.precision, "f1": f1,
+                                              "questions_per_s": qps} for v, f1, qps in variants]}
+
+
+# Made-up measurements in which every rule of the choice decides something.
+CARD = {"auto_precision": {
+    "amx": row(80.7, (OV_BF16, 80.6, 100.0), (OV_INT8, 80.8, 90.0), (OV_FP32, 80.7, 40.0), (ORT, 80.4, 30.0)),
+    "avx2": row(80.7, (OV_FP32, 80.7, 50.0), (ORT, 80.3, 45.0), (OV_INT8, 80.1, 60.0)),
+}}
+TABLE = parse_table(CARD)
+
+
+def node(name: str, flags: str) -> NodeCpu:
+    return NodeCpu.from_flags(name, flags.split())
+
+
+def test_one_class_takes_its_fastest_variant_within_tolerance():
+    amx = [node("a", SAPPHIRE_RAPIDS)]
+    assert (amx[0].cpu_class, amx[0].bf16) == ("amx", True)
+    assert choose(TABLE, amx, EVERY, ORT).variant == OV_BF16
+    # avx2: int8 is fastest (60) but 0.6 F1 below fp32 (> F1_TOLERANCE): the fastest within it is fp32
+    assert F1_TOLERANCE == 0.5
+    avx2 = [node("b", AVX2_EPYC)]
+    assert choose(TABLE, avx2, EVERY, ORT).variant == OV_FP32
+    # what the directory cannot serve is never chosen
+    assert choose(TABLE, amx, EVERY - {OV_BF16}, ORT).variant == OV_INT8
+    assert choose(TABLE, avx2, {ORT}, ORT).variant == ORT
+
+
+def test_mixed_classes_pick_one_common_variant():
+    """amx + avx2: bf16 is out for both (the avx2 node has no bfloat16 matmuls); of the variants eligible on
+    both, OpenVINO fp32 loses least on its worst class (amx 40/90, avx2 50/50) against int8 (avx2: not
+    eligible) and ONNX Runtime (amx 30/90)."""
+    nodes = [node("a", SAPPHIRE_RAPIDS), node("b", AVX2_EPYC), node("c", AVX2_EPYC)]
+    choice = choose(TABLE, nodes, EVERY, ORT)
+    assert choice.variant == OV_FP32 and choice.cpu_classes == ("amx", "avx2")
+    assert "bf16 ruled out" in choice.reason and "amx: 40.0 q/s" in choice.reason
+    assert choice.identity() == {"backend": "openvino", "precision": "fp32"}
+
+
+def test_unmeasured_classes():
+    zen4 = node("z", ZEN4_EPYC)  # avx512-vnni with bf16: no row in TABLE
+    assert (zen4.cpu_class, zen4.bf16) == ("avx512-vnni", True)
+    alone = choose(TABLE, [zen4], EVERY, ORT)
+    assert alone.variant == ORT and "no measurements for CPU class avx512-vnni" in alone.reason
+    # beside a measured class it runs what that class chooses, when it can compute it
+    with_amx = choose(TABLE, [zen4, node("a", SAPPHIRE_RAPIDS)], EVERY, ORT)
+    assert with_amx.variant == OV_BF16 and "unmeasured class avx512-vnni" in with_amx.reason
+    # nothing eligible everywhere: the graph as it is
+    assert choose(parse_table({"auto_precision": {"amx": row(80.0, (OV_BF16, 70.0, 9.0))}}),
+                  [node("a", SAPPHIRE_RAPIDS)], EVERY, ORT).variant == ORT
+
+
+def test_shipped_measurements_are_well_formed_and_servable():
+    """The default model's card: a row for the class of the machines this project measured, fp32 among its
+    variants, only known backends and precisions, and every variant one the directory serves."""
+    table = auto_table(str(REPO / "models" / "minilm-squad"))
+    assert table == parse_table(json.loads(DEFAULT_CARD.read_text())) and "avx2" in table
+    served = servable_variants(REPO / "models" / "minilm-squad")
+    for cls in table.values():
+        assert cls.source, f"{cls.cpu_class}: no source for its measurements"
+        for m in cls.variants:
+            assert m.variant.precision in BACKENDS[m.variant.backend].precisions and m.variant in served
+        assert abs(cls.fp32_f1 - next(m.f1 for m in cls.variants if m.variant == OV_FP32)) < 1e-9
+    assert graph_as_is(REPO / "models" / "minilm-squad") == ORT
+
+
+def test_servable_variants_follow_the_files(tiny_model, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    assert servable_variants(d) == {ORT}  # model.onnx may be ONNX Runtime's int8 graph: no OpenVINO variant
+    shutil.copy(d / "model.onnx", d / "model-fp32.onnx")
+    assert servable_variants(d) == {ORT, OV_FP32, OV_BF16}
+    assert servable_variants(d, "onnxruntime") == {ORT}
+    assert servable_variants(d / "model.onnx") == frozenset()  # a graph file: only as it is
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+N_ROWS = 120
+
+
+def model_with_card(tiny_model, tmp_path, card: dict):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model, d)
+    shutil.copy(d / "model.onnx", d / "model-fp32.onnx")  # the tiny graph is fp32: OpenVINO reads it too
+    (d / "card.json").write_text(json.dumps(card))
+    return d
+
+
+def write_input(tmp_path):
+    contexts = ["The king of France was born in Paris in 1789.", "The river runs by the city in the year one."]
+    pq.write_table(pa.table({"id": [f"r{i:03d}" for i in range(N_ROWS)],
+                             "question": [f"who is the king {i}?" for i in range(N_ROWS)],
+                             "context": [contexts[i % 2] for i in range(N_ROWS)]}), tmp_path / "in.parquet")
+    return tmp_path / "in.parquet"
+
+
+def cpuinfo(tmp_path, flags: str):
+    path = tmp_path / f"cpuinfo-{abs(hash(flags))}"
+    path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    return str(path)
+
+
+def job(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.answer", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_nodes_of_two_classes_get_one_recorded_choice(tiny_model, tmp_path, tmp_path_factory):
+    """A 0-CPU head, one worker node that reads as Sapphire Rapids (AMX, bf16), one as this AVX2 EPYC: the
+    job serves OpenVINO fp32 on both (the table's common choice), and the manifest and identity say so."""
+    from multinode import LocalCluster
+
+    model = model_with_card(tiny_model, tmp_path, CARD)
+    source = write_input(tmp_path)
+    cluster = LocalCluster(tmp_path_factory.mktemp("mixed"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        cluster.start_head()
+        cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)})
+        cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, AVX2_EPYC)})
+        out = tmp_path / "out"
+        done = job(["--input", str(source), "--output", str(out), "--model", str(model), "--rows-per-unit", "30",
+                    "--address", cluster.address], env=cluster.env)
+    finally:
+        cluster.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["precision"]["backend"] == "openvino" and manifest["precision"]["precision"] == "fp32"
+    assert manifest["precision"]["cpu_classes"] == ["amx", "avx2"] and manifest["precision"]["requested"] == "auto"
+    assert manifest["job"]["precision_choice"] == {"backend": "openvino", "precision": "fp32"}
+    assert manifest["model"]["model_file"].endswith("model-fp32.onnx")
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert sorted(ids) == [f"r{i:03d}" for i in range(N_ROWS)]
+
+
+def test_resume_keeps_the_recorded_choice_or_refuses(tiny_model, tmp_path):
+    """Killed after its first staged unit on a node that reads as AMX (auto chose bf16), the job resumes on
+    this AVX2 CPU only by refusing, naming the variant (its answers would differ); on the AMX-reading node
+    again it reuses bf16 and finishes, every row once."""
+    model = model_with_card(tiny_model, tmp_path, CARD)
+    source = write_input(tmp_path)
+    out = tmp_path / "out"
+    args = ["--input", str(source), "--output", str(out), "--model", str(model), "--rows-per-unit", "30",
+            "--concurrency", "1"]
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    amx = {**base, "QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)}
+    crashed = job(args, env={**amx, "QA_FAULT_CRASH_AT": "stage:1"})
+    assert crashed.returncode != 0
+    staged = json.loads((out / "_staging" / "_job.json").read_text())
+    assert staged["precision_choice"] == {"backend": "openvino", "precision": "bf16"}
+
+    refused = job([*args, "--mode", "resume"], env=base)
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    err = refused.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "openvino bf16" in err and "avx2" in err and "--mode overwrite" in err
+    assert not (out / "_manifest.json").exists()
+
+    forced = job([*args, "--mode", "resume", "--precision", "fp32", "--backend", "openvino"], env=base)
+    assert forced.returncode == 1 and "staged by a different job" in forced.stderr
+
+    resumed = job([*args, "--mode", "resume"], env=amx)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["precision"]["precision"] == "bf16" and "kept on resume" in manifest["precision"]["reason"]
+    assert manifest["rows_staged_before"] >= 30 and manifest["rows_out"] == N_ROWS
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert sorted(ids) == [f"r{i:03d}" for i in range(N_ROWS)]
+
+
+def test_node_cpu_reads_qa_cpuinfo(tmp_path):
+    """The hook the cluster tests rely on: a process started with QA_CPUINFO classifies that file's CPU."""
+    path = cpuinfo(tmp_path, SAPPHIRE_RAPIDS)
+    script = "from pipeline.precision import NodeCpu; n = NodeCpu.here(); print(n.cpu_class, n.bf16)"
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "QA_CPUINFO": path})
+    assert done.stdout.split() == ["amx", "True"], done.stderr
