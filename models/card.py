@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         training = load(MODEL_DIR / "training.json")
         card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note,
                           load(a.bf16), load(a.int8_per_tensor))
+        kept = load(MODEL_DIR / "card.json") or {}
+        if kept.get("auto_precision"):  # measured per CPU class, on other machines too: a new slice keeps them
+            card["auto_precision"] = kept["auto_precision"]
     else:
         card = load(MODEL_DIR / "card.json")
         given = {"dev_int8": (a.int8, EVAL), "dev_fp32": (a.fp32, f"{EVAL} --model models/minilm-squad/model-fp32.onnx"),

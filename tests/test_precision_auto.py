@@ -83,8 +83,9 @@ def test_unmeasured_classes():
 
 
 def test_shipped_measurements_are_well_formed_and_servable():
-    """The default model's card: a row for the class of the machines this project measured, fp32 among its
-    variants, only known backends and precisions, and every variant one the directory serves."""
+    """The default model's card: a row for the class of the machine CI runs on (avx2), where OpenVINO fp32 was
+    measured beside the others it is the reference, only known backends and precisions, and every variant one
+    the directory serves."""
     table = auto_table(str(REPO / "models" / "minilm-squad"))
     assert table == parse_table(json.loads(DEFAULT_CARD.read_text())) and "avx2" in table
     served = servable_variants(REPO / "models" / "minilm-squad")
@@ -92,7 +93,8 @@ def test_shipped_measurements_are_well_formed_and_servable():
         assert cls.source, f"{cls.cpu_class}: no source for its measurements"
         for m in cls.variants:
             assert m.variant.precision in BACKENDS[m.variant.backend].precisions and m.variant in served
-        assert abs(cls.fp32_f1 - next(m.f1 for m in cls.variants if m.variant == OV_FP32)) < 1e-9
+        fp32 = [m.f1 for m in cls.variants if m.variant == OV_FP32]
+        assert not fp32 or fp32 == [cls.fp32_f1]  # the reference, where it was measured with the others
     assert graph_as_is(REPO / "models" / "minilm-squad") == ORT
 
 
