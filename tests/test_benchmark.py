@@ -7,6 +7,7 @@ is exercised only where transformers<5 (the last versions with that pipeline) an
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,3 +109,49 @@ def test_tuning_scores_every_budget(tiny_model, tmp_path):
                                                                           (True, 64), (True, 4096)]
     # The tiny graph is fp32: batching changes no answer, so every budget scores the same.
     assert len({r["f1"] for r in rows}) == 1 and all(r["questions_per_s"] > 0 for r in rows)
+
+
+def test_marginal_rate_is_n_over_the_extra_seconds():
+    from jobs.benchmark.marginal import marginal_rate
+
+    # 100 more questions took 15 - 10 = 5 s more: 20 q/s, whatever the fixed start-up cost.
+    assert marginal_rate(100, 10.0, 15.0) == pytest.approx(20.0)
+    assert marginal_rate(100, 40.0, 45.0) == pytest.approx(20.0)
+    assert np.isnan(marginal_rate(100, 15.0, 15.0)) and np.isnan(marginal_rate(100, 16.0, 15.0))
+
+
+def test_marginal_table_names_the_cpu_class_and_ratios():
+    from jobs.benchmark.marginal import PEER_NAME, Row, Run, header, marginal_table, parse_variants
+    from jobs.benchmark.report import cpu_name
+    from pipeline.cpu import cpu_class
+
+    line = header("default", 50, 2)
+    assert f"(CPU class {cpu_class()})" in line and cpu_name() in line and "N=50 and 2N=100" in line
+    ours, peer = Row("our job, default", 50), Row(PEER_NAME, 50)
+    ours.runs_n, ours.runs_2n = [Run(50, 12.0, 55, {}, load=1.5)], [Run(100, 17.0, 110, {}, load=2.0)]
+    peer.runs_n, peer.runs_2n = [Run(50, 8.0, 50, {})], [Run(100, 18.0, 100, {})]  # 5 q/s
+    rows = marginal_table([ours, peer], [], PEER_NAME, with_f1=False).splitlines()
+    # 50 more questions in 5 s more: 10 q/s; 55 more windows: 11 windows/s; twice the peer's 50 / 10 s.
+    assert rows[2] == "| our job, default | 12.0 | 17.0 | 10.00 | 11.00 | 2.00 | - | - | 1.5, 2.0 |"
+    assert rows[3].startswith(f"| {PEER_NAME} | 8.0 | 18.0 | 5.00 | 5.00 | 1.00 |")
+    assert [v.flags for v in parse_variants("default; --precision int8")] == [(), ("--precision", "int8")]
+    with pytest.raises(ValueError, match="benchmark's to set"):
+        parse_variants("--model x")
+
+
+@pytest.mark.skipif(not os.environ.get("QA_BENCHMARK_E2E"), reason="four whole processes (two local Rays): "
+                    "30 s on an idle 2-core machine, minutes on a busy one; set QA_BENCHMARK_E2E=1")
+def test_marginal_mode_runs_whole_processes(tiny_model, tmp_path):
+    """Both systems as fresh processes on N and 2N questions, scored, in a table headed by the CPU class."""
+    if transformers_pipeline_available() is not None:
+        pytest.skip("needs torch and transformers<5 for the pipeline")
+    args = ["--data", str(squad_file(tmp_path / "squad.json")), "--mode", "marginal", "--models", "default=3",
+            "--model", str(tiny_model), "--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf")),
+            "--variants", "default", "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "r.json")]
+    assert benchmark.main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())["models"]["default"]
+    assert "CPU class" in result["text"].splitlines()[0]
+    assert [r["system"] for r in result["rows"]] == ["our job, default", "transformers pipeline"]
+    for r in result["rows"]:
+        assert len(r["seconds_n"]) == len(r["seconds_2n"]) == 1 and r["windows"][1] >= 6
+    assert result["rows"][0]["stages_2n"]["windows"] == result["rows"][0]["windows"][1]

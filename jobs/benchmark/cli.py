@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from jobs.benchmark import marginal
 from jobs.benchmark.peaks import exact_kernel_check, matmul_peak
 from jobs.benchmark.processes import PAUSE_PIDS, in_child
 from jobs.benchmark.report import cpu_name, stage_shares, table
@@ -34,16 +35,27 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--hf-weights", help="weights for that directory: .safetensors or a train_qa checkpoint.pt "
                                         "(default: MODEL/weights-bf16.safetensors, loaded as fp32)")
     p.add_argument("--hf-batch-size", type=int, default=8)
-    p.add_argument("--mode", choices=("compare", "actors", "tuning"), default="compare")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs every system gets (default: all)")
+    p.add_argument("--mode", choices=("compare", "actors", "tuning", "marginal"), default="compare")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs every system gets (default: all; --mode marginal: "
+                                                                      "the pipeline's threads, our job takes all)")
     p.add_argument("--budgets", default="2048,4096,8192,16384,32768", help="token budgets for --mode tuning")
-    p.add_argument("--rows-per-unit", type=int, help="our job's read unit (default: limit / 8, so that actors share)")
+    p.add_argument("--rows-per-unit", type=int, help="our job's read unit (default: limit / 8, so that actors share; "
+                                                          "--mode marginal: N / (4 x CPUs))")
     p.add_argument("--repeats", type=int, default=1, help="runs of each system; the median is reported")
     p.add_argument("--report", help="write every number as JSON here")
     p.add_argument("--pause-pid", type=int, action="append", default=[],
                    help="a noisy neighbour to SIGSTOP while each system is measured (SIGCONT right after); "
                         "repeatable")
-    p.add_argument("--work-dir", help="job inputs/outputs (default: a temporary directory, removed)")
+    p.add_argument("--work-dir", help="job inputs/outputs (default: a temporary directory, removed; --mode marginal: "
+                                      "out/benchmark-marginal, kept: the random models built there are reused)")
+    m = p.add_argument_group("--mode marginal (jobs/benchmark/marginal.py)")
+    m.add_argument("--models", default=marginal.DEFAULT_MODELS,
+                   help="NAME=N,...: models (default: --model; bert-base, bert-large: random weights) and their N "
+                        "(default %(default)s)")
+    m.add_argument("--variants", default=marginal.DEFAULT_VARIANTS,
+                   help="';'-separated job flag sets, 'default' for none; pass as --variants='...' "
+                        "(default %(default)r)")
+    m.add_argument("--calibration", help="calibration data for the random models' NNCF IR (default: models.convert's)")
     a = p.parse_args(argv)
     return a, from_args(a, JobConfig, only=JOB_FLAGS, input="-", output="-")
 
@@ -51,6 +63,11 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     a, job = parse_args(argv)
     PAUSE_PIDS[:] = a.pause_pid
+    if a.mode == "marginal":
+        report = marginal.main(a, job.model, job.decode.max_answer_len)
+        if a.report:
+            Path(a.report).write_text(json.dumps(report, indent=2, default=str))
+        return 0
     model_dir = Path(job.model)
     fp32 = Path(a.fp32_model) if a.fp32_model else model_dir / "model-fp32.onnx"
     n = a.limit or len(squad_items(a.data, None))

@@ -156,6 +156,12 @@ def hf_model_dir(model_dir: str, dst: str, weights: str | None = None) -> str:
     return str(out)
 
 
+def pipeline_kwargs(windows: dict, batch_size: int) -> dict:
+    """The question-answering pipeline's call arguments for our window settings (see run_transformers)."""
+    return {"batch_size": batch_size, "max_seq_len": windows["max_seq_len"], "doc_stride": windows["doc_stride"],
+            "max_question_len": windows["max_query_len"], "max_answer_len": windows["max_answer_len"]}
+
+
 def run_transformers(data: str, limit: int | None, hf_dir: str, threads: int, batch_size: int,
                      windows: dict) -> dict:
     """The transformers question-answering pipeline (PyTorch eager, fp32) with our window settings.
@@ -169,8 +175,7 @@ def run_transformers(data: str, limit: int | None, hf_dir: str, threads: int, ba
     torch.set_num_interop_threads(1)
     items = squad_items(data, limit)
     qa = pipeline("question-answering", model=hf_dir, tokenizer=hf_dir, device=-1)
-    kwargs = {"batch_size": batch_size, "max_seq_len": windows["max_seq_len"], "doc_stride": windows["doc_stride"],
-              "max_question_len": windows["max_query_len"], "max_answer_len": windows["max_answer_len"]}
+    kwargs = pipeline_kwargs(windows, batch_size)
     enc = qa.tokenizer([q["question"] for q in items], [q["context"] for q in items], truncation="only_second",
                        max_length=windows["max_seq_len"], stride=windows["doc_stride"],
                        return_overflowing_tokens=True)

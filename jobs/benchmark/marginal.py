@@ -1,0 +1,443 @@
+"""--mode marginal: questions/s of whole processes, our job as a user runs it against the transformers pipeline.
+
+    python -m jobs.benchmark --data dev-v1.1.json --mode marginal \\
+        --models default=1000,bert-base=150,bert-large=40 \\
+        --variants="default; --backend onnxruntime --precision fp32; --backend openvino --precision fp32; --precision int8"
+
+For each model, each system runs as a fresh process on the first N and the first 2N questions of --data, and
+its wall time T is taken from outside, start to exit: imports, Ray, model load and writing are all in it. The
+marginal rate N / (T(2N) - T(N)) is what one more question costs once a process is up, the rate a large table
+sees; the fixed costs cancel.
+
+- Our job: ``python -m jobs.answer --input IN --output OUT --address local`` plus a variant's flags. A variant
+  is a set of job flags; "default" adds none (no --backend, no --precision), so it follows the job's default.
+  ``--address local``: a fresh local Ray, never a cluster another process on the machine started. The input
+  is one Parquet file, and ``--rows-per-unit`` is N / (4 x CPUs) for both runs (``--rows-per-unit`` overrides):
+  at the job's 1024, the first N <= 1024 questions would be one read unit, answered by one actor while the
+  other CPUs wait, and T(2N) - T(N) would measure that imbalance, not the job.
+- The peer: ``python -m jobs.benchmark.peer`` (``pipeline("question-answering", device=-1)``, PyTorch eager
+  fp32, batch 8, our window settings) on the same weights: for the default model a Hugging Face directory
+  made from its weights-bf16.safetensors (or --hf-model), for the random models their checkpoint.
+- Models: "default" is --model (the job's default model); "bert-base" (12 x 768) and "bert-large" (24 x 1024)
+  are random-weight BertForQuestionAnswering checkpoints (fixed seed, the default model's uncased vocabulary)
+  saved with save_pretrained and converted by ``python -m models.convert`` (--optimize: fused attention like
+  our exports; then --quantize int8 from that fused fp32 graph, which also writes the NNCF model-int8.xml,
+  calibrated on SQuAD train; the fused fp32 graph is kept as model-fp32.onnx for OpenVINO), built once under
+  --work-dir and reused. Random weights answer at random: their F1 is printed but means nothing, speed only.
+
+Every table's header names the CPU and its class (pipeline.cpu.cpu_class), the class a variant's numbers
+hold for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jobs.benchmark.report import cpu_name
+from jobs.config import DEFAULT_MODEL
+from pipeline import squad
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_VARIANTS = ("default; --backend onnxruntime --precision fp32; --backend openvino --precision fp32; "
+                    "--precision int8")
+DEFAULT_MODELS = "default=1000,bert-base=150,bert-large=40"
+PEER_NAME = "transformers pipeline"
+SEED = 0
+CALIBRATION_QUESTIONS = 64  # random weights: the IR's scales change no speed, so calibration stays short
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A BERT encoder's size: what a random-weight checkpoint of it is built with."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+
+
+RANDOM_SHAPES = {"bert-base": Shape(12, 768, 12, 3072), "bert-large": Shape(24, 1024, 16, 4096)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Our job with these flags on top of its defaults; "default" has none."""
+
+    name: str
+    flags: tuple[str, ...]
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """"default; --precision int8" -> [Variant("default", ()), Variant("--precision int8", (...))]."""
+    out = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        flags = () if part == "default" else tuple(shlex.split(part))
+        if any(f in ("--input", "--output", "--model", "--address") for f in flags):
+            raise ValueError(f"variant {part!r}: --input/--output/--model/--address are the benchmark's to set")
+        out.append(Variant(part, flags))
+    if not out:
+        raise ValueError("--variants names no variant; e.g. --variants='default; --precision int8'")
+    return out
+
+
+def parse_models(text: str) -> list[tuple[str, int]]:
+    """"default=1000,bert-base=150" -> [("default", 1000), ("bert-base", 150)]."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, n = part.partition("=")
+        if name != "default" and name not in RANDOM_SHAPES:
+            raise ValueError(f"--models: unknown model {name!r}; choose from default, {', '.join(RANDOM_SHAPES)}")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--models: {part!r} needs a question count, e.g. {name}=100")
+        out.append((name, int(n)))
+    return out
+
+
+def marginal_rate(n: int, t_n: float, t_2n: float) -> float:
+    """N / (T(2N) - T(N)): items per second once the process is up; NaN where T(2N) <= T(N) (noise won)."""
+    return n / (t_2n - t_n) if t_2n > t_n else math.nan
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def random_checkpoint(dst: Path, shape: Shape, tokenizer_dir: Path, seed: int = SEED) -> Path:
+    """A random-weight BertForQuestionAnswering of ``shape`` (torch seed ``seed``) saved as transformers does,
+    with ``tokenizer_dir``'s vocabulary (vocab.txt, tokenizer.json) and an uncased tokenizer config."""
+    os.environ.setdefault("USE_TF", "0")  # transformers 4 imports TensorFlow when it is installed
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                        num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
+                        max_position_embeddings=512)
+    BertForQuestionAnswering(config).eval().save_pretrained(str(dst))
+    for name in ("vocab.txt", "tokenizer.json"):
+        shutil.copy(tokenizer_dir / name, dst / name)
+    (dst / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}))
+    return dst
+
+
+def convert(*args: str, log: Path) -> None:
+    """``python -m models.convert ARGS`` as a user runs it; its output goes to ``log``."""
+    with open(log, "a") as out:
+        rc = subprocess.run([sys.executable, "-m", "models.convert", *args], stdout=out, stderr=subprocess.STDOUT,
+                            cwd=REPO, check=False).returncode
+    if rc:
+        raise RuntimeError(f"python -m models.convert {' '.join(args)} failed (exit {rc}); see {log}")
+
+
+def random_model(work: Path, name: str, tokenizer_dir: Path, calibration: str | None) -> tuple[Path, Path]:
+    """(model directory, Hugging Face checkpoint) of the random model ``name``, built once under ``work``.
+
+    Two conversions: checkpoint -> fused fp32 graph (--optimize), then that graph -> the int8 directory
+    (--quantize int8: ONNX Runtime's dynamic int8 model.onnx and the NNCF model-int8.xml, both from the fused
+    graph), which gets the fused graph as model-fp32.onnx, laid out like the default model's directory.
+    """
+    root = work / "models" / name
+    hf, fp32, model, done = root / "hf", root / "fp32", root / "model", root / "built.json"
+    shape = RANDOM_SHAPES[name]
+    recipe = {"shape": asdict(shape), "seed": SEED, "calibration": calibration,
+              "calibration_questions": CALIBRATION_QUESTIONS}
+    if done.exists() and json.loads(done.read_text()) == recipe:
+        return model, hf
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    t0 = time.perf_counter()
+    from jobs.benchmark.processes import unpaused_child
+
+    unpaused_child(random_checkpoint, hf, shape, tokenizer_dir)
+    log = root / "convert.log"
+    windows = ["--max-seq-len", "384", "--doc-stride", "128", "--max-query-len", "64", "--lowercase"]
+    convert(str(hf), str(fp32), "--optimize", *windows, log=log)
+    convert(str(fp32), str(model), "--quantize", "int8", "--calibration-questions", str(CALIBRATION_QUESTIONS),
+            *(["--calibration", calibration] if calibration else []), log=log)
+    shutil.copy(fp32 / "model.onnx", model / "model-fp32.onnx")
+    done.write_text(json.dumps(recipe))
+    print(f"built {name} ({shape.layers} x {shape.hidden}, random weights, seed {SEED}) in "
+          f"{time.perf_counter() - t0:.0f} s: {model}", file=sys.stderr, flush=True)
+    return model, hf
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """One process on one question set: its wall time, and what it answered."""
+
+    questions: int
+    seconds: float
+    windows: int
+    predictions: dict
+    stages: dict = field(default_factory=dict)
+    load: float = math.nan  # the machine's 1-minute load average as the run ended: neighbours' work shows here
+
+
+RAY_START_TIMEOUT = "timed out during startup"  # Ray's raylet on an overloaded machine: not the job's failure
+START_ATTEMPTS = 3
+
+
+def load_average() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def timed(cmd: list[str], log: Path, clean: Path | None = None) -> float:
+    """Wall seconds of ``cmd`` as a fresh process, start to exit; raises with the log's tail if it fails.
+    A run whose local Ray did not start in time (an overloaded machine) is run again, up to START_ATTEMPTS
+    in all, ``clean`` (its output) removed first; only the run that finished is timed."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("USE_TF", "0")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        if clean is not None:
+            shutil.rmtree(clean, ignore_errors=True)
+        with open(log, "w") as out:
+            t0 = time.perf_counter()
+            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False).returncode
+            seconds = time.perf_counter() - t0
+        if rc == 0:
+            return seconds
+        text = log.read_text(errors="replace")
+        if RAY_START_TIMEOUT not in text or attempt == START_ATTEMPTS:
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {rc}); {log}:\n{text[-2000:]}")
+        print(f"  Ray did not start in time (attempt {attempt}); running again: {' '.join(cmd[1:4])}",
+              file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per_unit: int) -> Run:
+    import pyarrow.parquet as pq
+
+    cmd = [sys.executable, "-m", "jobs.answer", "--input", str(inputs), "--output", str(out), "--model",
+           str(model_dir), "--address", "local", "--rows-per-unit", str(rows_per_unit), *variant.flags]
+    seconds = timed(cmd, out.with_suffix(".log"), clean=out)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    stages = manifest["stages"]
+    table = pq.read_table(out, columns=["id", "answer"])
+    served = manifest.get("precision") or {k: manifest["config"].get(k) for k in ("backend", "precision")}
+    return Run(table.num_rows, seconds, int(stages["windows"]), squad.predictions(table),
+               {**stages, "served": served}, load_average())
+
+
+def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: int, windows: dict,
+             window_count: int) -> Run:
+    cmd = [sys.executable, "-m", "jobs.benchmark.peer", "--input", str(inputs), "--model", str(hf_dir),
+           "--output", str(out), "--threads", str(threads), "--batch-size", str(batch_size),
+           "--windows", json.dumps(windows)]
+    seconds = timed(cmd, out.with_suffix(".log"))
+    predictions = json.loads(out.read_text())
+    return Run(len(predictions), seconds, window_count, predictions, load=load_average())
+
+
+@dataclass
+class Row:
+    """A system on one model: its runs on N and on 2N questions (repeats), and the questions it was scored on."""
+
+    system: str
+    n: int
+    runs_n: list[Run] = field(default_factory=list)
+    runs_2n: list[Run] = field(default_factory=list)
+
+    @property
+    def t_n(self) -> float:
+        return statistics.median(r.seconds for r in self.runs_n)
+
+    @property
+    def t_2n(self) -> float:
+        return statistics.median(r.seconds for r in self.runs_2n)
+
+    @property
+    def questions_per_s(self) -> float:
+        return marginal_rate(self.n, self.t_n, self.t_2n)
+
+    @property
+    def windows_per_s(self) -> float:
+        extra = self.runs_2n[0].windows - self.runs_n[0].windows
+        return marginal_rate(extra, self.t_n, self.t_2n)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def header(model: str, n: int, cpus: int) -> str:
+    """The line above every table: model, question counts, and the CPU the numbers hold for."""
+    from pipeline.cpu import cpu_class
+
+    return (f"{model}, N={n} and 2N={2 * n} SQuAD dev questions; CPU: {cpu_name()} (CPU class {cpu_class()}), "
+            f"{cpus} CPUs")
+
+
+def marginal_table(rows: list[Row], items_2n: list[dict], peer: str | None, with_f1: bool) -> str:
+    """Markdown: T(N), T(2N), marginal questions/s and windows/s, x the peer's marginal q/s, F1/EM on 2N."""
+    base = next((r for r in rows if r.system == peer), None)
+    lines = [("| system | T(N) s | T(2N) s | marginal questions/s | marginal windows/s | x pipeline | F1 | EM | "
+              "load avg at end (N, 2N) |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = f"{r.questions_per_s / base.questions_per_s:.2f}" if base and r is not base else (
+            "1.00" if r is base else "-")
+        if with_f1:
+            s = squad.score(items_2n, r.runs_2n[0].predictions)
+            f1, em = f"{s['f1']:.2f}", f"{s['exact_match']:.2f}"
+        else:
+            f1 = em = "-"
+        load = ", ".join(f"{statistics.median(x.load for x in runs):.1f}" for runs in (r.runs_n, r.runs_2n))
+        lines.append(f"| {r.system} | {r.t_n:.1f} | {r.t_2n:.1f} | {r.questions_per_s:.2f} | "
+                     f"{r.windows_per_s:.2f} | {ratio} | {f1} | {em} | {load} |")
+    return "\n".join(lines)
+
+
+def stage_line(row: Row) -> str | None:
+    """Our job's actor time on 2N questions (the manifest's stages): tokenize + decode against infer."""
+    stages = row.runs_2n[0].stages
+    if "infer" not in stages:
+        return None
+    tok, inf, dec = (stages.get(k, 0.0) for k in ("tokenize", "infer", "decode"))
+    total = (tok + inf + dec) or 1.0
+    return (f"- {row.system} (served: {served_text(stages.get('served'))}): {stages.get('actors', '?')} actor(s); "
+            f"tokenize {tok:.1f} s, infer {inf:.1f} s, "
+            f"decode {dec:.1f} s (actor-seconds on 2N): tokenize + decode {100 * (tok + dec) / total:.1f}% "
+            f"of actor time; model load {stages.get('model_load', 0.0):.1f} s")
+
+
+def served_text(served: dict | None) -> str:
+    """The manifest's precision record in a few words: the variant, and auto's reason when auto chose."""
+    if not served:
+        return "?"
+    variant = served.get("variant") or served
+    text = (f"{variant.get('backend', '?')} {variant.get('precision', '?')}" if isinstance(variant, dict)
+            else str(variant))
+    return f"{text}, requested {served['requested']}" if served.get("requested") else text
+
+
+# --------------------------------------------------------------------------------------------- the mode
+
+
+def default_hf_dir(model_dir: Path, hf_model: str | None, hf_weights: str | None, work: Path) -> Path:
+    if hf_model:
+        return Path(hf_model)
+    from jobs.benchmark.processes import unpaused_child
+    from jobs.benchmark.systems import hf_model_dir
+
+    dst = work / "models" / "default-hf"
+    shutil.rmtree(dst, ignore_errors=True)
+    return Path(unpaused_child(hf_model_dir, str(model_dir), str(dst), hf_weights))
+
+
+def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants: list[Variant], a, work: Path,
+              peer_skip: str | None, max_answer_len: int) -> dict:
+    """Every variant of our job and the peer on N and 2N questions, repeats interleaved; the table's text."""
+    import pyarrow.parquet as pq
+
+    from pipeline.model_dir import load_spec
+
+    items = squad.questions(squad.load_squad(a.data), 2 * n)
+    if len(items) < 2 * n:
+        raise ValueError(f"{a.data} has {len(items)} questions; {name}={n} needs {2 * n}")
+    d = work / "runs" / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    inputs = {k: d / f"input-{k}.parquet" for k in (n, 2 * n)}
+    for k, path in inputs.items():
+        pq.write_table(squad.to_table(items[:k]), path)
+    cpus = os.cpu_count() or 1
+    rows_per_unit = a.rows_per_unit or max(1, math.ceil(n / (4 * cpus)))
+    windows = {**asdict(load_spec(model_dir).windows), "max_answer_len": max_answer_len}
+    rows = [Row(f"our job, {v.name}", n) for v in variants]
+    peer_row = None
+    if peer_skip is None and hf_dir is not None:
+        counts = {k: peer_window_count(hf_dir, items[:k], windows) for k in (n, 2 * n)}
+        peer_row = Row(PEER_NAME, n)
+    else:
+        print(f"skipping the transformers pipeline: {peer_skip}", file=sys.stderr)
+    # A system's N and 2N runs follow each other, so that its difference is taken under the same neighbours' load;
+    # repeats alternate which size runs first.
+    for rep in range(a.repeats):
+        for v, row in zip(variants, rows):
+            for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
+                out = d / f"{rep}-{slug(v.name)}-{k}"
+                run = job_run(model_dir, v, inputs[k], out, rows_per_unit)
+                (row.runs_n if k == n else row.runs_2n).append(run)
+                shutil.rmtree(out, ignore_errors=True)
+                progress(name, row.system, k, run)
+        if peer_row is not None:
+            for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
+                out = d / f"{rep}-peer-{k}.json"
+                run = peer_run(hf_dir, inputs[k], out, a.cpus, a.hf_batch_size, windows, counts[k])
+                (peer_row.runs_n if k == n else peer_row.runs_2n).append(run)
+                progress(name, peer_row.system, k, run)
+    all_rows = rows + ([peer_row] if peer_row else [])
+    label = f"{name} ({model_dir})" if name == "default" else f"{name} (random weights, {model_dir})"
+    text = "\n".join([header(label, n, cpus), "", marginal_table(all_rows, items, PEER_NAME, name == "default"), "",
+                      *filter(None, (stage_line(r) for r in rows))])
+    return {"text": text, "rows_per_unit": rows_per_unit, "rows": [row_report(r) for r in all_rows]}
+
+
+def peer_window_count(hf_dir: Path, items: list[dict], windows: dict) -> int:
+    """Windows the pipeline cuts for these questions (its tokenizer, our settings), counted here, untimed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    enc = tok([q["question"] for q in items], [q["context"] for q in items], truncation="only_second",
+              max_length=windows["max_seq_len"], stride=windows["doc_stride"], return_overflowing_tokens=True)
+    return len(enc["input_ids"])
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-") or "default"
+
+
+def progress(model: str, system: str, k: int, run: Run) -> None:
+    print(f"  {model}: {system}, {k} questions: {run.seconds:.1f} s (load average {run.load:.1f})", file=sys.stderr,
+          flush=True)
+
+
+def row_report(r: Row) -> dict:
+    return {"system": r.system, "n": r.n, "t_n": r.t_n, "t_2n": r.t_2n, "questions_per_s": r.questions_per_s,
+            "windows_per_s": r.windows_per_s, "seconds_n": [x.seconds for x in r.runs_n],
+            "seconds_2n": [x.seconds for x in r.runs_2n], "load_n": [x.load for x in r.runs_n],
+            "load_2n": [x.load for x in r.runs_2n], "windows": [r.runs_n[0].windows, r.runs_2n[0].windows],
+            "stages_2n": r.runs_2n[0].stages}
+
+
+def main(a, job_model: str, max_answer_len: int) -> dict:
+    """The mode: every model of --models, each table printed as soon as it is measured."""
+    from jobs.benchmark.systems import transformers_pipeline_available
+
+    variants = parse_variants(a.variants)
+    models = parse_models(a.models)
+    work = Path(a.work_dir or REPO / "out" / "benchmark-marginal")
+    work.mkdir(parents=True, exist_ok=True)
+    peer_skip = transformers_pipeline_available()
+    default_dir = Path(job_model)
+    report: dict = {"cpu": cpu_name(), "variants": [v.name for v in variants], "models": {}}
+    t0 = time.perf_counter()
+    for name, n in models:
+        if name == "default":
+            model_dir = default_dir
+            hf_dir = None if peer_skip else default_hf_dir(model_dir, a.hf_model, a.hf_weights, work)
+        else:
+            model_dir, hf_dir = random_model(work, name, DEFAULT_MODEL, a.calibration)
+        result = run_model(name, model_dir, hf_dir, n, variants, a, work, peer_skip, max_answer_len)
+        report["models"][name] = result
+        print(result["text"] + "\n", flush=True)
+    report["seconds"] = time.perf_counter() - t0
+    print(f"whole run: {report['seconds'] / 60:.1f} min", flush=True)
+    return report
