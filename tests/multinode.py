@@ -19,6 +19,11 @@ from pathlib import Path
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 WORKER_PORTS = 40  # per node, for its worker processes
+START_ATTEMPTS = 3
+
+
+class NodeExitedError(RuntimeError):
+    """A node's `ray start` exited before the cluster had it."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -90,37 +95,57 @@ class LocalCluster:
                "--min-worker-port", str(workers), "--max-worker-port", str(workers + WORKER_PORTS - 1),
                "--disable-usage-stats", *args]
         log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - the node outlives this call
-        process = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         node = Node(name, process, num_cpus)
         self.nodes.append(node)
         return node
 
     def start_head(self, num_cpus: int = 0, dashboard: bool = False) -> Node:
         """The head; with ``dashboard``, ``self.dashboard`` is the address `ray job submit` takes."""
-        gcs, client, dash = free_ports(3)
-        self.address = f"127.0.0.1:{gcs}"
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        view = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
-        head = self._start("head", ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-                                    *(view if dashboard else ["--include-dashboard", "false"]),
-                                    "--temp-dir", str(self.temp / "ray")], num_cpus)
-        self.wait_for_cpus(num_cpus, nodes=1)
-        return head
+
+        def start() -> Node:
+            gcs, client, dash = free_ports(3)
+            self.address = f"127.0.0.1:{gcs}"
+            self.dashboard = f"http://127.0.0.1:{dash}"
+            view = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+            return self._start("head", ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
+                                        *(view if dashboard else ["--include-dashboard", "false"]),
+                                        "--temp-dir", str(self.temp / "ray")], num_cpus)
+
+        return self._started(start, num_cpus, nodes=1)
 
     def add_worker(self, num_cpus: int = 1, env: dict | None = None) -> Node:
         """A worker node; ``env`` adds to its environment, which its worker processes inherit."""
         expected = sum(n.num_cpus for n in self.nodes) + num_cpus
-        node = self._start(f"worker-{len(self.nodes)}", ["--address", self.address], num_cpus, env)
-        self.wait_for_cpus(expected, nodes=len(self.nodes))
-        return node
+        return self._started(lambda: self._start(f"worker-{len(self.nodes)}", ["--address", self.address], num_cpus,
+                                                 env), expected, nodes=len(self.nodes) + 1)
+
+    def _started(self, start, cpus: float, nodes: int, attempts: int = START_ATTEMPTS) -> Node:
+        """``start()`` a node and wait until the cluster has it. Ray gives a raylet 30 s (hard-coded) to register
+        with the GCS; on a loaded 2-core machine that can pass, and the node exits: start it again, up to
+        ``attempts`` times."""
+        for attempt in range(1, attempts + 1):
+            node = start()
+            try:
+                self.wait_for_cpus(cpus, nodes)
+                return node
+            except NodeExitedError:
+                node.kill()
+                self.nodes.remove(node)
+                if attempt == attempts:
+                    raise
 
     def alive(self) -> tuple[int, float]:
         """(alive nodes, their CPUs), asked of the cluster by a short-lived driver."""
         script = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
                   "alive = [n for n in ray.nodes() if n['Alive']]; "
                   "print(len(alive), sum(n['Resources'].get('CPU', 0) for n in alive))" % self.address)
-        out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                             timeout=120)
+        try:
+            out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                                 timeout=120)
+        except subprocess.TimeoutExpired:  # a GCS still starting on a loaded machine: ask again
+            return 0, 0.0
         if out.returncode != 0:
             return 0, 0.0
         nodes, cpus = out.stdout.split()[-2:]
@@ -130,7 +155,7 @@ class LocalCluster:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if any(n.process.poll() is not None for n in self.nodes):
-                raise RuntimeError(f"a node exited during start-up; see {self.temp}/*.log")
+                raise NodeExitedError(f"a node exited during start-up; see {self.temp}/*.log")
             if self.alive() == (nodes, float(cpus)):
                 return
             time.sleep(0.5)
