@@ -5,12 +5,21 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Self
 
 import pyarrow.fs as pafs
 
 _GLOB_CHARS = "*?["
+
+# Requests to a store in flight at once, for work that asks it once per file (footers, stats). S3 answers a small
+# request in tens of ms: one at a time leaves the driver waiting. pyarrow's S3 client opens about 25 connections
+# (measured: 128 footers at 300 ms a request took 6 rounds with 32 threads or more; raising pyarrow's
+# io_thread_count before the filesystem is made raised that), so more threads than this only queue there. On a
+# local disk footers are parsed in C++ without the GIL: a few threads per core keep it busy.
+STORE_THREADS = 32
 
 
 class TableError(ValueError):
@@ -84,6 +93,20 @@ def expand_input(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     if not files:
         raise FileNotFoundError(f"input {uri}: no Parquet files found")
     return fs, sorted(ListedFile(f.path, f.size) for f in files)
+
+
+def stat_files(fs: pafs.FileSystem, paths: Sequence[str], threads: int = STORE_THREADS) -> list[pafs.FileInfo]:
+    """``fs.get_file_info(paths)``: the same answers in the same order, asked ``threads`` at a time. pyarrow asks
+    an object store about a list of paths one path after another (S3: a HEAD each, serially). A local stat takes
+    microseconds: there, threads only add their overhead (measured: 10,000 files 0.11 s serially, 0.19 s
+    with 32 threads)."""
+    paths = [str(p) for p in paths]
+    if threads <= 1 or len(paths) <= threads or isinstance(fs, pafs.LocalFileSystem):
+        return fs.get_file_info(paths)
+    step = -(-len(paths) // (4 * threads))  # 4 slices per thread: a slow slice does not hold up the end
+    with ThreadPoolExecutor(threads, thread_name_prefix="stat") as pool:
+        slices = pool.map(fs.get_file_info, [paths[i:i + step] for i in range(0, len(paths), step)])
+        return [info for infos in slices for info in infos]
 
 
 def _hidden(relative: str) -> bool:

@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .lake import hive_partitions
+from .lake import STORE_THREADS, hive_partitions
 
 
 class InputFileError(ValueError):
@@ -46,11 +46,7 @@ class ReadUnit:
                       "columns": tuple(row.get("columns") or ())})
 
 
-# Footers read at once. S3 answers a small GET in tens of ms: one at a time leaves the driver waiting. pyarrow's S3
-# client opens about 25 connections (max of the AWS SDK's 25 and pyarrow's io_thread_count; measured: 128 footers
-# at 300 ms a request took 6 rounds with 32 threads or more), so more threads than that only queue there; on a
-# local disk the footers are parsed in C++ without the GIL and a few threads per core keep it busy.
-FOOTER_THREADS = 32
+FOOTER_THREADS = STORE_THREADS  # footers read at once (see STORE_THREADS)
 
 
 _PARQUET = ds.ParquetFileFormat()

@@ -8,12 +8,13 @@ import threading
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from jobs.benchmark.protocol import moto_available
 from pipeline import units as units_mod
-from pipeline.lake import ListedFile, expand_input, input_base
+from pipeline.lake import ListedFile, expand_input, input_base, stat_files
 from pipeline.units import InputFileError, plan_units, read_footers
 
 SCHEMA = pa.schema([("id", pa.string()), ("context", pa.string())])
@@ -137,6 +138,18 @@ def test_listed_files_carry_their_size_to_the_reader(tmp_path):
     assert one == [files[1]] and one[0].size == files[1].size
     with pytest.raises(ValueError, match="threads must be >= 1"):
         plan_units(fs, files, 4, threads=0)
+
+
+def test_stat_files_answers_as_get_file_info(tmp_path):
+    write_files(tmp_path, 50)
+    fs, files = expand_input(str(tmp_path))
+    # not a LocalFileSystem, so that stat_files uses its threads (a local stat is asked serially)
+    sub = pafs.SubTreeFileSystem(str(tmp_path), fs)
+    paths = [f[len(str(tmp_path)) + 1:] for f in files[::-1]] + ["missing.parquet"]  # any order, one missing
+    want = [(f.path, f.type, f.size, f.mtime_ns) for f in sub.get_file_info(paths)]
+    assert want[-1][1] == pafs.FileType.NotFound and len(want) == 51
+    for threads in (1, 3, 8):
+        assert [(f.path, f.type, f.size, f.mtime_ns) for f in stat_files(sub, paths, threads)] == want
 
 
 @pytest.mark.skipif(not moto_available(), reason="needs moto[server] (the test extra)")

@@ -11,11 +11,12 @@ peak RSS is its own), alternating order from pass to pass:
 - ``before``: ``plan_units(..., threads=1)`` on plain ``str`` paths: one footer after another, each file opened
   by name alone (on S3 a HEAD for the size, then a GET of the footer): the request pattern and the code path of
   ``plan_units`` before footers were read concurrently;
-- ``after``: ``plan_units`` as the job calls it: ``FOOTER_THREADS`` footers at once, the listed size passed to
+- ``after``: ``plan_units`` as the job calls it: ``STORE_THREADS`` footers at once, the listed size passed to
   the reader (``ListedFile``), so that a footer is one ranged GET.
 
-Also timed in both (unchanged by this work): ``stat``, the per-file ``get_file_info`` that ``jobs.plan.job_identity``
-does after planning (sizes and modification times for resume).
+Also timed in both: ``stat``, the per-file ``get_file_info`` that ``jobs.plan.job_identity`` does after planning
+(sizes and modification times for resume; pyarrow asks S3 one path after another), and the same stat through
+``pipeline.lake.stat_files`` (``STORE_THREADS`` at a time; checked to answer the same).
 
 Stores: ``local``, a temporary directory (``--dir``); ``s3``, a bucket on a moto server started here on 127.0.0.1 (its
 own process; the job reaches it through ``AWS_ENDPOINT_URL`` as it reaches any S3-compatible store). The server counts
@@ -87,7 +88,7 @@ def _status_kb(field: str) -> int:
 
 def measure_once(uri: str, variant: str, rows_per_unit: int, threads: int | None) -> dict:
     """Plan ``uri`` as ``jobs.plan`` does, in the way ``variant`` names; seconds, units and memory."""
-    from pipeline.lake import expand_input, input_base
+    from pipeline.lake import expand_input, input_base, stat_files
     from pipeline.units import FOOTER_THREADS, plan_units
 
     rss_before = _status_kb("VmRSS")
@@ -103,12 +104,20 @@ def measure_once(uri: str, variant: str, rows_per_unit: int, threads: int | None
     server = ServerCounts(os.environ["AWS_ENDPOINT_URL"]) if uri.startswith("s3://") else None
     planning_requests = server.take()["requests"] if server else None
     t2_stat = time.perf_counter()  # the count request above is in neither phase
-    fs.get_file_info(files)  # jobs.plan.job_identity
+    serial = fs.get_file_info(files)  # what jobs.plan.job_identity does today
     t3 = time.perf_counter()
+    stat_requests = server.take()["requests"] if server else None
+    t3_concurrent = time.perf_counter()
+    concurrent = stat_files(fs, files)
+    t4 = time.perf_counter()
+    if server:
+        server.take()  # reset: the next measurement counts its own
+    if [(f.path, f.size, f.mtime_ns) for f in concurrent] != [(f.path, f.size, f.mtime_ns) for f in serial]:
+        raise RuntimeError("stat_files answered differently from fs.get_file_info")
     return {"variant": variant, "threads": threads, "files": len(files), "units": len(units), "bad": len(bad),
             "rows": sum(u.length for u in units), "list_s": t1 - t0, "footers_s": t2 - t1, "plan_s": t2 - t0,
-            "stat_s": t3 - t2_stat, "rss_peak_mb": peak / 1024, "rss_growth_mb": (peak - rss_before) / 1024,
-            "requests": planning_requests, "stat_requests": server.take()["requests"] if server else None}
+            "stat_s": t3 - t2_stat, "stat_files_s": t4 - t3_concurrent, "rss_peak_mb": peak / 1024,
+            "rss_growth_mb": (peak - rss_before) / 1024, "requests": planning_requests, "stat_requests": stat_requests}
 
 
 def measure(uri: str, variant: str, rows_per_unit: int, threads: int | None, env: dict) -> dict:
@@ -222,15 +231,17 @@ def run(store: Store, files: int, repeats: int, rows_per_unit: int, threads: int
                                    f"wrote {files} files, {rows} rows")
             passes[variant].append(result)
             print(f"  pass {k + 1} {variant}: plan {result['plan_s']:.3f} s (list {result['list_s']:.3f}), "
-                  f"stat {result['stat_s']:.3f} s, peak RSS {result['rss_peak_mb']:.0f} MB"
+                  f"stat {result['stat_s']:.3f} s (stat_files {result['stat_files_s']:.3f}), peak RSS {result['rss_peak_mb']:.0f} MB"
                   + (f", requests {result['requests']}" if result["requests"] else ""), file=sys.stderr)
     return {"store": store.name, "files": files, "rows": rows, "latency_ms": latency_ms, "passes": passes}
 
 
 def summary(result: dict) -> dict:
     med = {v: {k: statistics.median(p[k] for p in result["passes"][v])
-               for k in ("list_s", "footers_s", "plan_s", "stat_s", "rss_peak_mb", "rss_growth_mb")}
+               for k in ("list_s", "footers_s", "plan_s", "rss_peak_mb", "rss_growth_mb")}
            for v in VARIANTS}
+    for k in ("stat_s", "stat_files_s"):  # the same work in both variants: the median of all passes
+        med["stat"] = med.get("stat", {}) | {k: statistics.median(p[k] for v in VARIANTS for p in result["passes"][v])}
     ratios = [a["plan_s"] / b["plan_s"] for a, b in zip(result["passes"]["after"], result["passes"]["before"],
                                                          strict=True)]
     return {"median": med, "ratio": statistics.median(ratios),
@@ -241,7 +252,7 @@ def summary(result: dict) -> dict:
 
 def table_row(result: dict) -> str:
     s = summary(result)
-    b, a = s["median"]["before"], s["median"]["after"]
+    b, a, st = s["median"]["before"], s["median"]["after"], s["median"]["stat"]
     store = result["store"] + (f", +{result['latency_ms']:g} ms per request" if result["latency_ms"] else "")
     req = ""
     if s["requests"]["before"]:
@@ -250,13 +261,13 @@ def table_row(result: dict) -> str:
         req = f" | {per_file['before']:.2f} -> {per_file['after']:.2f}"
     return (f"| {result['files']:,} | {store} | {b['plan_s']:.2f} | {a['plan_s']:.2f} | {s['ratio']:.2f} "
             f"| {b['rss_peak_mb']:.0f} (+{b['rss_growth_mb']:.0f}) | {a['rss_peak_mb']:.0f} (+{a['rss_growth_mb']:.0f}) "
-            f"| {b['list_s']:.2f} | {a['stat_s']:.2f}{req or ' | -'} |")
+            f"| {a['list_s']:.2f} | {st['stat_s']:.2f} | {st['stat_files_s']:.2f}{req or ' | -'} |")
 
 
 TABLE_HEADER = ("| files | store | before s | after s | after / before | driver peak RSS MB before (growth) "
-                "| after (growth) | of which listing s | + per-file stat s (job_identity, unchanged) "
-                "| GET+HEAD per file before -> after |\n"
-                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                "| after (growth) | of which listing s (after) | + per-file stat s (job_identity today) "
+                "| that stat with stat_files | GET+HEAD per file before -> after |\n"
+                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", choices=("local", "s3"), default="local")
     p.add_argument("--repeats", type=int, default=3, help="passes of each variant (default 3)")
     p.add_argument("--rows-per-unit", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=None, help="footer threads after (default: FOOTER_THREADS)")
+    p.add_argument("--threads", type=int, default=None, help="footer threads after (default: STORE_THREADS)")
     p.add_argument("--s3-latency-ms", type=float, default=0.0, help="the S3 server's delay per request (default 0)")
     p.add_argument("--dir", default=None, help="where the local files go (default: $TMPDIR)")
     p.add_argument("--json", default=None, help="also write the raw numbers here")
