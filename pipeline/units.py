@@ -47,58 +47,56 @@ class ReadUnit:
 
 
 FOOTER_THREADS = STORE_THREADS  # footers read at once (see STORE_THREADS)
-
-
 _PARQUET = ds.ParquetFileFormat()
 
 
 @dataclass(frozen=True)
-class _Footer:
-    """What planning keeps of a file's footer: never the whole ``FileMetaData`` (its column chunks and
-    statistics), so that the plan's memory grows with its units, not with the input's row groups x columns."""
+class Footer:
+    """What planning keeps of a file's footer: its schema and rows per row group, never the whole ``FileMetaData``
+    (column chunks, statistics), so that a plan's memory grows with its units, not with row groups x columns.
+    ``error``: why the file is unreadable (then no schema, no row groups)."""
 
-    schema: pa.Schema
-    row_group_rows: tuple[int, ...]
+    path: str
+    schema: pa.Schema | None
+    row_group_rows: tuple[int, ...] = ()
+    error: OSError | pa.ArrowException | None = None
 
 
-def read_footer(fs: pafs.FileSystem, path: str) -> _Footer | Exception:
-    """One file's schema and rows per row group, or the error that made it unreadable (returned, not raised,
-    so that a pool thread hands it back in file order). A ``ListedFile`` path gives its size to the reader: the
-    footer is then one ranged read, without a request for the size first (S3: no HEAD)."""
+def read_footer(fs: pafs.FileSystem, path: str) -> Footer:
+    """One file's footer; an unreadable file's error is kept, not raised, so that a pool thread hands it back
+    in file order. A ``ListedFile`` gives the reader its size: the footer is then one ranged read, without
+    asking the store for the size first (S3: no HEAD)."""
     try:
         fragment = _PARQUET.make_fragment(str(path), fs, file_size=getattr(path, "size", None))
         meta = fragment.metadata  # reads and parses the footer, releasing the GIL while it does
-        return _Footer(meta.schema.to_arrow_schema(), tuple(meta.row_group(i).num_rows
-                                                            for i in range(meta.num_row_groups)))
     except (OSError, pa.ArrowException) as exc:
-        return exc
+        return Footer(str(path), None, error=exc)
+    return Footer(str(path), meta.schema.to_arrow_schema(),
+                  tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
 
 
-def read_footers(fs: pafs.FileSystem, files: Sequence[str], threads: int = FOOTER_THREADS
-                 ) -> Iterator[tuple[str, _Footer | Exception]]:
-    """``(path, read_footer(fs, path))`` for each file, in the order of ``files``. ``threads`` footers are read
-    at once (1: one after another, in this thread); at most ``2 * threads`` are read ahead of the consumer, so
-    a consumer that stops early (a bad file) leaves little work behind and results never pile up."""
+def read_footers(fs: pafs.FileSystem, files: Sequence[str], threads: int = FOOTER_THREADS) -> Iterator[Footer]:
+    """``read_footer(fs, path)`` for each file, in the order of ``files``. ``threads`` footers are read at once
+    (1: one after another, in this thread); at most ``2 * threads`` are read ahead of the consumer, so a
+    consumer that stops early (a bad file) leaves little work behind, and results never pile up."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if threads == 1:
         for path in files:
-            yield path, read_footer(fs, path)
+            yield read_footer(fs, path)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="footer") as pool:
-        ahead: deque[tuple[str, Future]] = deque()
         todo = iter(files)
+        ahead: deque[Future] = deque(pool.submit(read_footer, fs, p) for p in itertools.islice(todo, 2 * threads))
         try:
-            for path in itertools.islice(todo, 2 * threads):
-                ahead.append((path, pool.submit(read_footer, fs, path)))
             while ahead:
-                path, future = ahead.popleft()
+                future = ahead.popleft()
                 more = next(todo, None)
                 if more is not None:  # keep the pool busy while the consumer works on this one
-                    ahead.append((more, pool.submit(read_footer, fs, more)))
-                yield path, future.result()
+                    ahead.append(pool.submit(read_footer, fs, more))
+                yield future.result()
         finally:  # the consumer stopped early: drop what has not started
-            for _, future in ahead:
+            for future in ahead:
                 future.cancel()
 
 
@@ -109,19 +107,20 @@ def plan_units(fs: pafs.FileSystem, files: Sequence[str], rows_per_unit: int, sk
     unreadable (only with ``skip_bad_files``, else the first one in file order raises).
 
     Footers are read ``threads`` at once (``read_footers``); the result does not depend on ``threads``.
+    Paths in the units and the skipped list are plain ``str`` (units are pickled to actors and made Arrow rows).
     """
     units: list[ReadUnit] = []
     schema = None
     bad: list[str] = []
     with closing(read_footers(fs, files, threads)) as footers:
-        for listed, footer in footers:
-            path = str(listed)  # a plain str in the units: they are pickled to actors and turned into Arrow rows
-            if isinstance(footer, Exception):
+        for footer in footers:
+            path = footer.path
+            if footer.error is not None:
                 if skip_bad_files:
                     bad.append(path)
                     continue
-                raise InputFileError(f"input file {path}: not readable as Parquet ({footer}); "
-                                     "fix or remove it, or pass --skip-bad-files") from footer
+                raise InputFileError(f"input file {path}: not readable as Parquet ({footer.error}); "
+                                     "fix or remove it, or pass --skip-bad-files") from footer.error
             file_schema = footer.schema
             partitions = tuple(hive_partitions(base, path).items()) if base else ()
             for key, _ in partitions:

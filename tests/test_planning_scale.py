@@ -117,11 +117,11 @@ def test_reads_ahead_at_most_twice_the_threads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(units_mod, "read_footer", counted)
     footers = read_footers(fs, files, threads=4)
-    first, footer = next(footers)
+    footer = next(footers)
     time.sleep(0.3)  # a slow consumer: an unbounded pool reads on through the listing meanwhile (~100 files)
     footers.close()  # waits for the pool: nothing runs after this
     n = rows[files[0]]
-    assert first == files[0] and footer.row_group_rows == (5,) * (n // 5) + ((n % 5,) if n % 5 else ())
+    assert footer.path == files[0] and footer.error is None and footer.row_group_rows == (5,) * (n // 5) + ((n % 5,) if n % 5 else ())
     assert len(started) <= 2 * 4 + 1
     assert set(started) <= set(files[:2 * 4 + 1])
 
