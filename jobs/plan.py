@@ -226,8 +226,10 @@ def job_identity(cfg: JobConfig, spec: ModelSpec, choice: PrecisionChoice | None
     if table_in is not None:
         inputs = {"input_table": table_in.identity()}
     else:
+        from pipeline.lake import stat_files  # S3: the HEADs 32 at a time, not one after another
+
         inputs = {"input_files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
-                                  for f in in_fs.get_file_info(in_files)]}
+                                  for f in stat_files(in_fs, in_files)]}
     return {
         "questions": None if questions is None else questions.to_pydict(),
         "wide": cfg.wide,
