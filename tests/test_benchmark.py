@@ -128,15 +128,32 @@ def test_marginal_table_names_the_cpu_class_and_ratios():
     line = header("default", 50, 2)
     assert f"(CPU class {cpu_class()})" in line and cpu_name() in line and "N=50 and 2N=100" in line
     ours, peer = Row("our job, default", 50), Row(PEER_NAME, 50)
-    ours.runs_n, ours.runs_2n = [Run(50, 12.0, 55, {}, load=1.5)], [Run(100, 17.0, 110, {}, load=2.0)]
-    peer.runs_n, peer.runs_2n = [Run(50, 8.0, 50, {})], [Run(100, 18.0, 100, {})]  # 5 q/s
+    ours.runs_n = [Run(50, 12.0, 55, {}, load=1.5, cpu_seconds=20.0)]
+    ours.runs_2n = [Run(100, 17.0, 110, {}, load=2.0, cpu_seconds=30.0)]
+    peer.runs_n, peer.runs_2n = [Run(50, 8.0, 50, {}, cpu_seconds=10.0)], [Run(100, 18.0, 100, {}, cpu_seconds=35.0)]
     rows = marginal_table([ours, peer], [], PEER_NAME, with_f1=False).splitlines()
-    # 50 more questions in 5 s more: 10 q/s; 55 more windows: 11 windows/s; twice the peer's 50 / 10 s.
-    assert rows[2] == "| our job, default | 12.0 | 17.0 | 10.00 | 11.00 | 2.00 | - | - | 1.5, 2.0 |"
-    assert rows[3].startswith(f"| {PEER_NAME} | 8.0 | 18.0 | 5.00 | 5.00 | 1.00 |")
+    # 50 more questions in 5 s more: 10 q/s; 55 more windows: 11 windows/s; twice the peer's 50 / 10 s. CPU: 50
+    # questions in 10 more CPU-s, the peer's in 25: 2.5x.
+    assert rows[2] == ("| our job, default | 12.0 | 17.0 | 10.00 | 11.00 | 2.00 | 20.0, 30.0 | 5.000 | 2.50 | - | - "
+                       "| 1.5, 2.0 |")
+    assert rows[3].startswith(f"| {PEER_NAME} | 8.0 | 18.0 | 5.00 | 5.00 | 1.00 | 10.0, 35.0 | 2.000 | 1.00 |")
     assert [v.flags for v in parse_variants("default; --precision int8")] == [(), ("--precision", "int8")]
     with pytest.raises(ValueError, match="benchmark's to set"):
         parse_variants("--model x")
+
+
+def test_tree_cpu_counts_grandchildren(tmp_path):
+    """CPU seconds of a process tree: a child that burns ~0.6 s under a shell that burns none."""
+    import subprocess
+    import sys
+
+    from jobs.benchmark.marginal import TreeCpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    proc = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{burn}'; sleep 0.3"])
+    with TreeCpu(proc.pid, interval_s=0.05) as cpu:
+        proc.wait()
+    assert 0.5 <= cpu.seconds < 3.0
 
 
 @pytest.mark.skipif(not os.environ.get("QA_BENCHMARK_E2E"), reason="four whole processes (two local Rays): "

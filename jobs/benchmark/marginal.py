@@ -39,9 +39,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 from jobs.benchmark.report import cpu_name
 from jobs.config import DEFAULT_MODEL
@@ -186,6 +188,7 @@ class Run:
     predictions: dict
     stages: dict = field(default_factory=dict)
     load: float = math.nan  # the machine's 1-minute load average as the run ended: neighbours' work shows here
+    cpu_seconds: float = math.nan  # user + system of its whole process tree (TreeCpu)
 
 
 RAY_START_TIMEOUT = "timed out during startup"  # Ray's raylet on an overloaded machine: not the job's failure
@@ -199,8 +202,63 @@ def load_average() -> float:
         return math.nan
 
 
-def timed(cmd: list[str], log: Path, clean: Path | None = None) -> float:
-    """Wall seconds of ``cmd`` as a fresh process, start to exit; raises with the log's tail if it fails.
+class TreeCpu:
+    """CPU seconds (user + system) of a process and every process started under it, from /proc (Linux).
+
+    Polled: a process is tracked from the first poll that finds it under the root (or under a tracked one) until
+    it exits, so Ray's workers count even after the raylet that started them has gone. What a process spends
+    after the last poll before it exits is missed (at most ``interval_s`` of it). On a machine shared with
+    other work this is the steadier measure: wall time then includes the other work's turns on the cores."""
+
+    def __init__(self, root: int, interval_s: float = 0.2):
+        self.root, self.interval_s = root, interval_s
+        self.ticks: dict[tuple[int, str], int] = {}  # (pid, start time): its latest utime + stime
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        tracked = {self.root}
+        while True:
+            stats, children = {}, {}
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    except (OSError, IndexError):
+                        continue
+                    pid = int(entry.name)
+                    stats[pid] = (fields[19], int(fields[11]) + int(fields[12]))  # starttime, utime + stime
+                    children.setdefault(int(fields[1]), []).append(pid)
+            todo = [p for p in tracked if p in stats]
+            tracked = set(todo)
+            while todo:
+                for child in children.get(todo.pop(), []):
+                    if child not in tracked:
+                        tracked.add(child)
+                        todo.append(child)
+            for pid in tracked:
+                start, ticks = stats[pid]
+                self.ticks[(pid, start)] = ticks
+            if self._done.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.ticks.values()) / self._tick
+
+
+def timed(cmd: list[str], log: Path, clean: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of its process tree) of ``cmd`` as a fresh process, start to exit; raises with
+    the log's tail if it fails.
     A run whose local Ray did not start in time (an overloaded machine) is run again, up to START_ATTEMPTS
     in all, ``clean`` (its output) removed first; only the run that finished is timed."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -210,10 +268,12 @@ def timed(cmd: list[str], log: Path, clean: Path | None = None) -> float:
             shutil.rmtree(clean, ignore_errors=True)
         with open(log, "w") as out:
             t0 = time.perf_counter()
-            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False).returncode
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            with TreeCpu(proc.pid) as cpu:
+                rc = proc.wait()
             seconds = time.perf_counter() - t0
         if rc == 0:
-            return seconds
+            return seconds, cpu.seconds
         text = log.read_text(errors="replace")
         if RAY_START_TIMEOUT not in text or attempt == START_ATTEMPTS:
             raise RuntimeError(f"{' '.join(cmd)} failed (exit {rc}); {log}:\n{text[-2000:]}")
@@ -227,13 +287,13 @@ def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per
 
     cmd = [sys.executable, "-m", "jobs.answer", "--input", str(inputs), "--output", str(out), "--model",
            str(model_dir), "--address", "local", "--rows-per-unit", str(rows_per_unit), *variant.flags]
-    seconds = timed(cmd, out.with_suffix(".log"), clean=out)
+    seconds, cpu = timed(cmd, out.with_suffix(".log"), clean=out)
     manifest = json.loads((out / "_manifest.json").read_text())
     stages = manifest["stages"]
     table = pq.read_table(out, columns=["id", "answer"])
     served = manifest.get("precision") or {k: manifest["config"].get(k) for k in ("backend", "precision")}
     return Run(table.num_rows, seconds, int(stages["windows"]), squad.predictions(table),
-               {**stages, "served": served}, load_average())
+               {**stages, "served": served}, load_average(), cpu)
 
 
 def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: int, windows: dict,
@@ -241,9 +301,9 @@ def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: in
     cmd = [sys.executable, "-m", "jobs.benchmark.peer", "--input", str(inputs), "--model", str(hf_dir),
            "--output", str(out), "--threads", str(threads), "--batch-size", str(batch_size),
            "--windows", json.dumps(windows)]
-    seconds = timed(cmd, out.with_suffix(".log"))
+    seconds, cpu = timed(cmd, out.with_suffix(".log"))
     predictions = json.loads(out.read_text())
-    return Run(len(predictions), seconds, window_count, predictions, load=load_average())
+    return Run(len(predictions), seconds, window_count, predictions, load=load_average(), cpu_seconds=cpu)
 
 
 @dataclass
@@ -268,6 +328,19 @@ class Row:
         return marginal_rate(self.n, self.t_n, self.t_2n)
 
     @property
+    def c_n(self) -> float:
+        return statistics.median(r.cpu_seconds for r in self.runs_n)
+
+    @property
+    def c_2n(self) -> float:
+        return statistics.median(r.cpu_seconds for r in self.runs_2n)
+
+    @property
+    def questions_per_cpu_s(self) -> float:
+        """N / (C(2N) - C(N)): questions per CPU-second of the process tree, once it is up."""
+        return marginal_rate(self.n, self.c_n, self.c_2n)
+
+    @property
     def windows_per_s(self) -> float:
         extra = self.runs_2n[0].windows - self.runs_n[0].windows
         return marginal_rate(extra, self.t_n, self.t_2n)
@@ -287,12 +360,12 @@ def header(model: str, n: int, cpus: int) -> str:
 def marginal_table(rows: list[Row], items_2n: list[dict], peer: str | None, with_f1: bool) -> str:
     """Markdown: T(N), T(2N), marginal questions/s and windows/s, x the peer's marginal q/s, F1/EM on 2N."""
     base = next((r for r in rows if r.system == peer), None)
-    lines = [("| system | T(N) s | T(2N) s | marginal questions/s | marginal windows/s | x pipeline | F1 | EM | "
-              "load avg at end (N, 2N) |"),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [("| system | T(N) s | T(2N) s | marginal questions/s | marginal windows/s | x pipeline | "
+              "CPU-s (N, 2N) | marginal questions per CPU-s | x pipeline (CPU) | F1 | EM | load avg at end (N, 2N) |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        ratio = f"{r.questions_per_s / base.questions_per_s:.2f}" if base and r is not base else (
-            "1.00" if r is base else "-")
+        ratio = f"{r.questions_per_s / base.questions_per_s:.2f}" if base else "-"
+        cpu_ratio = f"{r.questions_per_cpu_s / base.questions_per_cpu_s:.2f}" if base else "-"
         if with_f1:
             s = squad.score(items_2n, r.runs_2n[0].predictions)
             f1, em = f"{s['f1']:.2f}", f"{s['exact_match']:.2f}"
@@ -300,7 +373,8 @@ def marginal_table(rows: list[Row], items_2n: list[dict], peer: str | None, with
             f1 = em = "-"
         load = ", ".join(f"{statistics.median(x.load for x in runs):.1f}" for runs in (r.runs_n, r.runs_2n))
         lines.append(f"| {r.system} | {r.t_n:.1f} | {r.t_2n:.1f} | {r.questions_per_s:.2f} | "
-                     f"{r.windows_per_s:.2f} | {ratio} | {f1} | {em} | {load} |")
+                     f"{r.windows_per_s:.2f} | {ratio} | {r.c_n:.1f}, {r.c_2n:.1f} | {r.questions_per_cpu_s:.3f} | "
+                     f"{cpu_ratio} | {f1} | {em} | {load} |")
     return "\n".join(lines)
 
 
@@ -405,14 +479,16 @@ def slug(text: str) -> str:
 
 
 def progress(model: str, system: str, k: int, run: Run) -> None:
-    print(f"  {model}: {system}, {k} questions: {run.seconds:.1f} s (load average {run.load:.1f})", file=sys.stderr,
-          flush=True)
+    print(f"  {model}: {system}, {k} questions: {run.seconds:.1f} s, {run.cpu_seconds:.1f} CPU-s (load average "
+          f"{run.load:.1f})", file=sys.stderr, flush=True)
 
 
 def row_report(r: Row) -> dict:
     return {"system": r.system, "n": r.n, "t_n": r.t_n, "t_2n": r.t_2n, "questions_per_s": r.questions_per_s,
             "windows_per_s": r.windows_per_s, "seconds_n": [x.seconds for x in r.runs_n],
-            "seconds_2n": [x.seconds for x in r.runs_2n], "load_n": [x.load for x in r.runs_n],
+            "seconds_2n": [x.seconds for x in r.runs_2n], "cpu_seconds_n": [x.cpu_seconds for x in r.runs_n],
+            "cpu_seconds_2n": [x.cpu_seconds for x in r.runs_2n], "questions_per_cpu_s": r.questions_per_cpu_s,
+            "load_n": [x.load for x in r.runs_n],
             "load_2n": [x.load for x in r.runs_2n], "windows": [r.runs_n[0].windows, r.runs_2n[0].windows],
             "stages_2n": r.runs_2n[0].stages}
 
