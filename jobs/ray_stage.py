@@ -63,8 +63,7 @@ class NodeReport:
     first_ready_s: float | None = None  # seconds from the job's answering start to its first actor ready
 
 
-@ray.remote(num_cpus=0)
-class StageStats:
+class StageBook:
     """Latest report of each answering actor, for the manifest and progress lines; placed on the driver's node
     (see ``stage_stats``) so that losing a worker node cannot take the job's bookkeeping with it.
 
@@ -144,6 +143,9 @@ class StageStats:
                 0 if node in alive else len(actors), node in alive,
                 round(min(ready) - started_at, 3) if ready and started_at else None))
         return out
+
+
+StageStats = ray.remote(num_cpus=0)(StageBook)  # the job's one StageBook, as an actor (``stage_stats``)
 
 
 def alive_nodes() -> frozenset[str]:

@@ -90,6 +90,8 @@ class LocalCluster:
         # Ray >= 2.59 turns token authentication on for `ray start` clusters: one token for nodes and drivers.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex)
         self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+        # A raylet waits this long for its dashboard agent (which takes 50 s and more on a loaded 2-core host).
+        self.env.update(RAY_agent_register_timeout_ms="120000")
         self.nodes: list[Node] = []
         self.head: Node | None = None
         self.address = ""
