@@ -60,7 +60,8 @@ class NodeReport:
     rows_answered: int  # input rows its actors answered (a unit in flight when the node died counts here too)
     actors_lost: int  # actor processes lost with the node (it is dead now): their unit in flight went elsewhere
     alive: bool
-    first_ready_s: float | None = None  # seconds from the job's answering start to its first actor ready
+    first_ready_s: float | None = None  # seconds from the start of answering to its first actor ready
+    first_answer_s: float | None = None  # ... to the first report of an answered unit from it
 
 
 class StageBook:
@@ -74,6 +75,7 @@ class StageBook:
     def __init__(self) -> None:
         self.reports: dict[str, ActorReport] = {}
         self.ready_at: dict[str, float] = {}
+        self.first_report_at: dict[str, float] = {}  # wall clock here, on the driver's node
         self.node_of: dict[str, str] = {}  # actor process -> node id
         self.cpu_class_of: dict[str, str] = {}  # node id -> CPU class
         self.last_node_of_actor: dict[str, str] = {}  # Ray actor id -> node of its latest process
@@ -110,6 +112,7 @@ class StageBook:
 
     def report(self, report: ActorReport) -> None:
         self.reports[report.actor] = report
+        self.first_report_at.setdefault(report.actor, time.time())
 
     def ready(self, actor: str, at: float, node: str = "", cpu: str = "", actor_id: str = "") -> None:
         """An actor process on ``node`` (whose CPU class is ``cpu``) finished loading its model at wall-clock
@@ -137,11 +140,13 @@ class StageBook:
         out = []
         for node, actors in sorted(by_node.items()):
             ready = [self.ready_at[a] for a in actors if a in self.ready_at]
+            answered = [self.first_report_at[a] for a in actors if a in self.first_report_at]
             out.append(NodeReport(
                 node, self.cpu_class_of.get(node, ""), len(actors),
                 sum(self.reports[a].input_rows for a in actors if a in self.reports),
                 0 if node in alive else len(actors), node in alive,
-                round(min(ready) - started_at, 3) if ready and started_at else None))
+                round(min(ready) - started_at, 3) if ready and started_at else None,
+                round(min(answered) - started_at, 3) if answered and started_at else None))
         return out
 
 

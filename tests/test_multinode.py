@@ -155,3 +155,17 @@ def test_node_added_mid_run(cluster, tiny_model, questions, clean_run, tmp_path)
     assert len(nodes) == 2 and all(n["rows_answered"] > 0 and n["alive"] for n in nodes), nodes
     assert "actors on 2 nodes" in stdout, stdout
     print(f"node added at {added_at:.1f} s, job {time.time() - t0:.1f} s; nodes {nodes}\n{stdout}")
+
+
+def test_no_workers_fails_clearly(cluster, tiny_model, questions, tmp_path):
+    """A head with 0 CPUs and no worker node: the job says it waits, then fails with one line naming the timeout
+    and the cluster's resources, having answered nothing."""
+    cluster.keep_workers(0)
+    out = tmp_path / "out"
+    done = subprocess.run(job(cluster, tiny_model, questions, out, "--wait-for-workers", "4"), cwd=REPO,
+                          env=cluster.env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "waiting for workers: 0/1 CPUs on 1 node(s)" in done.stdout, done.stdout
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--wait-for-workers 4 s" in error[0] and "resources:" in error[0], done.stderr
+    assert not (out / "_manifest.json").exists()
