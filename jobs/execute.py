@@ -27,18 +27,18 @@ be retried forever. Here every limit is finite, and a crash costs only the rows 
 Nodes that come and go (``pool_layout``, ``wait_for_workers``). The answering actors are an autoscaling pool
 (Ray Data's ``ActorPoolStrategy(min_size, max_size, initial_size)``): it starts with an actor per free CPU, grows
 onto nodes that join mid-run and shrinks when units run out. Its maximum is ``--max-actors``, else the cluster's
-autoscaling bound (the sum over worker groups of maxReplicas x CPUs, as the KubeRay autoscaler reports it) in
-actors, else (a cluster with no autoscaler) the pass's pieces: more actors than pieces would have nothing to do,
-and Ray Data adds an actor only when a CPU is free. Ray Data adds actors only while the pool's utilization (tasks
+autoscaling bound (the sum over worker groups of maxReplicas x CPUs, from the cluster config Ray's autoscaler keeps
+in the GCS, which Ray Data reads for the same purpose) in actors, else (a cluster with no autoscaler) the pass's
+pieces: more actors than pieces would have nothing to do, and Ray Data adds an actor only when a CPU is free. Ray Data adds actors only while the pool's utilization (tasks
 in flight per actor slot) is at least its upscaling threshold, 1.75 by default: with one task in flight per actor
 (above) utilization never passes 1.0, so the threshold is set to 1.0 here (``UPSCALING_THRESHOLD``), or the pool
 would never grow. Nor does it shrink on utilization (``DOWNSCALING_THRESHOLD``): Ray Data's default drops an actor
 whenever half the pool is idle, which a pool of two is for a moment each time an actor starts (before its first
 task), and the actor it then starts again loads the model again (seen on 2 worker nodes: one actor answered
 everything while the other node's actors were dropped and restarted); the pool shrinks once the pass has no
-units left (Ray Data's "consumed all inputs"). ``--concurrency N`` keeps a fixed pool of N. A job that finds fewer CPUs than ``--min-actors``
-actors need waits for them (asking an autoscaler for them), printing a line saying so, and fails with
-NoWorkersError after ``--wait-for-workers`` seconds.
+units left (Ray Data's "consumed all inputs"). ``--concurrency N`` keeps a fixed pool of N. A job that finds
+fewer CPUs than ``--min-actors`` actors need waits for them (asking an autoscaler for them), printing a line
+saying so, and fails with NoWorkersError after ``--wait-for-workers`` seconds.
 
 A lost worker node costs the pieces in flight there: Ray restarts its actors on the nodes left (a restart
 because the actor's node died is not charged to the pass's restart budget) and retries their tasks; a piece
@@ -186,8 +186,8 @@ def cluster_capacity() -> Capacity:
 
 
 def autoscaling_bound_cpus() -> int | None:
-    """The most CPUs the cluster's autoscaler may give it (KubeRay with in-tree autoscaling: the sum over worker
-    groups of maxReplicas x CPUs); None without an autoscaler, or when the bound is unlimited.
+    """The most CPUs the cluster's autoscaler may give it (the sum over worker groups of their most nodes x CPUs:
+    KubeRay's maxReplicas); None without an autoscaler, or when the bound is unlimited.
 
     Read with the call Ray Data and Ray Train use for the same purpose (``ray._private.state``): Ray has no
     public API for it in 2.60; a failure only means no bound."""

@@ -16,9 +16,9 @@ Node faults: ``QA_FAULT_KILL_ON_CALL=<k>:<pgid>`` makes an answering actor SIGKI
 its k-th call, before answering (a test passes a worker node's ``ray start --block`` group: its raylet, object
 store and every worker, as a lost spot node). Fired in an actor rather than after the k-th staged file because
 staging lags answering (a write task waits for a worker process): the kill then finds units in flight on
-every node, the victim's own included, and most of the job still to do. ``QA_FAULT_HOLD_FILE=<file>`` holds every answering actor's second and later calls while that file exists: a
-test lets each actor answer one unit, adds a node, waits for the new node's actor to stage its first unit and
-then removes the file.
+every node, the victim's own included, and most of the job still to do. ``QA_FAULT_HOLD_FILE=<file>`` holds
+every answering actor's second and later calls while that file exists: a test lets each actor answer one unit,
+adds a node, waits for the new node's actor to stage its first unit and then removes the file.
 
 The driver forwards every ``QA_FAULT_*`` variable it has to its workers (``forwarded_env``, passed as the
 job's runtime_env): on a cluster of ``ray start`` nodes, workers inherit their node's environment, not the
