@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 from jobs.cluster import ClusterAddressError
 from jobs.config import JobConfig, add_flags, from_args
-from jobs.execute import Execution, cluster_nodes, execute
+from jobs.execute import Execution, NoWorkersError, cluster_nodes, execute
 from jobs.plan import JobPlan, PrecisionChoiceError, plan, settle_precision
 from models.registry import ModelNotFoundError
 from pipeline.commit import OutputExistsError
@@ -37,7 +37,8 @@ from pipeline.units import InputFileError
 
 # What a user can fix from the message alone: bad paths, columns, model directories, an output in the way.
 USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadError, InputFileError, QuestionsError,
-               ClusterAddressError, TableError, ModelCrashLoopError, PrecisionChoiceError, FileNotFoundError, KeyError)
+               ClusterAddressError, TableError, ModelCrashLoopError, NoWorkersError, PrecisionChoiceError,
+               FileNotFoundError, KeyError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
@@ -87,9 +88,7 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
         "rows_staged_before": job.staged_rows,
         "errors_by_kind_this_run": dict(done.totals.times.errors),
         "retries": asdict(done.retries),  # rows that crashed the model process, passes, restarts (jobs/execute.py)
-        "ray": {} if done.layout is None else {"concurrency": done.layout.actors,
-                                               "cpus_per_actor": done.layout.cpus_per_actor,
-                                               "cluster_cpus": done.layout.cluster_cpus},
+        "ray": {} if done.layout is None else ray_fields(done),
         "stages": done.totals.manifest_stages() if done.layout else {},
         "durations_s": durations,
         "questions_per_s": round(answered_rows / max(seconds, 1e-9), 3),
@@ -107,6 +106,17 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
     print(f"done: {job.rows_in} rows in, {manifest['rows_out']} rows out, {manifest['errors']} with errors, "
           f"{durations['total']:.1f} s ({fields['questions_per_s']:.1f} rows/s); {committed_to}", flush=True)
     return manifest
+
+
+def ray_fields(done: Execution) -> dict:
+    """The manifest's ``ray``: the answering pool's bounds, and what each node's actors did (README: On a
+    cluster)."""
+    layout = done.layout
+    return {"min_actors": layout.min_actors, "initial_actors": layout.initial_actors, "max_actors": layout.actors,
+            "max_actors_from": layout.max_from, "cpus_per_actor": layout.cpus_per_actor,
+            "cluster_cpus": layout.cluster_cpus, "driver_node": done.driver_node,
+            "actor_restarts_after_node_loss": done.restarts_after_node_loss,
+            "nodes": [asdict(n) for n in done.nodes]}
 
 
 SUMMARY = ("rows_in", "rows_out", "errors", "durations_s", "questions_per_s")

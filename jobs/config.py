@@ -52,7 +52,15 @@ class JobConfig:
     decode: DecodeSettings = field(default_factory=DecodeSettings, metadata=flag("span decoding"))
     windows: WindowOverrides = field(default_factory=WindowOverrides, metadata=flag("window settings"))
     concurrency: int | None = field(default=None, metadata=flag(
-        "answering actors (default: cluster CPUs / CPUs per actor)"))
+        "a fixed pool of N answering actors (default: a pool that grows and shrinks between --min-actors and "
+        "--max-actors)"))
+    min_actors: int = field(default=1, metadata=flag(
+        "fewest answering actors: the job waits (up to --wait-for-workers) for CPUs for this many before it starts"))
+    max_actors: int | None = field(default=None, metadata=flag(
+        "most answering actors (default: the cluster's autoscaling bound in CPUs / CPUs per actor; without "
+        "one, the read units: the pool grows onto every node that joins)"))
+    wait_for_workers_s: float = field(default=600.0, metadata=flag(
+        "seconds to wait for worker CPUs for --min-actors actors before failing", name="wait-for-workers"))
     cpus_per_actor: int | None = field(default=None, metadata=flag(
         "CPUs (= runtime threads) per actor (default: 1; 4 for graphs of 256 MB and more)"))
     rows_per_unit: int = field(default=1024, metadata=flag("rows per read unit: one actor call, one output file"))
@@ -86,6 +94,12 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.min_actors < 1 or (self.max_actors is not None and self.max_actors < self.min_actors):
+            raise ValueError(f"need 1 <= --min-actors <= --max-actors, got {self.min_actors} and {self.max_actors}")
+        if self.concurrency is not None and (self.max_actors is not None or self.min_actors != 1):
+            raise ValueError("--concurrency (a fixed pool) excludes --min-actors and --max-actors")
+        if self.wait_for_workers_s < 0:
+            raise ValueError(f"--wait-for-workers must be >= 0 seconds, got {self.wait_for_workers_s}")
         if self.rows_per_unit < 1 or self.batch_tokens < 1:
             raise ValueError("--rows-per-unit and --batch-tokens must be >= 1")
         if self.wide and not self.questions:

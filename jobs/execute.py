@@ -23,6 +23,28 @@ be retried forever. Here every limit is finite, and a crash costs only the rows 
   actor gone for good, and a pass without actors waits 30 minutes for Ray Data's no-progress timeout).
 - An actor that dies while starting (not restarting) fails the job at once
   (``DataContext.max_consecutive_actor_init_deaths`` = 0, Ray Data's default).
+
+Nodes that come and go (``pool_layout``, ``wait_for_workers``). The answering actors are an autoscaling pool
+(Ray Data's ``ActorPoolStrategy(min_size, max_size, initial_size)``): it starts with an actor per free CPU, grows
+onto nodes that join mid-run and shrinks when units run out. Its maximum is ``--max-actors``, else the cluster's
+autoscaling bound (the sum over worker groups of maxReplicas x CPUs, from the cluster config Ray's autoscaler keeps
+in the GCS, which Ray Data reads for the same purpose) in actors, else (a cluster with no autoscaler) the pass's
+pieces: more actors than pieces would have nothing to do, and Ray Data adds an actor only when a CPU is free. Ray Data adds actors only while the pool's utilization (tasks
+in flight per actor slot) is at least its upscaling threshold, 1.75 by default: with one task in flight per actor
+(above) utilization never passes 1.0, so the threshold is set to 1.0 here (``UPSCALING_THRESHOLD``), or the pool
+would never grow. Nor does it shrink on utilization (``DOWNSCALING_THRESHOLD``): Ray Data's default drops an actor
+whenever half the pool is idle, which a pool of two is for a moment each time an actor starts (before its first
+task), and the actor it then starts again loads the model again (seen on 2 worker nodes: one actor answered
+everything while the other node's actors were dropped and restarted); the pool shrinks once the pass has no
+units left (Ray Data's "consumed all inputs"). ``--concurrency N`` keeps a fixed pool of N. A job that finds
+fewer CPUs than ``--min-actors`` actors need waits for them (asking an autoscaler for them), printing a line
+saying so, and fails with NoWorkersError after ``--wait-for-workers`` seconds.
+
+A lost worker node costs the pieces in flight there: Ray restarts its actors on the nodes left (a restart
+because the actor's node died is not charged to the pass's restart budget) and retries their tasks; a piece
+whose output went with the node is answered again. Nothing job-wide lives on a worker node: the bookkeeping
+actor (StageStats) is pinned to the driver's node, reports to it are sent without waiting, and the pass's input
+rows and the fan-out questions are put into the object store by the driver, on its node.
 """
 
 from __future__ import annotations
@@ -40,19 +62,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.plan import JobPlan
-from pipeline import poison
+from pipeline import faults, poison
 from pipeline.answer import StageTotals
 from pipeline.poison import CRASHES_PER_PASS, Piece
 
 LARGE_MODEL_BYTES = 256 * 2**20
 REPORT_GRACE_S = 10.0  # how long the last actor reports may take to arrive after the last write
+UPSCALING_THRESHOLD = 1.0  # Ray Data's default (1.75) is out of reach with one task in flight per actor
+DOWNSCALING_THRESHOLD = -1.0  # never on utilization (Ray Data's default: at 0.5); see the module docstring
+WAIT_POLL_S = 1.0
+POOL_ACTOR_CLASS = "MapWorker"  # Ray Data's actor class for a pool's actors (the GCS table's class name)
+
+
+class NoWorkersError(RuntimeError):
+    """No worker CPUs for --min-actors actors arrived within --wait-for-workers."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The cluster's CPUs as the driver sees them: what is alive now, and what an autoscaler may add."""
+
+    cpus: int  # CPUs of the alive nodes now (the head's 0 included)
+    largest_node_cpus: int
+    nodes: int  # alive nodes, the head included
+    bound_cpus: int | None = None  # the autoscaler's bound on the cluster's CPUs; None: no autoscaler (or none told)
 
 
 @dataclass(frozen=True)
 class ActorLayout:
-    actors: int
+    """The answering pool: between ``min_actors`` and ``actors`` (its maximum), starting at ``initial_actors``."""
+
+    actors: int  # the most actors at once
     cpus_per_actor: int
-    cluster_cpus: int
+    cluster_cpus: int  # when the job started answering
+    min_actors: int = 1
+    initial_actors: int = 1
+    max_from: str = "--concurrency"  # what set the maximum: --concurrency, --max-actors, autoscaling bound, pieces
 
 
 @dataclass(frozen=True)
@@ -75,6 +120,9 @@ class Execution:
     started_at: float = 0.0
     finished_at: float = 0.0
     retries: Retries = field(default_factory=Retries)
+    nodes: tuple = ()  # jobs.ray_stage.NodeReport per node that ran an answering actor
+    driver_node: str = ""
+    restarts_after_node_loss: int = 0  # actor restarts because the actor's node died (not charged as crashes)
 
 
 def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int | None,
@@ -97,6 +145,104 @@ def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int
     return concurrency, cpus_per_actor
 
 
+def pool_layout(capacity: Capacity, min_actors: int, max_actors: int | None, concurrency: int | None,
+                cpus_per_actor: int | None, model_bytes: int, pieces: int) -> ActorLayout:
+    """The answering pool for a cluster of ``capacity`` and a first pass of ``pieces`` pieces (module docstring:
+    where its maximum comes from). Default CPUs per actor as ``actor_layout``, never more than the largest node
+    has (an actor runs on one node)."""
+    initial, threads = actor_layout(capacity.cpus, concurrency, cpus_per_actor, model_bytes)
+    if concurrency is not None:
+        return ActorLayout(concurrency, threads, capacity.cpus, concurrency, concurrency, "--concurrency")
+    if cpus_per_actor is None:
+        threads = max(1, min(threads, capacity.largest_node_cpus))
+    if max_actors is not None:
+        most, source = max_actors, "--max-actors"
+    elif capacity.bound_cpus is not None:
+        most, source = max(min_actors, capacity.bound_cpus // threads), "autoscaling bound"
+    else:
+        most, source = max(min_actors, pieces), "pieces"
+    initial = min(max(min_actors, capacity.cpus // threads), most)
+    return ActorLayout(most, threads, capacity.cpus, min_actors, initial, source)
+
+
+def pool_strategy(layout: ActorLayout, pieces: int):
+    """Ray Data's compute strategy for a pass of ``pieces`` pieces: fixed, or autoscaling (no bound above the
+    pieces: an actor without a piece idles)."""
+    import ray
+
+    low, start, high = (min(n, pieces) for n in (layout.min_actors, layout.initial_actors, layout.actors))
+    if low == high:
+        return ray.data.ActorPoolStrategy(size=high, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start,
+                                      max_tasks_in_flight_per_actor=1)
+
+
+def cluster_capacity() -> Capacity:
+    """Alive nodes' CPUs now (one GCS call), and the autoscaler's bound."""
+    import ray
+
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+    return Capacity(sum(cpus), max(cpus, default=0), len(cpus), autoscaling_bound_cpus())
+
+
+def autoscaling_bound_cpus() -> int | None:
+    """The most CPUs the cluster's autoscaler may give it (the sum over worker groups of their most nodes x CPUs:
+    KubeRay's maxReplicas); None without an autoscaler, or when the bound is unlimited.
+
+    Read with the call Ray Data and Ray Train use for the same purpose (``ray._private.state``): Ray has no
+    public API for it in 2.60; a failure only means no bound."""
+    import ray._private.state
+
+    try:
+        bound = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it the pool's maximum comes from the pieces
+        return None
+    cpus = (bound or {}).get("CPU") or 0
+    return int(cpus) if 0 < cpus < sys.maxsize else None
+
+
+def wait_for_workers(needed_cpus: int, timeout_s: float, every_s: float) -> Capacity:
+    """The cluster's capacity once its alive nodes have ``needed_cpus`` CPUs; until then a line every
+    ``every_s`` seconds saying the job waits, and NoWorkersError after ``timeout_s``.
+
+    A cluster with an autoscaler is asked for the CPUs (``request_resources``; Ray Data asks for the rest once
+    the pool runs); the request is withdrawn when they are there."""
+    from ray.autoscaler.sdk import request_resources
+
+    started = time.monotonic()
+    capacity = cluster_capacity()
+    if capacity.cpus >= needed_cpus:
+        return capacity
+    request_resources(bundles=[{"CPU": 1}] * needed_cpus)
+    last_line = -math.inf
+    try:
+        while capacity.cpus < needed_cpus:
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                raise NoWorkersError(
+                    f"no worker CPUs after --wait-for-workers {timeout_s:g} s: the job needs {needed_cpus} CPU(s) "
+                    f"(--min-actors x CPUs per actor) and the cluster has {capacity.cpus} on {capacity.nodes} alive "
+                    f"node(s) (resources: {_resources()}); start worker nodes, or raise the autoscaler's "
+                    f"minReplicas/maxReplicas")
+            if waited - last_line >= every_s:
+                print(f"waiting for workers: {capacity.cpus}/{needed_cpus} CPUs on {capacity.nodes} node(s), "
+                      f"{waited:.0f} s of --wait-for-workers {timeout_s:g} s", flush=True)
+                last_line = waited
+            time.sleep(min(WAIT_POLL_S, max(0.0, timeout_s - waited)))
+            capacity = cluster_capacity()
+    finally:
+        request_resources(bundles=[])
+    print(f"workers: {capacity.cpus} CPUs on {capacity.nodes} node(s) after {time.monotonic() - started:.0f} s",
+          flush=True)
+    return capacity
+
+
+def _resources() -> dict:
+    import ray
+
+    return {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+
+
 def execute(plan: JobPlan) -> Execution:
     """Stage every pending unit's answers (``plan.output`` commits them afterwards)."""
     started = time.time()
@@ -111,26 +257,26 @@ def execute(plan: JobPlan) -> Execution:
 def _answer(plan: JobPlan, started: float) -> Execution:
     import ray
 
-    from jobs.ray_stage import ActorSettings, stage_stats
+    from jobs.ray_stage import ActorSettings, alive_nodes, stage_stats
 
     cfg = plan.config
     start_ray(cfg.address, cfg.verbose)
-    ctx = ray.data.DataContext.get_current()
-    # No preserve_order: output files are named by read unit, so completion order changes nothing.
-    ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
-    ctx.max_errored_blocks = -1  # a piece that crashed its actor 3 times leaves the pass, not the job (above)
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors, threads = actor_layout(cluster_cpus, cfg.concurrency, cfg.cpus_per_actor, plan.model_bytes)
+    capacity = wait_for_workers(cfg.min_actors * (cfg.cpus_per_actor or 1), cfg.wait_for_workers_s,
+                                cfg.progress_every_s)
+    data_context()
+    layout = pool_layout(capacity, cfg.min_actors, cfg.max_actors, cfg.concurrency, cfg.cpus_per_actor,
+                         plan.model_bytes, len(plan.pending))
     variant = plan.precision.variant
-    settings = ActorSettings(plan.model_dir, threads, plan.columns, cfg.decode, cfg.windows, cfg.batch_tokens,
-                             variant.backend, variant.precision, cfg.wide)
+    settings = ActorSettings(plan.model_dir, layout.cpus_per_actor, plan.columns, cfg.decode, cfg.windows,
+                             cfg.batch_tokens, variant.backend, variant.precision, cfg.wide)
     stats = stage_stats()
+    answering_from = time.time()
     rows = plan.rows_in - plan.staged_rows
     pieces, crashed, passes, retried = [poison.whole(u) for u in plan.pending], [], 0, 0
     with ProgressReporter(stats, rows, cfg.progress_every_s):
         while pieces:
             passes += 1
-            failed = _answer_pass(plan, settings, stats, pieces, min(actors, len(pieces)))
+            failed = _answer_pass(plan, settings, stats, pieces, layout)
             if failed:
                 split = sum(p.length > 1 for p in failed)
                 print(f"retry: {len(failed)} of {len(pieces)} pieces of read units crashed the model process "
@@ -142,10 +288,27 @@ def _answer(plan: JobPlan, started: float) -> Execution:
     ids = [_write_crashed(plan, p) for p in crashed]
     totals = _final_totals(stats, rows - len(crashed))
     retries = Retries(tuple(ids), passes, retried, ray.get(stats.restart_count.remote()))
-    return Execution(ActorLayout(actors, threads, cluster_cpus), totals, started, time.time(), retries)
+    nodes = ray.get(stats.nodes.remote(alive_nodes(), answering_from))
+    return Execution(layout, totals, started, time.time(), retries, tuple(nodes),
+                     ray.get_runtime_context().get_node_id(), ray.get(stats.node_losses_count.remote()))
 
 
-def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], actors: int) -> list[Piece]:
+def data_context() -> None:
+    """Ray Data's settings for the job's passes (module docstring)."""
+    import dataclasses
+
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    # No preserve_order: output files are named by read unit, so completion order changes nothing.
+    ctx.enable_progress_bars = False  # headless nightly logs: no per-batch bars
+    ctx.max_errored_blocks = -1  # a piece that crashed its actor 3 times leaves the pass, not the job (above)
+    ctx.autoscaling_config = dataclasses.replace(ctx.autoscaling_config,
+                                                 actor_pool_util_upscaling_threshold=UPSCALING_THRESHOLD,
+                                                 actor_pool_util_downscaling_threshold=DOWNSCALING_THRESHOLD)
+
+
+def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], layout: ActorLayout) -> list[Piece]:
     """Answer ``pieces`` into staging; the pieces that crashed their actor CRASHES_PER_PASS times (not staged).
     Raises the first exception an actor or write task reported."""
     import ray
@@ -165,14 +328,16 @@ def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], actors: in
             fn_constructor_kwargs={"fs": plan.input_fs, "settings": settings, "questions": plan.questions,
                                    "stats": stats},
             batch_format="pyarrow", batch_size=1, num_cpus=settings.threads,
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            compute=pool_strategy(layout, len(pieces)),
             max_restarts=budget + 1, max_task_retries=CRASHES_PER_PASS - 1,
         )
     sink = StagedParquetDatasink(plan.output, stats)
-    # As many write tasks at once as answering actors: they keep up, and reuse their worker processes. Unbounded
-    # (num_cpus=0 admits any number), each staged unit started a Python worker of its own (16 on 2 cores for a
-    # 15-unit job: a tiny job took 25 s instead of 12).
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=max(1, actors))
+    # At most twice as many write tasks at once as the pool's first actors (a fixed pool: its actors): staging a
+    # unit takes about 1% of answering it, so they keep up with a pool that grows, and reuse their worker
+    # processes. Unbounded (num_cpus=0 admits any number), each staged unit started a Python worker of its own
+    # (16 on 2 cores for a 15-unit job: a tiny job took 25 s instead of 12).
+    writers = layout.actors if layout.min_actors == layout.actors else 2 * layout.initial_actors
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=max(1, min(writers, len(pieces))))
     failure = ray.get(stats.first_failure.remote())
     if failure is not None:
         raise failure[1]
@@ -223,6 +388,8 @@ def cluster_nodes(cfg) -> list:
 
     with contextlib.nullcontext() if cfg.verbose else ray_lines_to_file():
         start_ray(cfg.address, cfg.verbose)
+        # An autoscaling cluster may start with no worker CPUs: choose for the nodes that will answer.
+        wait_for_workers(cfg.min_actors * (cfg.cpus_per_actor or 1), cfg.wait_for_workers_s, cfg.progress_every_s)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         probe = ray.remote(num_cpus=0)(_cpu_flags)
         flags = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
@@ -253,8 +420,10 @@ def start_ray(address: str | None, verbose: bool) -> None:
     address, note = bootstrap_address(address)
     if note:
         print(note, flush=True)
+    hooks = faults.forwarded_env()  # tests only: a cluster's workers do not inherit the driver's environment
     ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR,
-             log_to_driver=verbose, configure_logging=True)
+             log_to_driver=verbose, configure_logging=True,
+             **({"runtime_env": {"env_vars": hooks}} if hooks else {}))
     if not verbose:
         quiet_ray()  # ray.init configures its loggers again
 
@@ -359,8 +528,27 @@ class ProgressReporter(Ticker):
         elapsed = time.time() - self._t0
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
+        alive = answering_actors()
+        actors = f"{totals.actors} actors started" if alive is None else \
+            f"{alive[0]} actors on {alive[1]} nodes ({totals.actors} started)"
         print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.1f}%), "
-              f"{rate:.1f} rows/s, ETA {_clock(eta)}, {totals.actors} actors", flush=True)
+              f"{rate:.1f} rows/s, ETA {_clock(eta)}, {actors}", flush=True)
+
+
+def answering_actors() -> tuple[int, int] | None:
+    """(answering actors alive now, the nodes they are on), from the GCS actor table (one call, this job's
+    alive actors only); None if it cannot be read. ``ray._private.state``: Ray's public state API needs the
+    dashboard, which a cluster may run without."""
+    import ray
+    import ray._private.state
+
+    try:
+        table = ray._private.state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()),
+                                          actor_state_name="ALIVE")
+    except Exception:  # noqa: BLE001 - progress must never fail the job
+        return None
+    nodes = [a["Address"]["NodeID"] for a in table.values() if POOL_ACTOR_CLASS in a["ActorClassName"]]
+    return len(nodes), len(set(nodes))
 
 
 def _clock(seconds: float) -> str:

@@ -20,6 +20,7 @@ from pipeline.answer import Answerer, StageTimes, StageTotals
 from pipeline.backends import load_model
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
 from pipeline.config import Columns, DecodeSettings, WindowOverrides
+from pipeline.cpu import cpu_class
 from pipeline.poison import crash_loop, unit_and_first_row
 from pipeline.units import UnitReader
 
@@ -46,10 +47,24 @@ class ActorReport:
     actor: str
     times: StageTimes
     input_rows: int  # rows read (documents, with fan-out)
+    node: str = ""  # the Ray node id the actor process runs on
 
 
-@ray.remote(num_cpus=0)
-class StageStats:
+@dataclass(frozen=True)
+class NodeReport:
+    """What one node's answering actors did (the manifest's ``ray.nodes``), from the actors' own reports."""
+
+    node: str  # Ray node id
+    cpu_class: str  # pipeline.cpu.cpu_class() on that node
+    actors_started: int  # actor processes that loaded the model there (a restarted process counts again)
+    rows_answered: int  # input rows its actors answered (a unit in flight when the node died counts here too)
+    actors_lost: int  # actor processes lost with the node (it is dead now): their unit in flight went elsewhere
+    alive: bool
+    first_ready_s: float | None = None  # seconds from the start of answering to its first actor ready
+    first_answer_s: float | None = None  # ... to the first report of an answered unit from it
+
+
+class StageBook:
     """Latest report of each answering actor, for the manifest and progress lines; placed on the driver's node
     (see ``stage_stats``) so that losing a worker node cannot take the job's bookkeeping with it.
 
@@ -60,6 +75,11 @@ class StageStats:
     def __init__(self) -> None:
         self.reports: dict[str, ActorReport] = {}
         self.ready_at: dict[str, float] = {}
+        self.first_report_at: dict[str, float] = {}  # wall clock here, on the driver's node
+        self.node_of: dict[str, str] = {}  # actor process -> node id
+        self.cpu_class_of: dict[str, str] = {}  # node id -> CPU class
+        self.last_node_of_actor: dict[str, str] = {}  # Ray actor id -> node of its latest process
+        self.node_losses = 0  # actor restarts because the actor's node died: not charged to a pass's budget
         self.restarts = 0  # in this run
         self.pass_restarts, self.pass_budget = 0, 0
         self.failures: list[tuple[str, Exception]] = []
@@ -67,8 +87,16 @@ class StageStats:
     def begin_pass(self, restart_budget: int) -> None:
         self.pass_restarts, self.pass_budget = 0, restart_budget
 
-    def restarted(self) -> tuple[int, int]:
-        """An actor process came back after a crash: (restarts in this pass so far, the pass's budget)."""
+    def restarted(self, actor_id: str = "") -> tuple[int, int]:
+        """An actor process came back after a crash: (restarts in this pass so far, the pass's budget).
+
+        A restart because the actor's node died (its last process ran on a node that is dead now) is a lost
+        node, not a crash of the model: it is not charged, so that losing a node of 64 actors cannot stop a
+        job as a crash loop."""
+        node = self.last_node_of_actor.get(actor_id)
+        if node is not None and node not in alive_nodes():
+            self.node_losses += 1
+            return 0, self.pass_budget
         self.restarts += 1
         self.pass_restarts += 1
         return self.pass_restarts, self.pass_budget
@@ -84,15 +112,50 @@ class StageStats:
 
     def report(self, report: ActorReport) -> None:
         self.reports[report.actor] = report
+        self.first_report_at.setdefault(report.actor, time.time())
 
-    def ready(self, actor: str, at: float) -> None:
-        """An actor finished loading its model at wall-clock ``at``."""
+    def ready(self, actor: str, at: float, node: str = "", cpu: str = "", actor_id: str = "") -> None:
+        """An actor process on ``node`` (whose CPU class is ``cpu``) finished loading its model at wall-clock
+        ``at``."""
         self.ready_at[actor] = at
+        self.node_of[actor] = node
+        self.cpu_class_of[node] = cpu
+        if actor_id:
+            self.last_node_of_actor[actor_id] = node
 
     def totals(self) -> StageTotals:
         times = sum((r.times for r in self.reports.values()), StageTimes())
         return StageTotals(times, sum(r.input_rows for r in self.reports.values()), len(self.ready_at),
                            min(self.ready_at.values(), default=None))
+
+    def node_losses_count(self) -> int:
+        return self.node_losses
+
+    def nodes(self, alive: frozenset[str] | set[str], started_at: float = 0.0) -> list[NodeReport]:
+        """Per node that ran an answering actor, by node id; ``alive``: the nodes alive now."""
+        by_node: dict[str, list[str]] = {}
+        for actor in sorted(set(self.ready_at) | set(self.reports)):
+            node = self.node_of.get(actor) or self.reports[actor].node
+            by_node.setdefault(node, []).append(actor)
+        out = []
+        for node, actors in sorted(by_node.items()):
+            ready = [self.ready_at[a] for a in actors if a in self.ready_at]
+            answered = [self.first_report_at[a] for a in actors if a in self.first_report_at]
+            out.append(NodeReport(
+                node, self.cpu_class_of.get(node, ""), len(actors),
+                sum(self.reports[a].input_rows for a in actors if a in self.reports),
+                0 if node in alive else len(actors), node in alive,
+                round(min(ready) - started_at, 3) if ready and started_at else None,
+                round(min(answered) - started_at, 3) if answered and started_at else None))
+        return out
+
+
+StageStats = ray.remote(num_cpus=0)(StageBook)  # the job's one StageBook, as an actor (``stage_stats``)
+
+
+def alive_nodes() -> frozenset[str]:
+    """Ids of the cluster's nodes that are alive now (one GCS call)."""
+    return frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
 
 def stage_stats() -> ray.actor.ActorHandle:
@@ -116,11 +179,12 @@ class AnswerActor:
         self.questions, self.wide, self.id_column = questions, settings.wide, settings.columns.id
         self.stats = stats
         self.name = f"{os.getpid()}@{socket.gethostname()}"
+        self.node = ray.get_runtime_context().get_node_id() if stats is not None else ""
         self.calls = 0
         self.input_rows = 0
         self.refusal: Exception | None = None
         if stats is not None and ray.get_runtime_context().was_current_actor_reconstructed:
-            restarts, budget = ray.get(stats.restarted.remote())
+            restarts, budget = ray.get(stats.restarted.remote(ray.get_runtime_context().get_actor_id()))
             if restarts > budget:
                 self.refusal = crash_loop(restarts, budget)
                 return
@@ -130,7 +194,9 @@ class AnswerActor:
         self.answerer = Answerer(spec, session, settings.columns, settings.decode, settings.batch_tokens)
         self.answerer.times.model_load = time.perf_counter() - t0
         if stats is not None:
-            stats.ready.remote(self.name, time.time())  # not awaited: bookkeeping never holds up answers
+            # Not awaited: bookkeeping never holds up answers.
+            stats.ready.remote(self.name, time.time(), self.node, cpu_class(),
+                               ray.get_runtime_context().get_actor_id())
 
     def __call__(self, units: pa.Table) -> pa.Table:
         """Units as rows (ReadUnit.as_row, or poison.Piece.as_row) in; their answered rows out, with the hidden
@@ -163,7 +229,8 @@ class AnswerActor:
             parts.append(answered.append_column(ROW_COLUMN, pa.array(range(first, first + n), pa.int64())))
         if self.stats is not None:
             # Fire and forget: a report lost with its node (or a slow stats actor) must not fail an answer.
-            self.stats.report.remote(ActorReport(self.name, copy.deepcopy(self.answerer.times), self.input_rows))
+            self.stats.report.remote(ActorReport(self.name, copy.deepcopy(self.answerer.times), self.input_rows,
+                                                 self.node))
         return pa.concat_tables(parts)
 
 

@@ -11,6 +11,18 @@ seconds longer. ``QA_FAULT_CRASH_ON_ROW=<id>`` kills an answering actor every ti
 among which is the row whose id column holds ``<id>`` (compared as text): a poison row, as a native fault in
 a runtime would be (pipeline/poison.py); ``QA_FAULT_RESTART_BUDGET=<n>`` lowers a pass's budget of actor
 restarts to n, so that a test reaches the crash-loop stop in a few crashes.
+
+Node faults: ``QA_FAULT_KILL_ON_CALL=<k>:<pgid>`` makes an answering actor SIGKILL the process group pgid on
+its k-th call, before answering (a test passes a worker node's ``ray start --block`` group: its raylet, object
+store and every worker, as a lost spot node). Fired in an actor rather than after the k-th staged file because
+staging lags answering (a write task waits for a worker process): the kill then finds units in flight on
+every node, the victim's own included, and most of the job still to do. ``QA_FAULT_HOLD_FILE=<file>`` holds
+every answering actor's second and later calls while that file exists: a test lets each actor answer one unit,
+adds a node, waits for the new node's actor to stage its first unit and then removes the file.
+
+The driver forwards every ``QA_FAULT_*`` variable it has to its workers (``forwarded_env``, passed as the
+job's runtime_env): on a cluster of ``ray start`` nodes, workers inherit their node's environment, not the
+driver's.
 """
 
 from __future__ import annotations
@@ -25,6 +37,11 @@ if TYPE_CHECKING:
 
 CRASH_POINTS = ("stage", "commit-list", "publish", "manifest")
 EXIT_CODE = 17
+
+
+def forwarded_env() -> dict[str, str]:
+    """The fault hooks set in this process, for its Ray workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith("QA_FAULT_")}
 
 
 def crash_at() -> tuple[str, int | None] | None:
@@ -54,9 +71,18 @@ def crash_point(point: str, count: int | None = None, also_kill: int | None = No
 
 
 def actor_call(call: int) -> None:
-    """An answering actor's ``call``-th call: slow it, or crash it once per marker file."""
+    """An answering actor's ``call``-th call: slow it, kill a node, hold it, or crash it once per marker file."""
     if os.environ.get("QA_FAULT_SLOW_CALL_S"):
         time.sleep(float(os.environ["QA_FAULT_SLOW_CALL_S"]))
+    kill = os.environ.get("QA_FAULT_KILL_ON_CALL")
+    if kill and call == int(kill.partition(":")[0]):
+        try:
+            os.killpg(int(kill.partition(":")[2]), signal.SIGKILL)  # may be this actor's own node: it ends here
+        except ProcessLookupError:  # killed already, by another actor
+            pass
+    hold = os.environ.get("QA_FAULT_HOLD_FILE")
+    while hold and call > 1 and os.path.exists(hold):
+        time.sleep(0.1)
     k, marker = os.environ.get("QA_FAULT_CRASH_ON_CALL"), os.environ.get("QA_FAULT_MARKER")
     if k and marker and call == int(k) and not os.path.exists(marker):
         with open(marker, "w") as f:
@@ -74,3 +100,4 @@ def actor_rows(documents: pa.Table, id_column: str) -> None:
 def restart_budget_cap() -> int | None:
     value = os.environ.get("QA_FAULT_RESTART_BUDGET")
     return int(value) if value else None
+

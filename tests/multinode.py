@@ -1,7 +1,9 @@
 """A real multi-node Ray cluster on 127.0.0.1 for tests: a head that only drives (0 CPUs, as deploy/rayjob.yaml
 runs it) and worker nodes, each `ray start --block` in its own process group with its own ports, started one
 after the other (two nodes starting at the same moment on one host race), each stopped by its process group id.
-Never `ray stop`, which ends every Ray process on the machine.
+Never `ray stop`, which ends every Ray process on the machine. A node killed with ``Node.kill`` (SIGKILL to its
+process group, as a lost spot node) is declared dead by the head within about 3 s (health checks every 1 s, 3
+misses: Ray's defaults, 3 s x 5, would make a test wait 15 s).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 WORKER_PORTS = 40  # per node, for its worker processes
-START_ATTEMPTS = 3
 
 
 class NodeExitedError(RuntimeError):
@@ -63,9 +64,16 @@ class Node:
     name: str
     process: subprocess.Popen
     num_cpus: int
+    killed: bool = False
+
+    @property
+    def pgid(self) -> int:
+        """Its process group (`ray start` leads its own): what to SIGKILL to lose the node."""
+        return self.process.pid
 
     def kill(self) -> None:
         """SIGKILL the node's whole process group: its raylet, object store and every worker it started."""
+        self.killed = True
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -81,7 +89,11 @@ class LocalCluster:
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # Ray >= 2.59 turns token authentication on for `ray start` clusters: one token for nodes and drivers.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex)
+        self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+        # A raylet waits this long for its dashboard agent (which takes 50 s and more on a loaded 2-core host).
+        self.env.update(RAY_agent_register_timeout_ms="120000")
         self.nodes: list[Node] = []
+        self.head: Node | None = None
         self.address = ""
         self.dashboard = ""
 
@@ -103,58 +115,74 @@ class LocalCluster:
 
     def start_head(self, num_cpus: int = 0, dashboard: bool = False) -> Node:
         """The head; with ``dashboard``, ``self.dashboard`` is the address `ray job submit` takes."""
+        gcs, client, dash = free_ports(3)
+        self.address = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        view = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+        args = ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
+                *(view if dashboard else ["--include-dashboard", "false"]), "--temp-dir", str(self.temp / "ray")]
+        self.head = self._start_and_wait("head", args, num_cpus)
+        return self.head
 
-        def start() -> Node:
-            gcs, client, dash = free_ports(3)
-            self.address = f"127.0.0.1:{gcs}"
-            self.dashboard = f"http://127.0.0.1:{dash}"
-            view = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
-            return self._start("head", ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-                                        *(view if dashboard else ["--include-dashboard", "false"]),
-                                        "--temp-dir", str(self.temp / "ray")], num_cpus)
+    def add_worker(self, num_cpus: int = 1, wait: bool = True, env: dict | None = None) -> Node:
+        """A worker node; with ``wait``, returns once the cluster counts its CPUs. ``env`` adds to its
+        environment, which its worker processes inherit (QA_CPUINFO: a node of another CPU class)."""
+        args = ["--address", self.address]
+        if not wait:
+            return self._start(f"worker-{len(self.nodes)}", args, num_cpus, env)
+        return self._start_and_wait(f"worker-{len(self.nodes)}", args, num_cpus, env=env)
 
-        return self._started(start, num_cpus, nodes=1)
-
-    def add_worker(self, num_cpus: int = 1, env: dict | None = None) -> Node:
-        """A worker node; ``env`` adds to its environment, which its worker processes inherit."""
-        expected = sum(n.num_cpus for n in self.nodes) + num_cpus
-        return self._started(lambda: self._start(f"worker-{len(self.nodes)}", ["--address", self.address], num_cpus,
-                                                 env), expected, nodes=len(self.nodes) + 1)
-
-    def _started(self, start, cpus: float, nodes: int, attempts: int = START_ATTEMPTS) -> Node:
-        """``start()`` a node and wait until the cluster has it. Ray gives a raylet 30 s (hard-coded) to register
-        with the GCS; on a loaded 2-core machine that can pass, and the node exits: start it again, up to
-        ``attempts`` times."""
-        for attempt in range(1, attempts + 1):
-            node = start()
+    def _start_and_wait(self, name: str, args: list[str], num_cpus: int, attempts: int = 3,
+                        env: dict | None = None) -> Node:
+        """Start a node and wait for the cluster to count it; again (up to ``attempts`` in all) if it exits
+        while starting: on a loaded host a raylet gives up after 30 s without its dashboard agent."""
+        for attempt in range(attempts):
+            node = self._start(name if attempt == 0 else f"{name}-again{attempt}", args, num_cpus, env)
             try:
-                self.wait_for_cpus(cpus, nodes)
+                self.wait_for_cpus(sum(n.num_cpus for n in self.running()), nodes=len(self.running()))
                 return node
             except NodeExitedError:
-                node.kill()
+                node.kill()  # what the failed `ray start` left in its group
                 self.nodes.remove(node)
-                if attempt == attempts:
+                if attempt == attempts - 1:
                     raise
+        raise AssertionError("unreachable")
+
+    def running(self) -> list[Node]:
+        """Nodes whose `ray start` process is running (the head first)."""
+        return [n for n in self.nodes if n.process.poll() is None]
+
+    def workers(self) -> list[Node]:
+        return [n for n in self.running() if n is not self.head]
+
+    def keep_workers(self, count: int, num_cpus: int = 1) -> list[Node]:
+        """Exactly ``count`` running worker nodes (adding, or killing the newest), counted by the cluster too."""
+        while len(self.workers()) > count:
+            self.workers()[-1].kill()
+        while len(self.workers()) < count:
+            self.add_worker(num_cpus)  # one after the other: nodes starting together on one host race
+        self.wait_for_cpus(sum(n.num_cpus for n in self.running()), nodes=len(self.running()))
+        return self.workers()
 
     def alive(self) -> tuple[int, float]:
         """(alive nodes, their CPUs), asked of the cluster by a short-lived driver."""
-        script = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+        script = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                   "alive = [n for n in ray.nodes() if n['Alive']]; "
-                  "print(len(alive), sum(n['Resources'].get('CPU', 0) for n in alive))" % self.address)
+                  "print('ALIVE', len(alive), sum(n['Resources'].get('CPU', 0) for n in alive))")
         try:
             out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                                 timeout=120)
+                                 timeout=120, check=False)
         except subprocess.TimeoutExpired:  # a GCS still starting on a loaded machine: ask again
             return 0, 0.0
-        if out.returncode != 0:
+        lines = [line.split() for line in out.stdout.splitlines() if line.startswith("ALIVE ")]  # not Ray's lines
+        if out.returncode != 0 or not lines:
             return 0, 0.0
-        nodes, cpus = out.stdout.split()[-2:]
-        return int(nodes), float(cpus)
+        return int(lines[-1][1]), float(lines[-1][2])
 
     def wait_for_cpus(self, cpus: float, nodes: int, timeout_s: float = 180) -> None:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            if any(n.process.poll() is not None for n in self.nodes):
+            if any(n.process.poll() is not None for n in self.nodes if not n.killed):
                 raise NodeExitedError(f"a node exited during start-up; see {self.temp}/*.log")
             if self.alive() == (nodes, float(cpus)):
                 return
