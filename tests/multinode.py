@@ -166,8 +166,11 @@ class LocalCluster:
         script = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                   "alive = [n for n in ray.nodes() if n['Alive']]; "
                   "print('ALIVE', len(alive), sum(n['Resources'].get('CPU', 0) for n in alive))")
-        out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                             timeout=120, check=False)
+        try:
+            out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                                 timeout=120, check=False)
+        except subprocess.TimeoutExpired:  # a head still starting (or failing to) on a loaded host: ask again
+            return 0, 0.0
         lines = [line.split() for line in out.stdout.splitlines() if line.startswith("ALIVE ")]  # not Ray's lines
         if out.returncode != 0 or not lines:
             return 0, 0.0
