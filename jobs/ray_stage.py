@@ -6,6 +6,7 @@ import copy
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -58,7 +59,7 @@ class NodeReport:
     cpu_class: str  # pipeline.cpu.cpu_class() on that node
     actors_started: int  # actor processes that loaded the model there (a restarted process counts again)
     rows_answered: int  # input rows its actors answered (a unit in flight when the node died counts here too)
-    actors_lost: int  # actor processes lost with the node (it is dead now): their unit in flight went elsewhere
+    actors_lost: int  # actor processes that ended early: all of a node dead now, else those that crashed there
     alive: bool
     first_ready_s: float | None = None  # seconds from the start of answering to its first actor ready
     first_answer_s: float | None = None  # ... to the first report of an answered unit from it
@@ -72,7 +73,8 @@ class StageBook:
     against the pass's budget, and the exceptions raised in actors and write tasks, which Ray Data drops
     with their blocks once a pass may lose blocks (jobs/execute.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, alive: Callable[[], frozenset[str]] | None = None) -> None:
+        self.alive = alive  # the cluster's alive node ids (default: ``alive_nodes``, asked of the GCS)
         self.reports: dict[str, ActorReport] = {}
         self.ready_at: dict[str, float] = {}
         self.first_report_at: dict[str, float] = {}  # wall clock here, on the driver's node
@@ -80,6 +82,7 @@ class StageBook:
         self.cpu_class_of: dict[str, str] = {}  # node id -> CPU class
         self.last_node_of_actor: dict[str, str] = {}  # Ray actor id -> node of its latest process
         self.node_losses = 0  # actor restarts because the actor's node died: not charged to a pass's budget
+        self.crashed_on: dict[str, int] = {}  # node id -> actor processes that crashed there (restarts charged)
         self.restarts = 0  # in this run
         self.pass_restarts, self.pass_budget = 0, 0
         self.failures: list[tuple[str, Exception]] = []
@@ -94,9 +97,11 @@ class StageBook:
         node, not a crash of the model: it is not charged, so that losing a node of 64 actors cannot stop a
         job as a crash loop."""
         node = self.last_node_of_actor.get(actor_id)
-        if node is not None and node not in alive_nodes():
+        if node is not None and node not in (self.alive or alive_nodes)():
             self.node_losses += 1
             return 0, self.pass_budget
+        if node is not None:
+            self.crashed_on[node] = self.crashed_on.get(node, 0) + 1
         self.restarts += 1
         self.pass_restarts += 1
         return self.pass_restarts, self.pass_budget
@@ -144,7 +149,7 @@ class StageBook:
             out.append(NodeReport(
                 node, self.cpu_class_of.get(node, ""), len(actors),
                 sum(self.reports[a].input_rows for a in actors if a in self.reports),
-                0 if node in alive else len(actors), node in alive,
+                self.crashed_on.get(node, 0) if node in alive else len(actors), node in alive,
                 round(min(ready) - started_at, 3) if ready and started_at else None,
                 round(min(answered) - started_at, 3) if answered and started_at else None))
         return out

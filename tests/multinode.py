@@ -172,7 +172,7 @@ class LocalCluster:
         try:
             out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
                                  timeout=120, check=False)
-        except subprocess.TimeoutExpired:  # a GCS still starting on a loaded machine: ask again
+        except subprocess.TimeoutExpired:  # a head still starting (or failing to) on a loaded host: ask again
             return 0, 0.0
         lines = [line.split() for line in out.stdout.splitlines() if line.startswith("ALIVE ")]  # not Ray's lines
         if out.returncode != 0 or not lines:

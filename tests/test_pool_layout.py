@@ -56,15 +56,18 @@ def test_flags_are_validated_once():
 
 def test_nodes_from_the_actors_reports():
     """Per node: its CPU class, actors started, rows answered; a dead node's actors count as lost."""
-    stats = StageBook()  # StageStats's body, without Ray
+    stats = StageBook(alive=lambda: frozenset({"n1", "n2"}))  # StageStats's body, without Ray
     stats.ready("a1", 10.0, "n1", "avx2", "id1")
     stats.ready("a2", 11.0, "n2", "amx", "id2")
     stats.ready("a3", 12.0, "n2", "amx", "id2")  # id2's process restarted on the same node
+    stats.ready("a4", 13.0, "n1", "avx2", "id4")
+    stats.restarted("id4")  # it crashed on n1 (alive): charged, and lost there
     stats.report(ActorReport("a1", StageTimes(), 30, "n1"))
     stats.report(ActorReport("a2", StageTimes(), 20, "n2"))
     stats.report(ActorReport("a2", StageTimes(), 25, "n2"))  # reports replace each other
     nodes = {n.node: n for n in stats.nodes({"n1"}, started_at=9.0)}
-    assert (nodes["n1"].cpu_class, nodes["n1"].actors_started, nodes["n1"].rows_answered) == ("avx2", 1, 30)
-    assert (nodes["n1"].alive, nodes["n1"].actors_lost, nodes["n1"].first_ready_s) == (True, 0, 1.0)
+    assert (nodes["n1"].cpu_class, nodes["n1"].actors_started, nodes["n1"].rows_answered) == ("avx2", 2, 30)
+    assert (nodes["n1"].alive, nodes["n1"].actors_lost, nodes["n1"].first_ready_s) == (True, 1, 1.0)
+    assert stats.restart_count() == 1
     assert (nodes["n2"].cpu_class, nodes["n2"].actors_started, nodes["n2"].rows_answered) == ("amx", 2, 25)
     assert (nodes["n2"].alive, nodes["n2"].actors_lost) == (False, 2)
