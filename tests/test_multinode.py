@@ -169,3 +169,27 @@ def test_no_workers_fails_clearly(cluster, tiny_model, questions, tmp_path):
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "--wait-for-workers 4 s" in error[0] and "resources:" in error[0], done.stderr
     assert not (out / "_manifest.json").exists()
+
+
+def test_nodes_of_two_classes_get_one_recorded_choice(cluster, tiny_model, questions, tmp_path):
+    """One worker node reads as Sapphire Rapids (AMX, bf16: a recorded flag set through QA_CPUINFO, which its
+    worker processes inherit), one as this AVX2 EPYC. With made-up measurements in the model's card
+    (test_precision_auto.CARD), --precision auto serves OpenVINO fp32 on both, the variant both classes keep
+    most of their speed with (bf16 ruled out by the AVX2 node); the manifest records it, the classes it was
+    chosen for, and each node's class."""
+    from test_cpu_kernels import SAPPHIRE_RAPIDS
+    from test_precision_auto import CARD, cpuinfo, model_with_card
+
+    model = model_with_card(tiny_model, tmp_path, CARD)
+    cluster.keep_workers(0)
+    cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)})
+    cluster.add_worker(1)
+    out = tmp_path / "out"
+    run_job(cluster, job(cluster, model, questions, out), env={"QA_FAULT_SLOW_CALL_S": "0.5"})
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["precision"]["backend"] == "openvino" and manifest["precision"]["precision"] == "fp32"
+    assert manifest["precision"]["cpu_classes"] == ["amx", "avx2"] and manifest["precision"]["requested"] == "auto"
+    assert manifest["job"]["precision_choice"] == {"backend": "openvino", "precision": "fp32"}
+    assert manifest["model"]["model_file"].endswith("model-fp32.onnx")
+    assert sorted(n["cpu_class"] for n in worker_nodes(manifest) if n["rows_answered"]) == ["amx", "avx2"]
+    assert len(answers(out)) == N_ROWS

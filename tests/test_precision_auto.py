@@ -1,9 +1,9 @@
 """--precision auto: the choice from measured data (pure), and the job choosing it for its cluster's nodes.
 
 The pure half is pipeline.precision.choose on recorded flag sets of each CPU class. The job half runs real
-Ray: a cluster whose two worker nodes are of different classes (one reads a recorded Sapphire Rapids flag
-set through QA_CPUINFO, as its worker processes inherit it) picks the one variant both compute and records
-it; a resume whose cluster cannot compute the recorded variant refuses, and one that can reuses it.
+Ray: a resume whose CPU (read through QA_CPUINFO, which Ray's worker processes inherit) cannot compute the
+recorded variant refuses, and one that can reuses it. Nodes of two classes in one cluster pick one variant:
+tests/test_multinode.py (its cluster).
 """
 
 from __future__ import annotations
@@ -138,33 +138,6 @@ def cpuinfo(tmp_path, flags: str):
 def job(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.answer", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def test_nodes_of_two_classes_get_one_recorded_choice(tiny_model, tmp_path, tmp_path_factory):
-    """A 0-CPU head, one worker node that reads as Sapphire Rapids (AMX, bf16), one as this AVX2 EPYC: the
-    job serves OpenVINO fp32 on both (the table's common choice), and the manifest and identity say so."""
-    from multinode import LocalCluster
-
-    model = model_with_card(tiny_model, tmp_path, CARD)
-    source = write_input(tmp_path)
-    cluster = LocalCluster(tmp_path_factory.mktemp("mixed"))  # short: Ray's socket paths must fit 107 bytes
-    try:
-        cluster.start_head()
-        cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)})
-        cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, AVX2_EPYC)})
-        out = tmp_path / "out"
-        done = job(["--input", str(source), "--output", str(out), "--model", str(model), "--rows-per-unit", "30",
-                    "--address", cluster.address], env=cluster.env)
-    finally:
-        cluster.stop()
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["precision"]["backend"] == "openvino" and manifest["precision"]["precision"] == "fp32"
-    assert manifest["precision"]["cpu_classes"] == ["amx", "avx2"] and manifest["precision"]["requested"] == "auto"
-    assert manifest["job"]["precision_choice"] == {"backend": "openvino", "precision": "fp32"}
-    assert manifest["model"]["model_file"].endswith("model-fp32.onnx")
-    ids = pq.read_table(out).column("id").to_pylist()
-    assert sorted(ids) == [f"r{i:03d}" for i in range(N_ROWS)]
 
 
 def test_resume_keeps_the_recorded_choice_or_refuses(tiny_model, tmp_path):
