@@ -639,10 +639,13 @@ def copy_openvino(src: Path, dst: Path, options: ConvertOptions) -> dict:
 
 
 def _convert_into(src: Path, dst: Path, kind: str, options: ConvertOptions, fp32: Path) -> tuple[dict, Path]:
-    """The model directory's files; returns the checks' report and the fp32 graph (an hf/tf1 export is kept
-    at ``fp32`` when the OpenVINO int8 IR is to be made from it)."""
+    """The model directory's files; returns the checks' report and the fp32 graph (an hf/tf1 export quantized
+    to int8 keeps its checked fp32 graph in the directory as model-fp32.onnx, which OpenVINO serves and the
+    int8 IR is made from)."""
     if kind in ("hf", "tf1"):
-        report = convert_torch(src, dst, kind, options, keep_fp32=fp32 if options.openvino_int8 else None)
+        if options.quantize == "int8":  # model.onnx is int8: the fp32 export stays beside it, as export_qa's
+            fp32 = dst / FP32_EXPORT  # does, for OpenVINO's fp32 and bf16 (what --precision auto serves on AMX)
+        report = convert_torch(src, dst, kind, options, keep_fp32=fp32 if options.quantize == "int8" else None)
     elif kind == "onnx":
         from pipeline.backends import graph_file
 

@@ -98,14 +98,18 @@ def test_int8_ir_is_within_tolerance_of_fp32_and_answers(tmp_path):
                            "'transformers>=4.44,<5'")
 def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
     """--quantize int8 on a Hugging Face checkpoint: ONNX Runtime's model.onnx and OpenVINO's model-int8.xml,
-    quantized from the checked fp32 export (not kept in the directory)."""
+    quantized from the checked fp32 export, which stays beside them as model-fp32.onnx (OpenVINO's fp32/bf16)."""
     from tiny_sources import hf_bert_qa
 
     src = hf_bert_qa(tmp_path / "src")
     pq.write_table(pa.table(calibration_rows(12)), tmp_path / "calibration.parquet")
     main([str(src), str(tmp_path / "dst"), "--quantize", "int8", "--calibration", str(tmp_path / "calibration.parquet")])
     names = {p.name for p in (tmp_path / "dst").iterdir()}
-    assert {"model.onnx", OPENVINO_INT8_GRAPH, "model-int8.bin"} <= names and "model-fp32.onnx" not in names
+    assert {"model.onnx", OPENVINO_INT8_GRAPH, "model-int8.bin", "model-fp32.onnx"} <= names
+    from pipeline.backends import servable_variants
+
+    assert {str(v) for v in servable_variants(tmp_path / "dst")} == {"onnxruntime fp32", "openvino fp32",
+                                                                     "openvino bf16", "openvino int8"}
     assert_answers_every_row(tmp_path / "dst")
 
 
