@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, cpu_model, filesystem_type
+from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, cpu_model, filesystem_type, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "planning-bench"
@@ -183,16 +183,10 @@ def local_store(directory: str | None = None) -> Iterator[Store]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def moto_store() -> Iterator[Store]:
     """A bucket on a moto server (its own process) on 127.0.0.1, and the environment that points a job at it."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", f"from jobs.benchmark.planning import serve_s3; serve_s3({port})"],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -441,7 +441,8 @@ def local_store(directory: str | None = None) -> Iterator[Store]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for a moto server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -455,7 +456,7 @@ def moto_store(allow_delayed_open: bool = False) -> Iterator[Store]:
     close instead of a multipart upload of one part: three requests), to show what the option would save."""
     from pipeline.lake import filesystem_and_path
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", f"from jobs.benchmark.protocol import serve_s3; serve_s3({port})"],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
