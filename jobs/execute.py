@@ -391,6 +391,8 @@ def cluster_nodes(cfg) -> list:
         # An autoscaling cluster may start with no worker CPUs: choose for the nodes that will answer.
         wait_for_workers(cfg.min_actors * (cfg.cpus_per_actor or 1), cfg.wait_for_workers_s, cfg.progress_every_s)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        if nodes == [ray.get_runtime_context().get_node_id()]:  # one machine, the driver's: read it here
+            return [NodeCpu.from_flags(nodes[0], _cpu_flags())]
         probe = ray.remote(num_cpus=0)(_cpu_flags)
         flags = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
                          for node in nodes])

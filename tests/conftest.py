@@ -20,3 +20,41 @@ def tiny_model_64(tmp_path_factory) -> Path:
     """The same weights with 64-token windows, so a paragraph spans many windows."""
     return write_model_dir(tmp_path_factory.mktemp("tiny64") / "model",
                            spec={"max_seq_len": 64, "doc_stride": 16, "max_query_len": 12})
+
+
+# -- one Ray node for the suite's jobs -------------------------------------------------------------------------
+# A job subprocess that starts its own local Ray pays 6-8 s for it on 2 cores, and 2-3 s more to stop it; joining
+# a running node takes about 1 s, and the suite runs dozens of jobs. Modules that run jobs use `joined_ray`; a run
+# a test kills starts its own Ray (`local_ray_env`), so that ending its session ends every process it had and no
+# writer of it outlives it. The local start itself stays tested (test_driver, test_cluster_address).
+SHARED_RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+@pytest.fixture(scope="session")
+def ray_node(tmp_path_factory):
+    """A `ray start --head` node with this machine's CPUs (as a local Ray has), stopped by its process group."""
+    import os
+
+    from multinode import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("ray-node"))
+    try:
+        cluster.start_head(num_cpus=os.cpu_count() or 1)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def joined_ray(ray_node):
+    """For one module: job subprocesses (and ray.init here) join the shared node through RAY_ADDRESS."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in SHARED_RAY_VARS[1:]:
+            mp.setenv(var, ray_node.env[var])
+        mp.setenv("RAY_ADDRESS", ray_node.address)
+        yield ray_node
+
+
+def local_ray_env(env: dict) -> dict:
+    """``env`` for a job that starts its own local Ray, whatever module it runs in."""
+    return {k: v for k, v in env.items() if k not in SHARED_RAY_VARS}

@@ -15,12 +15,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, local_ray_env
 
 from pipeline.faults import EXIT_CODE
 
 N_ROWS = 60
 ANSWER_COLUMNS = ["id", "answer", "answer_start", "answer_end", "score", "probability", "error"]
+pytestmark = pytest.mark.usefixtures("joined_ray")  # jobs join the suite's Ray node (conftest)
 
 
 def write_input(directory: Path, n: int = N_ROWS) -> Path:
@@ -34,15 +35,17 @@ def write_input(directory: Path, n: int = N_ROWS) -> Path:
     return directory
 
 
-def job(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(env_extra or {})
+def job(args: list[str], env_extra: dict | None = None, *, local_ray: bool = False, **kw) -> subprocess.Popen:
+    """The job in a subprocess, on the Ray that RAY_ADDRESS names, or with ``local_ray`` on its own."""
+    env = {**os.environ, **(env_extra or {})}
+    if local_ray:
+        env = local_ray_env(env)
     return subprocess.Popen([sys.executable, "-m", "jobs.answer", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def run_job(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> str:
-    p = job(args, env_extra)
+def run_job(args: list[str], env_extra: dict | None = None, timeout: int = 300, local_ray: bool = False) -> str:
+    p = job(args, env_extra, local_ray=local_ray)
     out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out[-4000:]
     return out
@@ -89,7 +92,7 @@ def test_modes_and_identical_reruns(clean_run, tiny_model, tmp_path):
 
 def crash(common: list[str], point: str) -> int:
     """Run the job into a crash point (QA_FAULT_CRASH_AT), then end whatever Ray processes its session left."""
-    p = job(common, {"QA_FAULT_CRASH_AT": point}, start_new_session=True)
+    p = job(common, {"QA_FAULT_CRASH_AT": point}, local_ray=True, start_new_session=True)
     p.communicate(timeout=300)
     # The local Ray the driver started lives in its session, some of it in process groups of its own: SIGKILL
     # the whole session rather than wait for those to notice the dead raylet.
@@ -171,7 +174,7 @@ def test_second_run_refuses_while_the_first_is_alive(clean_run, tiny_model, tmp_
     out = tmp_path / "out"
     common = ["--input", str(src), "--output", str(out), "--model", str(tiny_model), "--rows-per-unit", "4",
               "--concurrency", "1"]
-    first = job(common, {"QA_FAULT_SLOW_CALL_S": "2"}, start_new_session=True)
+    first = job(common, {"QA_FAULT_SLOW_CALL_S": "2"}, local_ray=True, start_new_session=True)
     try:
         lease = out / "_staging" / "_lease.json"
         deadline = time.time() + 120

@@ -20,6 +20,7 @@ from pipeline.units import ReadUnit, UnitReader
 
 ANSWERS = ["answer", "answer_start", "answer_end"]
 JOB_TIMEOUT_S = 600  # a crash retried without limit never ends; these jobs end in about a minute
+pytestmark = pytest.mark.usefixtures("joined_ray")  # jobs join the suite's Ray node (conftest)
 CONTEXTS = ["The king of France was born in Paris in 1789.", "The river runs by the city in the year one."]
 
 
