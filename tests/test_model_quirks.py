@@ -53,7 +53,7 @@ def test_static_1x384_graph_is_fed_one_padded_window_at_a_time(tmp_path, referen
 
 def test_static_128_graph_sets_window_length(tmp_path):
     d = write_model_dir(tmp_path / "m", fixed_shape=(4, 128))
-    got, spec, session = answers(d)
+    got, spec, _session = answers(d)
     assert spec.windows.max_seq_len == 128 and spec.windows.max_query_len == 64
     assert all(r["error"] is None for r in got)
     with pytest.raises(ModelDirError, match="fixes sequence length 128"):

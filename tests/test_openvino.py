@@ -123,7 +123,7 @@ def test_ir_directory_installs_under_its_registry_name(tmp_path):
     same_logits(session.run(*windows(n=2)), QASession(d / "model.onnx").run(*windows(n=2)))
 
 
-def test_job_answers_with_registry_ir_and_openvino_backend(tmp_path):
+def test_job_answers_with_registry_ir_and_openvino_backend(joined_ray, tmp_path):
     """End to end: `--model NAME` resolves to the installed IR, which the job runs on OpenVINO; the same
     ONNX graph with `--backend openvino` gives the same answers."""
     import os
@@ -142,7 +142,7 @@ def test_job_answers_with_registry_ir_and_openvino_backend(tmp_path):
     spec, session = load_model(str(zoo / OMZ_FP32))
     assert isinstance(session, OpenVinoQASession) and spec.windows.max_seq_len == 384
     pq.write_table(TABLE.append_column("id", pa.array(["a", "b", "c"])), tmp_path / "in.parquet")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "QA_MODEL_ZOO": str(zoo)}
+    env = {**os.environ, "QA_MODEL_ZOO": str(zoo)}  # RAY_ADDRESS: the suite's Ray node (conftest)
     outputs = {}
     for name, args in (("ir", ["--model", OMZ_FP32]), ("onnx", ["--model", str(d), "--backend", "openvino"])):
         subprocess.run([sys.executable, "-m", "jobs.answer", "--input", str(tmp_path / "in.parquet"),

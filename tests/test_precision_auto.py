@@ -16,7 +16,7 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import REPO
+from conftest import REPO, local_ray_env
 from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS, ZEN4_EPYC
 
 from jobs.plan import DEFAULT_CARD, auto_table
@@ -140,7 +140,7 @@ def job(args: list[str], env: dict | None = None, timeout: int = 300) -> subproc
                           text=True, timeout=timeout)
 
 
-def test_resume_keeps_the_recorded_choice_or_refuses(tiny_model, tmp_path):
+def test_resume_keeps_the_recorded_choice_or_refuses(joined_ray, tiny_model, tmp_path):
     """Killed after its first staged unit on a node that reads as AMX (auto chose bf16), the job resumes on
     this AVX2 CPU only by refusing, naming the variant (its answers would differ); on the AMX-reading node
     again it reuses bf16 and finishes, every row once."""
@@ -149,9 +149,9 @@ def test_resume_keeps_the_recorded_choice_or_refuses(tiny_model, tmp_path):
     out = tmp_path / "out"
     args = ["--input", str(source), "--output", str(out), "--model", str(model), "--rows-per-unit", "30",
             "--concurrency", "1"]
-    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base = dict(os.environ)  # the suite's Ray node (conftest); QA_CPUINFO makes the driver read an AMX CPU
     amx = {**base, "QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)}
-    crashed = job(args, env={**amx, "QA_FAULT_CRASH_AT": "stage:1"})
+    crashed = job(args, env=local_ray_env({**amx, "QA_FAULT_CRASH_AT": "stage:1"}))  # no writer outlives it
     assert crashed.returncode != 0
     staged = json.loads((out / "_staging" / "_job.json").read_text())
     assert staged["precision_choice"] == {"backend": "openvino", "precision": "bf16"}
