@@ -63,7 +63,14 @@ def test_flop_model_counts_every_matmul_weight(tmp_path):
     assert one < two < 4 * one
 
 
+END_TO_END = pytest.mark.skipif(not os.environ.get("QA_BENCHMARK_E2E"), reason=(
+    "whole benchmark runs (fresh processes, each job on its own local Ray): a minute or more on 2 cores, kept out "
+    "of the default suite (README: tests); set QA_BENCHMARK_E2E=1"))
+
+
+@END_TO_END
 def test_compare_runs_every_system(tiny_model, tmp_path):
+    """Every system of --mode compare in its own process (six on this CPU), in one report."""
     args = ["--data", str(squad_file(tmp_path / "squad.json")), "--limit", "6", "--model", str(tiny_model),
             "--cpus", "1", "--report", str(tmp_path / "report.json"), "--work-dir", str(tmp_path),
             "--fp32-model", str(tiny_model / "model.onnx")]  # the tiny graph is fp32: it stands in for both
@@ -156,8 +163,7 @@ def test_tree_cpu_counts_grandchildren(tmp_path):
     assert 0.5 <= cpu.seconds < 3.0
 
 
-@pytest.mark.skipif(not os.environ.get("QA_BENCHMARK_E2E"), reason="four whole processes (two local Rays): "
-                    "30 s on an idle 2-core machine, minutes on a busy one; set QA_BENCHMARK_E2E=1")
+@END_TO_END
 def test_marginal_mode_runs_whole_processes(tiny_model, tmp_path):
     """Both systems as fresh processes on N and 2N questions, scored, in a table headed by the CPU class."""
     if transformers_pipeline_available() is not None:
