@@ -27,15 +27,15 @@ class NodeExitedError(RuntimeError):
     """A node's `ray start` exited before the cluster had it."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free now (held open together so they differ)."""
-    socks = []
+def free_ports(n: int, avoid: range = range(0)) -> list[int]:
+    """n distinct ports free now (held open together so they differ), none of them in ``avoid``."""
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        while sum(s.getsockname()[1] not in avoid for s in socks) < n:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        return [s.getsockname()[1] for s in socks if s.getsockname()[1] not in avoid]
     finally:
         for s in socks:
             s.close()
@@ -98,8 +98,9 @@ class LocalCluster:
         self.dashboard = ""
 
     def _start(self, name: str, args: list[str], num_cpus: int, env: dict | None = None) -> Node:
-        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
         workers = free_range(WORKER_PORTS)
+        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(
+            6, avoid=range(workers, workers + WORKER_PORTS))  # free now, but not yet bound: keep them apart
         cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
@@ -169,20 +170,28 @@ class LocalCluster:
         script = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                   "alive = [n for n in ray.nodes() if n['Alive']]; "
                   "print('ALIVE', len(alive), sum(n['Resources'].get('CPU', 0) for n in alive))")
-        try:
-            out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                                 timeout=120, check=False)
-        except subprocess.TimeoutExpired:  # a head still starting (or failing to) on a loaded host: ask again
-            return 0, 0.0
-        lines = [line.split() for line in out.stdout.splitlines() if line.startswith("ALIVE ")]  # not Ray's lines
-        if out.returncode != 0 or not lines:
+        probe = subprocess.Popen([sys.executable, "-c", script], env=self.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+        deadline = time.time() + 120  # a head still starting on a loaded host: the caller asks again
+        # A driver waits minutes for a GCS that never comes up: stop asking once a node's `ray start` has exited.
+        while probe.poll() is None and time.time() < deadline and not self._exited():
+            time.sleep(0.2)
+        if probe.poll() is None:
+            probe.kill()
+        stdout, _ = probe.communicate()
+        lines = [line.split() for line in stdout.splitlines() if line.startswith("ALIVE ")]  # not Ray's lines
+        if probe.returncode != 0 or not lines:
             return 0, 0.0
         return int(lines[-1][1]), float(lines[-1][2])
+
+    def _exited(self) -> bool:
+        """Whether a node's `ray start` has exited without being killed."""
+        return any(n.process.poll() is not None for n in self.nodes if not n.killed)
 
     def wait_for_cpus(self, cpus: float, nodes: int, timeout_s: float = 180) -> None:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            if any(n.process.poll() is not None for n in self.nodes if not n.killed):
+            if self._exited():
                 raise NodeExitedError(f"a node exited during start-up; see {self.temp}/*.log")
             if self.alive() == (nodes, float(cpus)):
                 return

@@ -157,6 +157,30 @@ def test_node_added_mid_run(cluster, tiny_model, questions, clean_run, tmp_path)
     print(f"node added at {added_at:.1f} s, job {time.time() - t0:.1f} s; nodes {nodes}\n{stdout}")
 
 
+def test_nodes_of_two_classes_get_one_recorded_choice(cluster, tiny_model, questions, tmp_path):
+    """One worker node reads as Sapphire Rapids (AMX, bf16: a recorded flag set through QA_CPUINFO, which its
+    worker processes inherit), one as this AVX2 EPYC. With made-up measurements in the model's card
+    (test_precision_auto.CARD), --precision auto serves OpenVINO fp32 on both, the variant both classes keep
+    most of their speed with (bf16 ruled out by the AVX2 node); the manifest records it, the classes it was
+    chosen for, and each node's class."""
+    from test_cpu_kernels import SAPPHIRE_RAPIDS
+    from test_precision_auto import CARD, cpuinfo, model_with_card
+
+    model = model_with_card(tiny_model, tmp_path, CARD)
+    cluster.keep_workers(1)  # an AVX2 node left by the tests before: one node start fewer
+    cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)})
+    out = tmp_path / "out"
+    run_job(cluster, job(cluster, model, questions, out), env={"QA_FAULT_SLOW_CALL_S": "0.5"})
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["precision"]["backend"] == "openvino" and manifest["precision"]["precision"] == "fp32"
+    assert manifest["precision"]["cpu_classes"] == ["amx", "avx2"] and manifest["precision"]["requested"] == "auto"
+    assert manifest["job"]["precision_choice"] == {"backend": "openvino", "precision": "fp32"}
+    assert manifest["model"]["model_file"].endswith("model-fp32.onnx")
+    assert sorted(n["cpu_class"] for n in worker_nodes(manifest) if n["rows_answered"]) == ["amx", "avx2"]
+    assert len(answers(out)) == N_ROWS
+
+
+# Last in the module: it leaves no worker node.
 def test_no_workers_fails_clearly(cluster, tiny_model, questions, tmp_path):
     """A head with 0 CPUs and no worker node: the job says it waits, then fails with one line naming the timeout
     and the cluster's resources, having answered nothing."""
@@ -169,27 +193,3 @@ def test_no_workers_fails_clearly(cluster, tiny_model, questions, tmp_path):
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "--wait-for-workers 4 s" in error[0] and "resources:" in error[0], done.stderr
     assert not (out / "_manifest.json").exists()
-
-
-def test_nodes_of_two_classes_get_one_recorded_choice(cluster, tiny_model, questions, tmp_path):
-    """One worker node reads as Sapphire Rapids (AMX, bf16: a recorded flag set through QA_CPUINFO, which its
-    worker processes inherit), one as this AVX2 EPYC. With made-up measurements in the model's card
-    (test_precision_auto.CARD), --precision auto serves OpenVINO fp32 on both, the variant both classes keep
-    most of their speed with (bf16 ruled out by the AVX2 node); the manifest records it, the classes it was
-    chosen for, and each node's class."""
-    from test_cpu_kernels import SAPPHIRE_RAPIDS
-    from test_precision_auto import CARD, cpuinfo, model_with_card
-
-    model = model_with_card(tiny_model, tmp_path, CARD)
-    cluster.keep_workers(0)
-    cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)})
-    cluster.add_worker(1)
-    out = tmp_path / "out"
-    run_job(cluster, job(cluster, model, questions, out), env={"QA_FAULT_SLOW_CALL_S": "0.5"})
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["precision"]["backend"] == "openvino" and manifest["precision"]["precision"] == "fp32"
-    assert manifest["precision"]["cpu_classes"] == ["amx", "avx2"] and manifest["precision"]["requested"] == "auto"
-    assert manifest["job"]["precision_choice"] == {"backend": "openvino", "precision": "fp32"}
-    assert manifest["model"]["model_file"].endswith("model-fp32.onnx")
-    assert sorted(n["cpu_class"] for n in worker_nodes(manifest) if n["rows_answered"]) == ["amx", "avx2"]
-    assert len(answers(out)) == N_ROWS
