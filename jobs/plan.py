@@ -62,8 +62,12 @@ class JobPlan:
     @property
     def chooses_on_cluster(self) -> bool:
         """Whether the nodes' CPUs decide (auto) or must be checked (a resumed auto choice, with rows left to
-        answer) before answering."""
-        return self.precision is None or (bool(self.pending) and self.precision.requested == PRECISION_AUTO)
+        answer) before answering. Not for a job whose answers are committed already: nothing to answer, and no
+        Ray to start (a re-run of a finished nightly job returns at once)."""
+        if self.precision is None:
+            return True
+        left = bool(self.pending) and self.state.committed is None
+        return left and self.precision.requested == PRECISION_AUTO
 
     @property
     def rows_in(self) -> int:

@@ -86,6 +86,8 @@ def test_modes_and_identical_reruns(clean_run, tiny_model, tmp_path):
     run_job(common + ["--mode", "overwrite"])
     assert committed(out).select(ANSWER_COLUMNS).equals(reference.select(ANSWER_COLUMNS))
     assert "nothing to do" in run_job(common + ["--mode", "resume"])
+    # Committed already: the re-run answers nothing, so it joins no cluster (a dead address would fail it).
+    assert "nothing to do" in run_job(common + ["--mode", "resume", "--address", "127.0.0.1:9"])
     # row groups of 10 cut into units of at most 4 rows: 6 x (4 + 4 + 2); no leftovers from earlier runs
     assert len(list(out.glob("*.parquet"))) == 18
 
