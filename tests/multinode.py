@@ -140,6 +140,7 @@ class LocalCluster:
         for attempt in range(attempts):
             node = self._start(name if attempt == 0 else f"{name}-again{attempt}", args, num_cpus, env)
             try:
+                self._wait_for_log(node, "Ray runtime started")  # then one or two probes, not one per 0.5 s
                 self.wait_for_cpus(sum(n.num_cpus for n in self.running()), nodes=len(self.running()))
                 return node
             except NodeExitedError:
@@ -183,6 +184,18 @@ class LocalCluster:
         if probe.returncode != 0 or not lines:
             return 0, 0.0
         return int(lines[-1][1]), float(lines[-1][2])
+
+    def _wait_for_log(self, node: Node, line: str, timeout_s: float = 180) -> None:
+        """Until the node's `ray start` has printed ``line``: read from its log file, which costs nothing, where
+        each ``alive`` probe is a Python driver, seconds of CPU taken from the nodes starting on 2 cores."""
+        log = self.temp / f"{node.name}.log"
+        deadline = time.time() + timeout_s
+        while line.encode() not in log.read_bytes():
+            if self._exited():
+                raise NodeExitedError(f"a node exited during start-up; see {log}")
+            if time.time() > deadline:
+                raise TimeoutError(f"{node.name} did not print {line!r} in {timeout_s} s; see {log}")
+            time.sleep(0.2)
 
     def _exited(self) -> bool:
         """Whether a node's `ray start` has exited without being killed."""
