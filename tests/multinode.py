@@ -59,6 +59,29 @@ def _free(port: int) -> bool:
     return True
 
 
+# Detached actors Ray Data starts in the first job that needs them, under that job's id, for the cluster's life.
+CLUSTER_WIDE_ACTORS = frozenset({"ray::_StatsActor", "ray::_UsageCollectionActor", "ray::ActorLocationTracker",
+                                 "ray::_AutoscalingCoordinatorActor", "ray::AutoscalingRequester"})
+
+
+def _title(pid: int) -> str:
+    """A Ray worker's process title (``ray::IDLE``, ``ray::<actor class>``, ...); "" once it has gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an exited child its parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 @dataclass
 class Node:
     name: str
@@ -210,6 +233,23 @@ class LocalCluster:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"cluster did not reach {nodes} nodes / {cpus} CPUs; see {self.temp}/*.log")
+
+    def wait_for_workers_of(self, driver_pid: int, timeout_s: float = 120) -> int:
+        """Until every worker process of the job whose driver was ``driver_pid`` has exited (Ray kills a dead
+        driver's actors and tasks; until then they may still write). Returns how many there were.
+
+        The job's id comes from its driver's log file name (``python-core-driver-<job id>_<pid>.log``), its
+        workers' process ids from theirs (``worker-<worker id>-<job id, 8 hex>-<pid>.err``)."""
+        logs = self.temp / "ray" / "session_latest" / "logs"
+        drivers = list(logs.glob(f"python-core-driver-*_{driver_pid}.log"))
+        assert len(drivers) == 1, f"no log of driver {driver_pid} in {logs}"
+        job = drivers[0].name.removeprefix("python-core-driver-")[:8]
+        pids = {int(f.stem.rsplit("-", 1)[1]) for f in logs.glob(f"worker-*-{job}-*.err")}
+        deadline = time.time() + timeout_s
+        while alive := [pid for pid in pids if _running(pid) and _title(pid) not in CLUSTER_WIDE_ACTORS]:
+            assert time.time() < deadline, f"workers {alive} of job {job} still running after {timeout_s} s"
+            time.sleep(0.1)
+        return len(pids)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):  # workers first, the head last

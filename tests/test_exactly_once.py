@@ -92,17 +92,13 @@ def test_modes_and_identical_reruns(clean_run, tiny_model, tmp_path):
     assert len(list(out.glob("*.parquet"))) == 18
 
 
-def crash(common: list[str], point: str) -> int:
-    """Run the job into a crash point (QA_FAULT_CRASH_AT), then end whatever Ray processes its session left."""
-    p = job(common, {"QA_FAULT_CRASH_AT": point}, local_ray=True, start_new_session=True)
+def crash(common: list[str], point: str, node) -> int:
+    """Run the job on the suite's Ray node (``node``) into a crash point (QA_FAULT_CRASH_AT), then wait until
+    none of its workers runs: Ray kills a dead driver's actors and write tasks, and until then they may still
+    stage units (the late writes the protocol ignores, test_late_write_of_another_run_is_never_taken)."""
+    p = job(common, {"QA_FAULT_CRASH_AT": point})
     p.communicate(timeout=300)
-    # The local Ray the driver started lives in its session, some of it in process groups of its own: SIGKILL
-    # the whole session rather than wait for those to notice the dead raylet.
-    for _ in range(300):
-        subprocess.run(["pkill", "-KILL", "-s", str(p.pid)], capture_output=True)
-        if subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True).returncode != 0:
-            break
-        time.sleep(0.1)
+    assert node.wait_for_workers_of(p.pid) > 0
     return p.returncode
 
 
@@ -122,7 +118,7 @@ CRASHES = [("stage:3", False), ("commit-list", False), ("publish:5", True), ("ma
 
 
 @pytest.mark.parametrize(("point", "over_previous"), CRASHES)
-def test_crash_point_then_resume(clean_run, tiny_model, tmp_path, point, over_previous):
+def test_crash_point_then_resume(clean_run, joined_ray, tiny_model, tmp_path, point, over_previous):
     """The job dies at a named point of the protocol; a reader following the manifest saw the previous
     committed set or nothing, never a mix; one --mode resume commits every row exactly once, with a clean
     run's answers."""
@@ -137,7 +133,7 @@ def test_crash_point_then_resume(clean_run, tiny_model, tmp_path, point, over_pr
         previous = reader_view(out)
         assert all(f["path"].startswith(str(out)) for f in previous["output_files"])
         common += ["--mode", "overwrite"]
-    code = crash(common, point)
+    code = crash(common, point, joined_ray)
     assert code in (EXIT_CODE, -signal.SIGKILL), f"the job did not stop at {point} (exit {code})"
     seen = reader_view(out)
     if point == "manifest":  # the new manifest was in place: the new set, complete
@@ -171,12 +167,12 @@ def clean_run_output(clean_run) -> Path:
     return Path(clean_run[0]).parent / "out"
 
 
-def test_second_run_refuses_while_the_first_is_alive(clean_run, tiny_model, tmp_path):
+def test_second_run_refuses_while_the_first_is_alive(clean_run, joined_ray, tiny_model, tmp_path):
     src, _ = clean_run
     out = tmp_path / "out"
     common = ["--input", str(src), "--output", str(out), "--model", str(tiny_model), "--rows-per-unit", "4",
               "--concurrency", "1"]
-    first = job(common, {"QA_FAULT_SLOW_CALL_S": "2"}, local_ray=True, start_new_session=True)
+    first = job(common, {"QA_FAULT_SLOW_CALL_S": "2"})
     try:
         lease = out / "_staging" / "_lease.json"
         deadline = time.time() + 120
@@ -188,8 +184,9 @@ def test_second_run_refuses_while_the_first_is_alive(clean_run, tiny_model, tmp_
         assert second.returncode == 1 and f"is being written by run {run_id}" in text, text
         assert first.poll() is None  # the first run goes on
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        first.kill()
         first.wait()
+        joined_ray.wait_for_workers_of(first.pid)  # none of it goes on writing into the next test
 
 
 def test_late_write_of_another_run_is_never_taken(tmp_path):

@@ -109,7 +109,7 @@ def test_where_and_select(lake, tiny_model):
 
 
 @pytest.mark.parametrize("point", ["commit-list", "manifest"])
-def test_crash_point_then_resume(lake, tiny_model, point, monkeypatch):
+def test_crash_point_then_resume(lake, joined_ray, tiny_model, point, monkeypatch):
     """Killed after the commit list is durable (the table still absent) or after the Iceberg commit (the new
     snapshot, complete); one --mode resume leaves exactly one snapshot with the job's hash, every row once."""
     cat, env = lake
@@ -117,7 +117,7 @@ def test_crash_point_then_resume(lake, tiny_model, point, monkeypatch):
     common = args(tiny_model, "iceberg://qa/src.questions", f"iceberg://qa/{name}")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    code = crash(common, point)
+    code = crash(common, point, joined_ray)
     assert code in (EXIT_CODE, -9), f"the job did not stop at {point} (exit {code})"
     if point == "commit-list":
         assert not cat.table_exists(name)  # the old state: no table

@@ -16,7 +16,7 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import REPO, local_ray_env
+from conftest import REPO
 from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS, ZEN4_EPYC
 
 from jobs.plan import DEFAULT_CARD, auto_table
@@ -151,8 +151,10 @@ def test_resume_keeps_the_recorded_choice_or_refuses(joined_ray, tiny_model, tmp
             "--concurrency", "1"]
     base = dict(os.environ)  # the suite's Ray node (conftest); QA_CPUINFO makes the driver read an AMX CPU
     amx = {**base, "QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)}
-    crashed = job(args, env=local_ray_env({**amx, "QA_FAULT_CRASH_AT": "stage:1"}))  # no writer outlives it
-    assert crashed.returncode != 0
+    crashed = subprocess.Popen([sys.executable, "-m", "jobs.answer", *args], cwd=REPO, text=True,
+                               env={**amx, "QA_FAULT_CRASH_AT": "stage:1"}, stdout=subprocess.DEVNULL)
+    assert crashed.wait(timeout=300) != 0
+    joined_ray.wait_for_workers_of(crashed.pid)  # Ray ends the dead driver's writers; until then they may write
     staged = json.loads((out / "_staging" / "_job.json").read_text())
     assert staged["precision_choice"] == {"backend": "openvino", "precision": "bf16"}
 
