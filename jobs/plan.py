@@ -62,12 +62,8 @@ class JobPlan:
     @property
     def chooses_on_cluster(self) -> bool:
         """Whether the nodes' CPUs decide (auto) or must be checked (a resumed auto choice, with rows left to
-        answer) before answering. Not for a job whose answers are committed already: nothing to answer, and no
-        Ray to start (a re-run of a finished nightly job returns at once)."""
-        if self.precision is None:
-            return True
-        left = bool(self.pending) and self.state.committed is None
-        return left and self.precision.requested == PRECISION_AUTO
+        answer) before answering."""
+        return self.precision is None or (bool(self.pending) and self.precision.requested == PRECISION_AUTO)
 
     @property
     def rows_in(self) -> int:
@@ -125,7 +121,9 @@ def plan(cfg: JobConfig) -> JobPlan:
 def inspected(job: JobPlan) -> JobPlan:
     """``job`` with what its output already holds for its identity, and so the units still to answer."""
     state = job.output.inspect(job.config.mode, job.identity)
-    if state.commit_list is not None:  # everything was staged; the commit only has to roll forward
+    # Committed already, or everything staged (the commit only has to roll forward): nothing to answer, so no Ray
+    # to start either (a re-run of a finished nightly job returns at once).
+    if state.committed is not None or state.commit_list is not None:
         pending, staged_rows, adopted, stale = [], job.rows_in, (), ()
     else:
         pending, staged_rows, adopted, stale = pending_units(list(job.units), state.staged, job.rows_per_input_row)

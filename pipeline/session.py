@@ -137,11 +137,11 @@ class QASession:
 
     def __init__(self, model_file: str | Path, threads: int = 1,
                  input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None,
-                 spinning: bool = False):
+                 spinning: bool = False, kernels: KernelOptions | None = None):
         self.model_file = Path(model_file)
         try:
             self._session = ort.InferenceSession(
-                str(self.model_file), sess_options=session_options(threads, spinning),
+                str(self.model_file), sess_options=session_options(threads, spinning, kernels),
                 providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files

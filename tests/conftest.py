@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -34,8 +35,6 @@ SHARED_RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 @pytest.fixture(scope="session")
 def ray_node(tmp_path_factory):
     """A `ray start --head` node with this machine's CPUs (as a local Ray has), stopped by its process group."""
-    import os
-
     from multinode import LocalCluster
 
     cluster = LocalCluster(tmp_path_factory.mktemp("ray-node"))
