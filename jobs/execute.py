@@ -14,7 +14,7 @@ be retried forever. Here every limit is finite, and a crash costs only the rows 
   actor 3 times: it is split in halves for the next pass, down to single rows; a single row that crashes it
   3 times is written by the driver with ``error`` "crashed the model process" and no answer. A unit of R
   rows takes at most 1 + ceil(log2 R) passes.
-- Exceptions raised in actors or write tasks (which Ray Data would drop with their blocks) are reported to
+- Exceptions raised in actors (which Ray Data would drop with their blocks) are reported to
   the driver, which raises the first once the pass is over: they fail the job as before.
 - A pass may restart actors ``poison.restart_budget(pieces)`` times: 3 for each of max(10, 10% of its pieces)
   poison pieces. A restarted actor past the budget loads no model and fails its calls with
@@ -310,10 +310,10 @@ def data_context() -> None:
 
 def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], layout: ActorLayout) -> list[Piece]:
     """Answer ``pieces`` into staging; the pieces that crashed their actor CRASHES_PER_PASS times (not staged).
-    Raises the first exception an actor or write task reported."""
+    Raises the first exception an actor reported."""
     import ray
 
-    from jobs.ray_stage import AnswerActor, StagedParquetDatasink
+    from jobs.ray_stage import AnswerActor
     from pipeline.commit import part_name
 
     budget = poison.restart_budget(len(pieces))
@@ -326,22 +326,17 @@ def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], layout: Ac
         ds = ds.map_batches(
             AnswerActor,
             fn_constructor_kwargs={"fs": plan.input_fs, "settings": settings, "questions": plan.questions,
-                                   "stats": stats},
+                                   "stats": stats, "output": plan.output},
             batch_format="pyarrow", batch_size=1, num_cpus=settings.threads,
             compute=pool_strategy(layout, len(pieces)),
             max_restarts=budget + 1, max_task_retries=CRASHES_PER_PASS - 1,
         )
-    sink = StagedParquetDatasink(plan.output, stats)
-    # At most twice as many write tasks at once as the pool's first actors (a fixed pool: its actors): staging a
-    # unit takes about 1% of answering it, so they keep up with a pool that grows, and reuse their worker
-    # processes. Unbounded (num_cpus=0 admits any number), each staged unit started a Python worker of its own
-    # (16 on 2 cores for a 15-unit job: a tiny job took 25 s instead of 12).
-    writers = layout.actors if layout.min_actors == layout.actors else 2 * layout.initial_actors
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=max(1, min(writers, len(pieces))))
+    # The actors stage their answers themselves (jobs/ray_stage.py says why); what comes back is one small
+    # row per staged file.
+    staged = [(r["unit"], r["first_row"], r["rows"]) for r in ds.iter_rows()]
     failure = ray.get(stats.first_failure.remote())
     if failure is not None:
         raise failure[1]
-    staged = [(w["unit"], w["first_row"], w["rows"]) for w in sink.written]
     failed, leftovers = poison.unstaged(pieces, staged, plan.rows_per_input_row)
     for unit, first, _ in leftovers:
         plan.output.fs.delete_file(f"{plan.output.staging}/{part_name(plan.output.run, unit, first)}")

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.data.block import BlockAccessor
-from ray.data.datasource import Datasink
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import fanout, faults
@@ -70,7 +68,7 @@ class StageBook:
     (see ``stage_stats``) so that losing a worker node cannot take the job's bookkeeping with it.
 
     Also what the driver learns of a pass besides the staged rows: the actor restarts (crashes) counted
-    against the pass's budget, and the exceptions raised in actors and write tasks, which Ray Data drops
+    against the pass's budget, and the exceptions raised in actors, which Ray Data drops
     with their blocks once a pass may lose blocks (jobs/execute.py)."""
 
     def __init__(self, alive: Callable[[], frozenset[str]] | None = None) -> None:
@@ -170,19 +168,27 @@ def stage_stats() -> ray.actor.ActorHandle:
 
 
 class AnswerActor:
-    """Loads one model session in __init__; in __call__ reads read units (or pieces of them) and answers them.
+    """Loads one model session in __init__; in __call__ reads read units (or pieces of them), answers them and
+    stages the answers itself (``output.write_block``), returning only what it staged.
 
-    Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it. An actor
-    process that Ray restarts after a crash counts the restart against its pass's budget before loading the
-    model; past the budget it loads nothing and every call raises ModelCrashLoopError, so a model that
-    crashes on everything ends the pass in seconds instead of being split down to single rows.
+    Staging in the actor, not in Ray Data write tasks: on a node whose Ray has few CPUs, a short write task
+    every few seconds found its idle worker process killed (Ray's soft limit on workers is the node's CPUs,
+    and the actors already exceed it) and started a new one, about 3 CPU-seconds of imports each: 11 of them
+    for a 1000-question job on 2 cores, a fifth of the job's CPU (BENCHMARKS.md). The answers also no longer
+    travel through the object store.
+
+    Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it; ``answer``
+    answers without staging. An actor process that Ray restarts after a crash counts the restart against its
+    pass's budget before loading the model; past the budget it loads nothing and every call raises
+    ModelCrashLoopError, so a model that crashes on everything ends the pass in seconds instead of being split
+    down to single rows.
     """
 
     def __init__(self, fs: pafs.FileSystem, settings: ActorSettings, questions: pa.Table | None = None,
-                 stats: ray.actor.ActorHandle | None = None):
+                 stats: ray.actor.ActorHandle | None = None, output: OutputCommitter | None = None):
         self.reader = UnitReader(fs)
         self.questions, self.wide, self.id_column = questions, settings.wide, settings.columns.id
-        self.stats = stats
+        self.stats, self.output = stats, output
         self.name = f"{os.getpid()}@{socket.gethostname()}"
         self.node = ray.get_runtime_context().get_node_id() if stats is not None else ""
         self.calls = 0
@@ -204,16 +210,19 @@ class AnswerActor:
                                ray.get_runtime_context().get_actor_id())
 
     def __call__(self, units: pa.Table) -> pa.Table:
-        """Units as rows (ReadUnit.as_row, or poison.Piece.as_row) in; their answered rows out, with the hidden
-        unit/row columns (a piece's rows numbered from its first row inside its unit)."""
+        """Units as rows (ReadUnit.as_row, or poison.Piece.as_row) in; out, one row per staged file: its unit,
+        first output row inside the unit and rows (STAGED)."""
         self.calls += 1
         try:
-            return self._answer(units)
+            answered = self.answer(units)
+            return pa.Table.from_pylist(self.output.write_block(answered), schema=STAGED)
         except Exception as exc:  # re-raised; reported first because Ray Data drops a failed block silently
             report_failure(self.stats, f"answering actor {self.name}", exc)
             raise
 
-    def _answer(self, units: pa.Table) -> pa.Table:
+    def answer(self, units: pa.Table) -> pa.Table:
+        """The units' answered rows, with the hidden unit/row columns (a piece's rows numbered from its first
+        row inside its unit)."""
         if self.refusal is not None:
             raise self.refusal
         faults.actor_call(self.calls)
@@ -239,35 +248,12 @@ class AnswerActor:
         return pa.concat_tables(parts)
 
 
-class StagedParquetDatasink(Datasink[list]):
-    """Ray Data's write hooks around pipeline.commit: write tasks stage files per read unit;
-    the driver commits after the last one (see OutputCommitter)."""
-
-    def __init__(self, committer: OutputCommitter, stats: ray.actor.ActorHandle | None = None):
-        self.committer, self.stats = committer, stats
-        self.written: list[dict] = []
-
-    def write(self, blocks, ctx) -> list[dict]:
-        written = []
-        try:
-            for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
-                if table.num_rows:
-                    written.extend(self.committer.write_block(table))
-        except Exception as exc:  # re-raised; reported first because Ray Data drops a failed block silently
-            report_failure(self.stats, "write task", exc)
-            raise
-        return written
-
-    def on_write_complete(self, write_result) -> None:
-        self.written = [w for ws in write_result.write_returns for w in ws]
-
-    def get_name(self) -> str:
-        return "StagedParquet"
+# What an answering actor returns per staged file (OutputCommitter.write_block's records).
+STAGED = pa.schema([("unit", pa.int64()), ("first_row", pa.int64()), ("rows", pa.int64())])
 
 
 def report_failure(stats: ray.actor.ActorHandle | None, where: str, error: Exception) -> None:
-    """Tell the driver of an exception before the task fails with it (awaited: the driver reads the failures
+    """Tell the driver of an exception before the actor's task fails with it (awaited: the driver reads the failures
     once the pass is over, and this task's failure may end the pass)."""
     if stats is not None:
         ray.get(stats.failed.remote(where, error))

@@ -9,7 +9,7 @@ Layout under the output root OUT (any pyarrow filesystem: local or s3://)::
     OUT/part-<run>-UUUUUU-RRRRRR.parquet       published answers
     OUT/_manifest.json                         the commit marker: every file of the committed set, its rows
 
-Staged names are a function of the plan and the run, so a retried write task rewrites the same name with
+Staged names are a function of the plan and the run, so a retried actor task rewrites the same name with
 the same rows. A file or marker appears under its name only once complete: written under a temporary name
 and renamed on local disks, one upload on object stores (an object appears only when its upload completes;
 no copy). Readers that skip
@@ -23,7 +23,7 @@ moment, either the previous committed set or the new one, never a mix.
 
 Crash points (``pipeline.faults``; README has the table of what a reader sees and what resume does):
 
-- ``stage:<k>``   after the run's k-th staged file (driver and write task die): resume keeps every complete
+- ``stage:<k>``   after the run's k-th staged file (driver and staging actor die): resume keeps every complete
                   unit and answers only the rest.
 - ``commit-list`` after ``_commit.json`` is durable: resume publishes exactly the files it lists.
 - ``publish:<k>`` after the k-th listed file is moved to the root: resume moves the rest (roll forward).
@@ -122,8 +122,8 @@ class OutputState:
 def pending_units(units: list[ReadUnit], staged: tuple[StagedPart, ...], rows_per_input_row: int = 1
                   ) -> tuple[list[ReadUnit], int, tuple[StagedPart, ...], tuple[StagedPart, ...]]:
     """Units still to answer, input rows already staged, the staged parts kept (adopted) and those to remove
-    first. A unit is kept when one run staged all its rows; otherwise (a write task died between two of its
-    parts) it is redone whole."""
+    first. A unit is kept when one run staged all its rows; otherwise (a run died after staging some of its
+    pieces) it is redone whole."""
     by_unit_run: dict[int, dict[str, list[StagedPart]]] = defaultdict(lambda: defaultdict(list))
     for p in staged:
         by_unit_run[p.unit][p.run].append(p)
@@ -141,7 +141,7 @@ def pending_units(units: list[ReadUnit], staged: tuple[StagedPart, ...], rows_pe
 
 
 class OutputCommitter:
-    """The protocol's state on one filesystem; used by the driver and by write tasks alike."""
+    """The protocol's state on one filesystem; used by the driver and by the answering actors, which stage."""
 
     def __init__(self, fs: pafs.FileSystem, root: str, rows_per_input_row: int = 1, run: str | None = None):
         """``rows_per_input_row``: output rows each input row yields (fan-out asks several questions);
@@ -150,7 +150,7 @@ class OutputCommitter:
         self.rows_per_input_row = rows_per_input_row
         self.run = run or new_run_id()
         self.staging = f"{self.root}/{STAGING}"
-        self.driver_pid = os.getpid()  # made by the driver; write tasks get a pickled copy
+        self.driver_pid = os.getpid()  # made by the driver; actors get a pickled copy
 
     # -- driver, before the run ------------------------------------------------------------------
     def inspect(self, mode: str, job: dict) -> OutputState:
@@ -241,7 +241,7 @@ class OutputCommitter:
                                         _errors_in(self.fs, info.path, meta), m.group(1) or ""))
         return parts
 
-    # -- write tasks ----------------------------------------------------------------------------
+    # -- answering actors ----------------------------------------------------------------------------
     def write_block(self, table: pa.Table) -> list[dict]:
         """Stage a block of answered rows: one file per unit present, hidden columns dropped."""
         written = []

@@ -2,7 +2,7 @@
 
 ``QA_FAULT_CRASH_AT=<point>[:<k>]`` makes the process that reaches that point exit at once (``os._exit``, no
 clean-up, as a kill would), where ``<point>`` is one of ``CRASH_POINTS`` (pipeline/commit.py documents where
-each lies in the protocol). ``stage:<k>`` fires in the write task that stages the k-th file of the run and
+each lies in the protocol). ``stage:<k>`` fires in the answering actor that stages the k-th file of the run and
 takes the job's driver down with it (a driver lost mid-run); the driver's points fire in the driver.
 
 ``QA_FAULT_CRASH_ON_CALL=<k>`` with ``QA_FAULT_MARKER=<file>`` kills an answering actor on its k-th call, once
@@ -14,9 +14,8 @@ restarts to n, so that a test reaches the crash-loop stop in a few crashes.
 
 Node faults: ``QA_FAULT_KILL_ON_CALL=<k>:<pgid>`` makes an answering actor SIGKILL the process group pgid on
 its k-th call, before answering (a test passes a worker node's ``ray start --block`` group: its raylet, object
-store and every worker, as a lost spot node). Fired in an actor rather than after the k-th staged file because
-staging lags answering (a write task waits for a worker process): the kill then finds units in flight on
-every node, the victim's own included, and most of the job still to do. ``QA_FAULT_HOLD_FILE=<file>`` holds
+store and every worker, as a lost spot node). Fired in an actor, before it answers, so that
+the kill finds units in flight on every node, the victim's own included, and most of the job still to do. ``QA_FAULT_HOLD_FILE=<file>`` holds
 every answering actor's second and later calls while that file exists: a test lets each actor answer one unit,
 adds a node, waits for the new node's actor to stage its first unit and then removes the file.
 
@@ -57,9 +56,9 @@ def crash_at() -> tuple[str, int | None] | None:
 
 def crash_point(point: str, count: int | None = None, also_kill: int | None = None) -> None:
     """Exit at once if the process has reached ``point`` (for counted points: at least k times);
-    ``also_kill`` is a process to SIGKILL first (the driver, from a write task)."""
+    ``also_kill`` is a process to SIGKILL first (the driver, from an actor)."""
     wanted = crash_at()
-    # ">=": concurrent write tasks may each count past k between two listings; the first to see it fires.
+    # ">=": concurrent actors may each count past k between two listings; the first to see it fires.
     if wanted is None or wanted[0] != point or (wanted[1] is not None and (count or 0) < wanted[1]):
         return
     if also_kill is not None and also_kill != os.getpid():

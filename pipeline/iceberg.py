@@ -233,7 +233,7 @@ def committed_snapshot(table: Table | None, key: str) -> Snapshot | None:
 class IcebergCommitter:
     """The commit protocol of ``pipeline.commit`` with an Iceberg transaction as its final step.
 
-    The same interface as ``OutputCommitter`` (the driver and write tasks use either); write tasks get a
+    The same interface as ``OutputCommitter`` (the driver and the answering actors use either); actors get a
     pickled copy, which holds no catalog connection."""
 
     def __init__(self, uri: str, rows_per_input_row: int = 1, run: str | None = None,
@@ -310,7 +310,7 @@ class IcebergCommitter:
     def release_lease(self) -> None:
         self.staged.release_lease()
 
-    # -- write tasks ----------------------------------------------------------------------------
+    # -- answering actors ----------------------------------------------------------------------------
     def write_block(self, table: pa.Table) -> list[dict]:
         # Field ids carried over from the input table's files would contradict the output table's own;
         # without them, add_files maps columns by name.

@@ -122,11 +122,11 @@ def test_a_piece_stages_its_rows_at_its_offset_in_the_unit(fanout_job):
     path, questions, settings = fanout_job
     piece = Piece(ReadUnit(5, str(path), 0, 0, 6), 2, 2)
     actor = AnswerActor(pafs.LocalFileSystem(), settings(), questions)
-    out = actor(pa.Table.from_pylist([piece.as_row(questions.num_rows)]))
+    out = actor.answer(pa.Table.from_pylist([piece.as_row(questions.num_rows)]))
     assert out.column("id").to_pylist() == ["r002", "r002", "r003", "r003"]
     assert out.column(UNIT_COLUMN).to_pylist() == [5] * 4 and out.column(ROW_COLUMN).to_pylist() == [4, 5, 6, 7]
     wide = AnswerActor(pafs.LocalFileSystem(), settings(wide=True), questions)
-    out = wide(pa.Table.from_pylist([piece.as_row(1)]))
+    out = wide.answer(pa.Table.from_pylist([piece.as_row(1)]))
     assert out.column("id").to_pylist() == ["r002", "r003"] and out.column(ROW_COLUMN).to_pylist() == [2, 3]
 
 
@@ -148,7 +148,7 @@ def test_crashed_rows_have_the_answered_rows_schema(fanout_job, tiny_model, fan_
         plain = ActorSettings(str(tiny_model), 1, Columns(), DecodeSettings(top_k=top_k), WindowOverrides(), 4096,
                               "auto", "fp32")
         actor = AnswerActor(pafs.LocalFileSystem(), plain)
-    answered = actor(pa.Table.from_pylist([unit.as_row()])).drop_columns([UNIT_COLUMN, ROW_COLUMN])
+    answered = actor.answer(pa.Table.from_pylist([unit.as_row()])).drop_columns([UNIT_COLUMN, ROW_COLUMN])
     docs = UnitReader(pafs.LocalFileSystem()).read(unit)
     crashed = crashed_rows(docs, questions if fan_out else None, wide, top_k)
     assert crashed.schema.equals(answered.schema, check_metadata=False)

@@ -4,7 +4,7 @@
 
 No Ray, no model: a table of answered rows shaped like the job's output (SQuAD-like lengths: contexts of about
 700 characters shared by about five questions, questions of about 60, answers of about 19; the hidden
-``_unit``/``_row`` columns the answering stage adds), cut into one block per read unit as the write tasks get
+``_unit``/``_row`` columns the answering stage adds), cut into one block per read unit as the answering actors stage
 them. Three phases, timed for each store:
 
 - ``baseline``: one plain ``pq.write_table`` per unit to its final name (what a job without a protocol writes);
@@ -88,7 +88,7 @@ def _text(rng: np.random.Generator, words: np.ndarray, p: np.ndarray, chars: int
 
 
 def answered_blocks(rows: int, rows_per_unit: int, seed: int = 0) -> list[pa.Table]:
-    """One block per read unit of answered rows, as the answering stage hands them to the write tasks: the input
+    """One block per read unit of answered rows, as an answering actor stages them: the input
     columns, the job's answer columns, and the hidden unit/row columns (row numbers restart in every unit)."""
     rng = np.random.default_rng(seed)
     words, p = _vocabulary(rng)
