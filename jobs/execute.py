@@ -4,7 +4,8 @@ Bounded retries, and poison rows (pipeline/poison.py). Ray Data restarts a pool'
 tasks without limit by default, so a row that crashes the model process (a native fault in a runtime) would
 be retried forever. Here every limit is finite, and a crash costs only the rows that cause it:
 
-- A pass answers pieces of read units (the first: every pending unit whole), one piece per actor task and one
+- A pass answers pieces of read units (the first: pending units whole, shrinking towards its end so that the
+  actors finish together: ``poison.first_pass``), one piece per actor task and one
   task in flight per actor, so a crash is charged to the one piece its actor was answering (the actor reads
   its own Parquet rows, so a second task in flight would prefetch nothing).
 - Ray retries a piece whose actor process died on it on the restarted actor, CRASHES_PER_PASS (3) attempts
@@ -264,15 +265,17 @@ def _answer(plan: JobPlan, started: float) -> Execution:
     capacity = wait_for_workers(cfg.min_actors * (cfg.cpus_per_actor or 1), cfg.wait_for_workers_s,
                                 cfg.progress_every_s)
     data_context()
+    actors_now, _ = actor_layout(capacity.cpus, cfg.concurrency, cfg.cpus_per_actor, plan.model_bytes)
+    pieces = poison.first_pass(plan.pending, actors_now)
     layout = pool_layout(capacity, cfg.min_actors, cfg.max_actors, cfg.concurrency, cfg.cpus_per_actor,
-                         plan.model_bytes, len(plan.pending))
+                         plan.model_bytes, len(pieces))
     variant = plan.precision.variant
     settings = ActorSettings(plan.model_dir, layout.cpus_per_actor, plan.columns, cfg.decode, cfg.windows,
                              cfg.batch_tokens, variant.backend, variant.precision, cfg.wide)
     stats = stage_stats()
     answering_from = time.time()
     rows = plan.rows_in - plan.staged_rows
-    pieces, crashed, passes, retried = [poison.whole(u) for u in plan.pending], [], 0, 0
+    crashed, passes, retried = [], 0, 0
     with ProgressReporter(stats, rows, cfg.progress_every_s):
         while pieces:
             passes += 1

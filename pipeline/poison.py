@@ -1,6 +1,7 @@
 """Poison rows: read units whose rows crash the model process, split until only the rows that do are left.
 
-A ``Piece`` is a row range of one read unit; the job's first pass answers every pending unit whole. A piece
+A ``Piece`` is a row range of one read unit. The job's first pass answers pending units whole, except towards
+its end, where pieces shrink so that the actors finish together (``first_pass``). A piece
 whose actor process died on it ``CRASHES_PER_PASS`` times in a pass (Ray retries it on the restarted actor)
 is split in halves for the next pass, down to single rows; a single row that still crashes it is written by
 the driver (``crashed_rows``) with ``error`` = CRASHED and no answer. Pieces keep their unit's index, and
@@ -87,6 +88,32 @@ class Piece:
 
 def whole(unit: ReadUnit) -> Piece:
     return Piece(unit, 0, unit.length)
+
+
+MIN_PIECE_ROWS = 32  # the smallest piece a pass cuts for balance: about a sorted batch's worth of windows
+
+
+def first_pass(units: Sequence[ReadUnit], actors: int, min_rows: int = MIN_PIECE_ROWS) -> list[Piece]:
+    """The first pass's pieces: each unit whole while much of the pass is left, then pieces that shrink towards
+    its end (guided self-scheduling: a piece takes 1/(2 x actors) of the rows still to come, at least
+    ``min_rows``), so that the actors finish together instead of one answering the last unit while the rest idle.
+
+    A job of a few units no longer runs on a few actors: 1000 rows in one 1024-row unit on 2 actors become
+    pieces of 250, 188, 141, ... rows, down to ``min_rows``. A large job cuts only its last 2 x actors units.
+    Pieces stage at their offset inside their unit, as poison-row halves do, so the commit is unchanged."""
+    remaining = sum(u.length for u in units)
+    pieces = []
+    for unit in units:
+        start = 0
+        while start < unit.length:
+            size = max(min_rows, math.ceil(remaining / (2 * max(1, actors))))
+            left = unit.length - start
+            if left - size < min_rows:  # no sliver at the unit's end
+                size = left
+            pieces.append(Piece(unit, start, size))
+            start += size
+            remaining -= size
+    return pieces
 
 
 def unit_and_first_row(row: dict) -> tuple[ReadUnit, int]:

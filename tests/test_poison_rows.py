@@ -15,7 +15,17 @@ import pytest
 from test_exactly_once import job, write_input
 
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN
-from pipeline.poison import CRASHED, Piece, after_crashes, crashed_rows, restart_budget, unstaged, whole
+from pipeline.poison import (
+    CRASHED,
+    MIN_PIECE_ROWS,
+    Piece,
+    after_crashes,
+    crashed_rows,
+    first_pass,
+    restart_budget,
+    unstaged,
+    whole,
+)
 from pipeline.units import ReadUnit, UnitReader
 
 ANSWERS = ["answer", "answer_start", "answer_end"]
@@ -87,6 +97,39 @@ def test_unstaged_pieces_and_leftovers():
     # fan-out: piece b's 2 input rows are output rows 4..7 of unit 0
     assert unstaged([a, b], [(0, 0, 4), (0, 4, 4)], rows_per_input_row=2) == ([], [])
     assert unstaged([a, b], [(0, 0, 4), (0, 4, 3)], rows_per_input_row=2) == ([b], [(0, 4, 3)])
+
+
+def covers_once(pieces: list[Piece], units: list[ReadUnit]) -> bool:
+    """Every row of every unit in exactly one piece, pieces in unit order and contiguous."""
+    at = {u.index: 0 for u in units}
+    for p in pieces:
+        if p.start != at[p.unit.index]:
+            return False
+        at[p.unit.index] += p.length
+    return all(at[u.index] == u.length for u in units)
+
+
+def test_first_pass_shrinks_pieces_towards_its_end():
+    """One 1000-row unit on 2 actors: a quarter first, then ever smaller pieces, none below the minimum, so
+    that the last piece an actor takes is short; 4 actors start on smaller ones."""
+    unit = ReadUnit(0, "f", 0, 0, 1000)
+    pieces = first_pass([unit], 2)
+    sizes = [p.length for p in pieces]
+    assert covers_once(pieces, [unit])
+    assert sizes == [250, 188, 141, 106, 79, 59, 45, 33, 32, 32, 35]  # 1/4 of what is left, then the minimum
+    assert MIN_PIECE_ROWS == 32  # the last 35: no sliver of 3 rows at the unit's end
+    assert [p.length for p in first_pass([unit], 4)][:2] == [125, 110]
+    assert first_pass([ReadUnit(0, "f", 0, 0, 40)], 8) == [whole(ReadUnit(0, "f", 0, 0, 40))]  # too short to cut
+
+
+def test_first_pass_cuts_only_the_last_units_of_a_large_job():
+    """100 units of 1024 rows on 4 actors: whole until the rows left are about 8 units' worth, then cut."""
+    units = [ReadUnit(i, "f", 0, 1024 * i, 1024) for i in range(100)]
+    pieces = first_pass(units, 4)
+    assert covers_once(pieces, units)
+    cut = sorted({p.unit.index for p in pieces if p.length < 1024})
+    assert cut and cut[0] >= 90 and pieces[:cut[0]] == [whole(u) for u in units[:cut[0]]]
+    assert pieces[-1].length >= MIN_PIECE_ROWS and len(pieces) < 200
 
 
 def test_restart_budget():

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None):
                                                                       "the pipeline's threads, our job takes all)")
     p.add_argument("--budgets", default="2048,4096,8192,16384,32768", help="token budgets for --mode tuning")
     p.add_argument("--rows-per-unit", type=int, help="our job's read unit (default: limit / 8, so that actors share; "
-                                                          "--mode marginal: N / (4 x CPUs))")
+                                                          "--mode marginal: the job's own default)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each system; the median is reported")
     p.add_argument("--report", help="write every number as JSON here")
     p.add_argument("--pause-pid", type=int, action="append", default=[],

@@ -12,9 +12,9 @@ sees; the fixed costs cancel.
 - Our job: ``python -m jobs.answer --input IN --output OUT --address local`` plus a variant's flags. A variant
   is a set of job flags; "default" adds none (no --backend, no --precision), so it follows the job's default.
   ``--address local``: a fresh local Ray, never a cluster another process on the machine started. The input
-  is one Parquet file, and ``--rows-per-unit`` is N / (4 x CPUs) for both runs (``--rows-per-unit`` overrides):
-  at the job's 1024, the first N <= 1024 questions would be one read unit, answered by one actor while the
-  other CPUs wait, and T(2N) - T(N) would measure that imbalance, not the job.
+  is one Parquet file, read in the job's default units (1024 rows; ``--rows-per-unit`` overrides): the job
+  itself cuts a pass's last units into pieces that shrink towards its end (pipeline.poison.first_pass), so
+  the first N <= 1024 questions, one read unit, still keep every actor busy.
 - The peer: ``python -m jobs.benchmark.peer`` (``pipeline("question-answering", device=-1)``, PyTorch eager
   fp32, batch 8, our window settings) on the same weights: for the default model a Hugging Face directory
   made from its weights-bf16.safetensors (or --hf-model), for the random models their checkpoint.
@@ -282,11 +282,12 @@ def timed(cmd: list[str], log: Path, clean: Path | None = None) -> tuple[float, 
     raise AssertionError("unreachable")
 
 
-def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per_unit: int) -> Run:
+def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per_unit: int | None) -> Run:
     import pyarrow.parquet as pq
 
+    units = ["--rows-per-unit", str(rows_per_unit)] if rows_per_unit else []
     cmd = [sys.executable, "-m", "jobs.answer", "--input", str(inputs), "--output", str(out), "--model",
-           str(model_dir), "--address", "local", "--rows-per-unit", str(rows_per_unit), *variant.flags]
+           str(model_dir), "--address", "local", *units, *variant.flags]
     seconds, cpu = timed(cmd, out.with_suffix(".log"), clean=out)
     manifest = json.loads((out / "_manifest.json").read_text())
     stages = manifest["stages"]
@@ -431,8 +432,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
     inputs = {k: d / f"input-{k}.parquet" for k in (n, 2 * n)}
     for k, path in inputs.items():
         pq.write_table(squad.to_table(items[:k]), path)
-    cpus = os.cpu_count() or 1
-    rows_per_unit = a.rows_per_unit or max(1, math.ceil(n / (4 * cpus)))
+    rows_per_unit = a.rows_per_unit  # None: the job's default
     windows = {**asdict(load_spec(model_dir).windows), "max_answer_len": max_answer_len}
     rows = [Row(f"our job, {v.name}", n) for v in variants]
     peer_row = None
@@ -459,7 +459,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
                 progress(name, peer_row.system, k, run)
     all_rows = rows + ([peer_row] if peer_row else [])
     label = f"{name} ({model_dir})" if name == "default" else f"{name} (random weights, {model_dir})"
-    text = "\n".join([header(label, n, cpus), "", marginal_table(all_rows, items, PEER_NAME, name == "default"), "",
+    text = "\n".join([header(label, n, os.cpu_count() or 1), "", marginal_table(all_rows, items, PEER_NAME, name == "default"), "",
                       *filter(None, (stage_line(r) for r in rows))])
     return {"text": text, "rows_per_unit": rows_per_unit, "rows": [row_report(r) for r in all_rows]}
 
