@@ -90,7 +90,7 @@ def whole(unit: ReadUnit) -> Piece:
     return Piece(unit, 0, unit.length)
 
 
-MIN_PIECE_ROWS = 32  # the smallest piece a pass cuts for balance: about a sorted batch's worth of windows
+MIN_PIECE_ROWS = 16  # the smallest piece a pass cuts for balance (a few seconds of BERT-base on one core)
 
 
 def first_pass(units: Sequence[ReadUnit], actors: int, min_rows: int = MIN_PIECE_ROWS) -> list[Piece]:

@@ -116,10 +116,10 @@ def test_first_pass_shrinks_pieces_towards_its_end():
     pieces = first_pass([unit], 2)
     sizes = [p.length for p in pieces]
     assert covers_once(pieces, [unit])
-    assert sizes == [250, 188, 141, 106, 79, 59, 45, 33, 32, 32, 35]  # 1/4 of what is left, then the minimum
-    assert MIN_PIECE_ROWS == 32  # the last 35: no sliver of 3 rows at the unit's end
+    assert sizes == [250, 188, 141, 106, 79, 59, 45, 33, 25, 19, 16, 16, 23]  # 1/4 of what is left, then the minimum
+    assert MIN_PIECE_ROWS == 16  # the last 23: no sliver of 7 rows at the unit's end
     assert [p.length for p in first_pass([unit], 4)][:2] == [125, 110]
-    assert first_pass([ReadUnit(0, "f", 0, 0, 40)], 8) == [whole(ReadUnit(0, "f", 0, 0, 40))]  # too short to cut
+    assert first_pass([ReadUnit(0, "f", 0, 0, 31)], 8) == [whole(ReadUnit(0, "f", 0, 0, 31))]  # too short to cut
 
 
 def test_first_pass_cuts_only_the_last_units_of_a_large_job():
