@@ -29,6 +29,7 @@ ORT_AS_IS = "--backend onnxruntime --precision fp32"  # model.onnx as it is (int
 
 OPENVINO_INT8 = "--backend openvino --precision int8"
 OPENVINO_INT8_IR = "python -m models.convert --openvino-int8 models/minilm-squad"
+INT8_7BIT = "python -m models.convert --int8-7bit models/minilm-squad  # model-int8-7bit.onnx, from model-fp32.onnx"
 
 
 def _figures(report: dict, command: str, cpu: str | None = None, speed_note: str | None = None) -> dict:
@@ -147,7 +148,10 @@ def card_markdown(card: dict) -> str:
                   "| backend | precision | F1 | questions/s |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {v['backend']} | {v['precision']} | {v['f1']:.2f} | {v['questions_per_s']:.1f} |"
                   for v in row["variants"]]
-    lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else [])]
+    seven_bit = any(v["precision"] == "int8-7bit" for row in card.get("auto_precision", {}).values()
+                    for v in row["variants"])
+    lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else []),
+              *([INT8_7BIT] if seven_bit else [])]
     lines += [fig["command"] for _, fig in rows if fig]
     lines += ["```", "", "Figures are written by `python -m models.card` from the reports of those commands."]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
     python -m models.convert SRC DST [--optimize] [--quantize int8 [--calibration FILE]] [--spec REGISTRY_NAME]
     python -m models.convert --openvino-int8 DIR [--calibration FILE]   # add the OpenVINO int8 IR to DIR
+    python -m models.convert --int8-7bit DIR   # add ONNX Runtime's int8 graph with 7-bit weights to DIR
 
 SRC is one of:
 
@@ -21,6 +22,9 @@ dynamically; both are checked against the fp32 graph (with a looser bound for in
 or Parquet/JSON rows with question and context; default SQuAD v1.1 train) and checked against the fp32 graph's
 logits on held-out windows; ``--no-openvino-int8`` skips it. ``--openvino-int8 DIR`` adds it to an existing model
 directory from its ``model-fp32.onnx`` (how the default model got its IR).
+``--quantize int8`` also writes ``model-int8-7bit.onnx``, the same dynamic int8 with weights in -64..64, which
+ONNX Runtime serves at ``--precision int8-7bit``: exact with the fast int8 kernel of CPUs without VNNI, where the
+8-bit graph needs the slower exact kernels (pipeline/cpu.py); ``--int8-7bit DIR`` adds it to an existing directory.
 ``--spec NAME`` fills qa_spec.json from models/registry.py (sequence length, stride, casing, card scores).
 
 Conversion tools are optional (the ``convert`` extra) and imported only when needed: torch + transformers (HF and
@@ -372,19 +376,47 @@ def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden: int) -> None:
     optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden).save_model_to_file(str(dst))
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, dst: Path, seven_bit: bool = False) -> None:
     """Dynamic int8: weights quantized once, per output channel; activations per batch at run time.
 
     Per-channel scales, because one scale per weight tensor lets a few large columns set the step for all
     (the default model's card, full SQuAD dev: per-tensor int8 F1 79.80, per-channel 80.76, fp32 80.83; the
     per-tensor graph was quantize_dynamic(per_channel=False) of model-fp32.onnx, served from a copy of the directory).
+
+    ``seven_bit``: weights in -64..64 (onnxruntime's ``reduce_range``), the graph ONNX Runtime serves at
+    ``--precision int8-7bit`` (pipeline/backends.py): there a u8 activation times a weight, summed in pairs, stays
+    within 16 bits (2 x 255 x 64 = 32640), so the fast u8 x s8 kernel of CPUs without VNNI cannot saturate.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Fused ops (com.microsoft) defeat shape inference; their outputs are float.
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=seven_bit,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def write_int8_7bit(fp32: Path, dst: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> float:
+    """The 7-bit int8 graph of ``fp32`` at ``dst``, checked against the fp32 logits; its max difference."""
+    quantize_int8(fp32, dst, seven_bit=True)
+    return check_close(f"{dst} (int8, 7-bit weights)", onnx_logits(dst, feeds), reference, feeds["attention_mask"],
+                       INT8_TOL)
+
+
+def add_int8_7bit(model_dir: Path) -> dict:
+    """Add the 7-bit int8 graph to an existing model directory, from its fp32 graph (``model-fp32.onnx``)."""
+    import onnxruntime as ort
+
+    from pipeline.backends import INT8_7BIT_GRAPH
+    from pipeline.model_dir import FP32_GRAPH
+
+    fp32 = model_dir / FP32_GRAPH
+    if not fp32.exists():
+        raise ConvertError(f"{model_dir}: no {FP32_GRAPH} to quantize; convert the model with --quantize int8")
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
+    names = tuple(i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs())
+    feeds = sample_inputs(config.get("vocab_size", 100), names)
+    diff = write_int8_7bit(fp32, model_dir / INT8_7BIT_GRAPH, feeds, onnx_logits(fp32, feeds))
+    return {"int8_7bit": {"graph": INT8_7BIT_GRAPH, "from": FP32_GRAPH, "max_diff": diff}}
 
 
 def post_process(fp32: Path, dst: Path, options: ConvertOptions, exported: Exported | None,
@@ -410,10 +442,13 @@ def post_process(fp32: Path, dst: Path, options: ConvertOptions, exported: Expor
             if keep_fused:
                 shutil.copy(fused, keep_fused)
         if options.quantize == "int8":
+            from pipeline.backends import INT8_7BIT_GRAPH
+
             q = Path(tmp) / "int8.onnx"
             quantize_int8(current, q)
             report["int8_max_diff"] = check_close(f"{dst} (--quantize int8)", onnx_logits(q, feeds), reference,
                                                   mask, INT8_TOL)
+            report["int8_7bit_max_diff"] = write_int8_7bit(current, dst.with_name(INT8_7BIT_GRAPH), feeds, reference)
             current = q
         shutil.copy(current, dst)
     return report
@@ -696,6 +731,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-openvino-int8", action="store_true", help="with --quantize int8: no OpenVINO int8 IR")
     p.add_argument("--openvino-int8", metavar="DIR",
                    help="instead of SRC DST: add model-int8.xml to model directory DIR, from its fp32 graph")
+    p.add_argument("--int8-7bit", metavar="DIR",
+                   help="instead of SRC DST: add model-int8-7bit.onnx to model directory DIR, from its fp32 graph")
     p.add_argument("--calibration", metavar="FILE",
                    help="questions and contexts for the int8 IR's calibration: SQuAD JSON (.json/.json.gz), or "
                         ".parquet/.json rows with question and context (default: SQuAD v1.1 train)")
@@ -707,6 +744,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-query-len", type=int)
     p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
     a = p.parse_args(argv)
+    if a.int8_7bit:
+        if a.src or a.dst or a.quantize or a.optimize or a.spec or a.openvino_int8:
+            p.error("--int8-7bit DIR takes no SRC DST, --quantize, --optimize, --spec or --openvino-int8")
+        require("onnx", "convert", WHAT)
+        d = Path(a.int8_7bit).expanduser()
+        report = add_int8_7bit(d)
+        print(json.dumps({"wrote": str(d / report["int8_7bit"]["graph"]), **report}, indent=2))
+        return
     if a.openvino_int8:
         if a.src or a.dst or a.quantize or a.optimize or a.spec:
             p.error("--openvino-int8 DIR takes no SRC DST, --quantize, --optimize or --spec")

@@ -13,6 +13,10 @@ Precisions, and the graph each reads from a model directory (``graph_file``):
   int8 rather than serve ``model.onnx`` under that name: whether that graph is int8 depends on how it was
   converted, and telling would mean reading the graph (onnx is not a core dependency). Its int8 graph is
   what it serves at fp32, "the graph as it is".
+- int8-7bit: ONNX Runtime only; ``model-int8-7bit.onnx``, dynamic int8 like our ``model.onnx`` with weights in
+  -64..64 (``models.convert --quantize int8`` writes it, ``--int8-7bit DIR`` adds it). With 7-bit weights the
+  fast u8 x s8 kernel cannot saturate on CPUs without VNNI, so it runs there instead of the exact u8 x u8
+  kernels the 8-bit graph needs (pipeline/cpu.py): faster, and exact on every CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cpu import KernelOptions
 from .model_dir import FP32_GRAPH, ModelDirError, ModelSpec, find_model_file, load_spec
 from .precision import AUTO as PRECISION_AUTO
 from .precision import Variant
@@ -38,14 +43,14 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32",), None),
+    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32", "int8-7bit"), None),
     Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16", "int8"), "openvino"),
 )}
 AUTO = "auto"  # OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 # fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them;
-# int8: the directory's NNCF int8 IR (see the module docstring).
-PRECISIONS = ("fp32", "bf16", "int8")
+# int8: the directory's NNCF int8 IR; int8-7bit: its int8 graph with 7-bit weights (see the module docstring).
+PRECISIONS = ("fp32", "bf16", "int8", "int8-7bit")
 # auto (the default): one of the above per job, chosen from the CPUs of the cluster's nodes (pipeline/precision.py)
 PRECISION_CHOICES = (PRECISION_AUTO, *PRECISIONS)
 # OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
@@ -53,6 +58,9 @@ PRECISION_CHOICES = (PRECISION_AUTO, *PRECISIONS)
 # quantized ops run in int8, the rest (softmax, layer norms, GELU) in f32 on every CPU.
 OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 OPENVINO_INT8_GRAPH = "model-int8.xml"  # with model-int8.bin; written by models.convert (NNCF)
+INT8_7BIT_GRAPH = "model-int8-7bit.onnx"  # written by models.convert (onnxruntime's quantize_dynamic, reduce_range)
+# The int8 kernels for a graph with 7-bit weights on any CPU: the fast one, which cannot saturate there.
+SEVEN_BIT_KERNELS = KernelOptions(False, "7-bit weights: the fast u8 x s8 kernel cannot saturate")
 
 
 def resolve_backend(backend: str, precision: str) -> str:
@@ -72,7 +80,8 @@ def resolve_backend(backend: str, precision: str) -> str:
         return able[0].name if len(able) == 1 else AUTO
     if backend not in [b.name for b in able]:
         hint = (f"; {BACKENDS[backend].label}'s int8 graph (our exports' model.onnx) is what it serves at "
-                "--precision fp32, the graph as it is") if precision == "int8" and backend == "onnxruntime" else ""
+                "--precision fp32, the graph as it is, and its 7-bit one at --precision int8-7bit"
+                ) if precision == "int8" and backend == "onnxruntime" else ""
         raise ValueError(f"precision {precision} runs on the {' or '.join(b.label for b in able)} backend; "
                          f"{BACKENDS[backend].label} computes these graphs in their own precision "
                          f"(drop --backend {backend}, or --precision {precision}){hint}")
@@ -89,6 +98,13 @@ def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path
     is served as is at any precision.
     """
     d = Path(model)
+    if precision == "int8-7bit" and d.is_dir():
+        if not (d / INT8_7BIT_GRAPH).exists():
+            raise ModelDirError(
+                f"{d}: no {INT8_7BIT_GRAPH} (int8 with 7-bit weights) for --precision int8-7bit; make it with "
+                f"python -m models.convert --int8-7bit {d}, or serve the directory's graph as it is with "
+                "--precision fp32")
+        return d / INT8_7BIT_GRAPH
     if backend == "openvino" and d.is_dir():
         if precision == "int8":
             if not (d / OPENVINO_INT8_GRAPH).exists():
@@ -117,6 +133,8 @@ def servable_variants(model: str | Path, backend: str = AUTO) -> frozenset[Varia
     found = set()
     if main.suffix == ".onnx":
         found.add(Variant("onnxruntime", "fp32"))
+    if (d / INT8_7BIT_GRAPH).exists():
+        found.add(Variant("onnxruntime", "int8-7bit"))
     if importlib.util.find_spec("openvino") is not None:
         if main.suffix == ".xml" or (d / FP32_GRAPH).exists():
             found |= {Variant("openvino", "fp32"), Variant("openvino", "bf16")}
@@ -148,14 +166,15 @@ def open_session(model_file: Path, backend: str, threads: int, input_names: dict
         return OpenVinoQASession(model_file, threads, input_names, output_names, precision)
     from .session import QASession
 
-    return QASession(model_file, threads, input_names, output_names)
+    return QASession(model_file, threads, input_names, output_names,
+                     kernels=SEVEN_BIT_KERNELS if precision == "int8-7bit" else None)
 
 
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
                backend: str = AUTO, precision: str = "fp32"):
     """The spec and a session for a model directory (or a graph file inside one); the graph's fixed shape
     feeds the spec. ``precision`` bf16 and int8 imply OpenVINO, which then reads the directory's fp32 graph
-    (bf16) or its int8 IR (int8)."""
+    (bf16) or its int8 IR (int8); int8-7bit implies ONNX Runtime and the directory's 7-bit int8 graph."""
     backend = resolve_backend(backend, precision)
     model_file = graph_file(model_dir, backend, precision)
     probe = load_spec(model_file, overrides=overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -128,10 +129,37 @@ def test_optimize_and_quantize(tmp_path):
     assert_answers(tmp_path / "opt")
 
     report = convert(src, tmp_path / "int8", ConvertOptions(optimize=True, quantize="int8"))
-    assert "int8_max_diff" in report
+    assert "int8_max_diff" in report and report["int8_7bit_max_diff"] <= 1.0
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}, ops
     assert_answers(tmp_path / "int8")
+    assert_seven_bit(tmp_path / "int8")
+
+
+def int8_weights(graph: Path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    return [a for a in (numpy_helper.to_array(t) for t in onnx.load(str(graph)).graph.initializer)
+            if a.dtype == np.int8]
+
+
+def assert_seven_bit(model_dir: Path) -> None:
+    """The directory's int8-7bit graph: int8 weights in -64..64 (the 8-bit graph uses the full range), the same
+    logits from the fast and the exact int8 kernels on this CPU, and served by --precision int8-7bit."""
+    from pipeline.backends import INT8_7BIT_GRAPH, load_model
+    from pipeline.cpu import KernelOptions
+    from pipeline.session import QASession
+
+    seven = model_dir / INT8_7BIT_GRAPH
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights(seven)) <= 64
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights(model_dir / "model.onnx")) > 64
+    f = feeds_for()
+    feeds = (f["input_ids"], f["attention_mask"], f["token_type_ids"])
+    fast, exact = (QASession(seven, 1, kernels=KernelOptions(e)).run(*feeds) for e in (False, True))
+    assert all(np.array_equal(a, b) for a, b in zip(fast, exact, strict=True))
+    _, session = load_model(model_dir, precision="int8-7bit")
+    assert session.model_file == seven
+    assert all(np.array_equal(a, b) for a, b in zip(session.run(*feeds), fast, strict=True))
 
 
 def test_int8_scales_are_per_output_channel(tmp_path):

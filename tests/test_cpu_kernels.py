@@ -139,3 +139,15 @@ def test_decision_agrees_with_this_cpus_fast_kernel():
         assert not saturates
     if cpu.cpu_class() in ("avx2", "avx512"):
         assert saturates
+
+
+def test_seven_bit_weights_make_the_fast_kernel_exact():
+    """The extremes of 7-bit weights (models.convert's int8-7bit graph) never saturate the fast kernel, on this
+    CPU whatever its class: where 8-bit ones do (no VNNI), this is what --precision int8-7bit relies on."""
+    pytest.importorskip("onnx")
+    from jobs.benchmark.peaks import fast_int8_kernel_saturates
+
+    assert not fast_int8_kernel_saturates((64, -64))
+    from pipeline.backends import SEVEN_BIT_KERNELS
+
+    assert not SEVEN_BIT_KERNELS.exact_u8u8

@@ -16,11 +16,13 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import REPO
 from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS, ZEN4_EPYC
 
 from jobs.plan import DEFAULT_CARD, auto_table
-from pipeline.backends import BACKENDS, graph_as_is, servable_variants
+from pipeline.backends import BACKENDS, INT8_7BIT_GRAPH, graph_as_is, graph_file, servable_variants
+from pipeline.model_dir import ModelDirError
 from pipeline.precision import F1_TOLERANCE, NodeCpu, Variant, choose, parse_table
 
 ORT = Variant("onnxruntime", "fp32")
@@ -106,6 +108,11 @@ def test_servable_variants_follow_the_files(tiny_model, tmp_path):
     assert servable_variants(d) == {ORT, OV_FP32, OV_BF16}
     assert servable_variants(d, "onnxruntime") == {ORT}
     assert servable_variants(d / "model.onnx") == frozenset()  # a graph file: only as it is
+    shutil.copy(d / "model.onnx", d / INT8_7BIT_GRAPH)
+    assert servable_variants(d, "onnxruntime") == {ORT, Variant("onnxruntime", "int8-7bit")}
+    (d / INT8_7BIT_GRAPH).unlink()
+    with pytest.raises(ModelDirError, match=r"no model-int8-7bit.onnx .*models.convert --int8-7bit"):
+        graph_file(d, "onnxruntime", "int8-7bit")
 
 
 # ---------------------------------------------------------------------------------------------- jobs

@@ -39,6 +39,7 @@ VARIANTS = {
     "ort-int8-exact": Variant("model.onnx", "onnxruntime", exact_u8u8=True),
     "ort-int8-fast": Variant("model.onnx", "onnxruntime", exact_u8u8=False),
     "ort-int8-rr": Variant("model-int8-rr.onnx", "onnxruntime", exact_u8u8=False),
+    "ort-int8-7bit": Variant("model-int8-7bit.onnx", "onnxruntime", "int8-7bit"),  # as --precision int8-7bit
     "ov-fp32": Variant("model-fp32.onnx", "openvino"),
     "ov-bf16": Variant("model-fp32.onnx", "openvino", "bf16"),
     "ov-int8": Variant("model-int8.xml", "openvino", "int8"),

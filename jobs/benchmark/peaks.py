@@ -61,9 +61,10 @@ def _paired_seconds(fns: list[Callable[[], object]], min_seconds: float) -> list
 PEAK_SHAPES = ((4096, 384, 1536), (4096, 1536, 384), (4096, 384, 1152), (2048, 2048, 2048))
 
 
-def fast_int8_kernel_saturates() -> bool:
-    """Whether ONNX Runtime's fast u8 x s8 kernel gets u8 255 x s8 127/-128 products wrong on this CPU:
-    pairs of them overflow vpmaddubsw's 16-bit sums (CPUs without VNNI); with VNNI/AMX they are exact."""
+def fast_int8_kernel_saturates(weights: tuple[int, int] = (127, -128)) -> bool:
+    """Whether ONNX Runtime's fast u8 x s8 kernel gets u8 255 x s8 ``weights`` (the extremes, 8-bit by default)
+    products wrong on this CPU: pairs of 8-bit ones overflow vpmaddubsw's 16-bit sums (CPUs without VNNI);
+    with VNNI/AMX they are exact, and 7-bit weights (64, -64) fit on every CPU."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -71,8 +72,8 @@ def fast_int8_kernel_saturates() -> bool:
     from pipeline.session import session_options
 
     k, n = 64, 16
-    w = np.full((k, n), 127, np.int8)
-    w[:, 1::2] = -128
+    w = np.full((k, n), weights[0], np.int8)
+    w[:, 1::2] = weights[1]
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "sat",
         [helper.make_tensor_value_info("x", TensorProto.UINT8, ["m", k])],
