@@ -144,6 +144,9 @@ def test_node_added_mid_run(cluster, tiny_model, questions, clean_run, tmp_path)
             added_at = time.time() - t0
             cluster.add_worker(1, wait=False)
             wait_until(lambda: staged(out) >= 2, p, "a unit staged by the new node's actor")  # the first is held
+            # Both nodes' actors are held now: one --progress-every (2 s) more for a progress line that says so
+            # (actors stage their own units, so the rest of the job may take less than that once released).
+            time.sleep(2.5)
         finally:
             hold.unlink()
         stdout, stderr = p.communicate(timeout=300)

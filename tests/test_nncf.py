@@ -97,8 +97,9 @@ def test_int8_ir_is_within_tolerance_of_fp32_and_answers(tmp_path):
                     reason="Hugging Face checkpoints need torch and transformers: pip install torch==2.13.0 "
                            "'transformers>=4.44,<5'")
 def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
-    """--quantize int8 on a Hugging Face checkpoint: ONNX Runtime's model.onnx and OpenVINO's model-int8.xml,
-    quantized from the checked fp32 export, which stays beside them as model-fp32.onnx (OpenVINO's fp32/bf16)."""
+    """--quantize int8 on a Hugging Face checkpoint: ONNX Runtime's model.onnx and model-int8-7bit.onnx and
+    OpenVINO's model-int8.xml, quantized from the checked fp32 export, which stays beside them as model-fp32.onnx
+    (OpenVINO's fp32/bf16)."""
     from tiny_sources import hf_bert_qa
 
     src = hf_bert_qa(tmp_path / "src")
@@ -108,8 +109,8 @@ def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
     assert {"model.onnx", OPENVINO_INT8_GRAPH, "model-int8.bin", "model-fp32.onnx"} <= names
     from pipeline.backends import servable_variants
 
-    assert {str(v) for v in servable_variants(tmp_path / "dst")} == {"onnxruntime fp32", "openvino fp32",
-                                                                     "openvino bf16", "openvino int8"}
+    assert {str(v) for v in servable_variants(tmp_path / "dst")} == {"onnxruntime fp32", "onnxruntime int8-7bit",
+                                                                     "openvino fp32", "openvino bf16", "openvino int8"}
     assert_answers_every_row(tmp_path / "dst")
 
 
