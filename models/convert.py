@@ -402,19 +402,26 @@ def write_int8_7bit(fp32: Path, dst: Path, feeds: dict[str, np.ndarray], referen
                        INT8_TOL)
 
 
-def add_int8_7bit(model_dir: Path) -> dict:
-    """Add the 7-bit int8 graph to an existing model directory, from its fp32 graph (``model-fp32.onnx``)."""
+def graph_feeds(graph: Path, model_dir: Path) -> dict[str, np.ndarray]:
+    """Sample inputs for an ONNX graph, by its own input names, within the vocabulary of the directory's
+    config.json (100 tokens without one)."""
     import onnxruntime as ort
 
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    names = tuple(i.name for i in ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).get_inputs())
+    return sample_inputs(config.get("vocab_size", 100), names)
+
+
+def add_int8_7bit(model_dir: Path) -> dict:
+    """Add the 7-bit int8 graph to an existing model directory, from its fp32 graph (``model-fp32.onnx``)."""
     from pipeline.backends import INT8_7BIT_GRAPH
     from pipeline.model_dir import FP32_GRAPH
 
     fp32 = model_dir / FP32_GRAPH
     if not fp32.exists():
         raise ConvertError(f"{model_dir}: no {FP32_GRAPH} to quantize; convert the model with --quantize int8")
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
-    names = tuple(i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs())
-    feeds = sample_inputs(config.get("vocab_size", 100), names)
+    feeds = graph_feeds(fp32, model_dir)
     diff = write_int8_7bit(fp32, model_dir / INT8_7BIT_GRAPH, feeds, onnx_logits(fp32, feeds))
     return {"int8_7bit": {"graph": INT8_7BIT_GRAPH, "from": FP32_GRAPH, "max_diff": diff}}
 
@@ -653,12 +660,7 @@ def convert_onnx(src: Path, dst: Path, options: ConvertOptions) -> dict:
     if not (options.optimize or options.quantize):
         shutil.copy(model, dst / "model.onnx")
         return {}
-    config = json.loads((src / "config.json").read_text(encoding="utf-8")) if (src / "config.json").exists() else {}
-    import onnxruntime as ort
-
-    names = tuple(i.name for i in ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs())
-    feeds = sample_inputs(config.get("vocab_size", 100), names)
-    return post_process(model, dst / "model.onnx", options, None, feeds)
+    return post_process(model, dst / "model.onnx", options, None, graph_feeds(model, src))
 
 
 def copy_openvino(src: Path, dst: Path, options: ConvertOptions) -> dict:

@@ -14,10 +14,11 @@ restarts to n, so that a test reaches the crash-loop stop in a few crashes.
 
 Node faults: ``QA_FAULT_KILL_ON_CALL=<k>:<pgid>`` makes an answering actor SIGKILL the process group pgid on
 its k-th call, before answering (a test passes a worker node's ``ray start --block`` group: its raylet, object
-store and every worker, as a lost spot node). Fired in an actor, before it answers, so that
-the kill finds units in flight on every node, the victim's own included, and most of the job still to do. ``QA_FAULT_HOLD_FILE=<file>`` holds
-every answering actor's second and later calls while that file exists: a test lets each actor answer one unit,
-adds a node, waits for the new node's actor to stage its first unit and then removes the file.
+store and every worker, as a lost spot node). Fired in an actor, before it answers, so that the kill finds
+units in flight on every node, the victim's own included, and most of the job still to do.
+``QA_FAULT_HOLD_FILE=<file>`` holds every answering actor's second and later calls while that file exists: a
+test lets each actor answer one unit, adds a node, waits for the new node's actor to stage its first unit and
+then removes the file.
 
 The driver forwards every ``QA_FAULT_*`` variable it has to its workers (``forwarded_env``, passed as the
 job's runtime_env): on a cluster of ``ray start`` nodes, workers inherit their node's environment, not the

@@ -3,9 +3,9 @@
     python -m jobs.benchmark.fixed_batches VARIANT MODEL_DIR BATCH SEQ THREADS SECONDS
 
 Sessions are the job's own (pipeline.backends.load_model, pipeline.session.QASession), so each variant runs with
-the options the job gives it; ``ort-int8-fast`` and ``ort-int8-rr`` override the int8 kernel choice to show what
-the exact kernels cost. ``ort-int8-rr`` reads ``model-int8-rr.onnx``: onnxruntime's quantize_dynamic(QInt8,
-per_channel=True, reduce_range=True) of ``model-fp32.onnx``, 7-bit weights. ``torch-fp32`` reads a Hugging Face
+the options the job gives it; ``ort-int8-exact`` and ``ort-int8-fast`` override the int8 kernel choice to show
+what the exact kernels cost. ``ort-int8-7bit`` reads ``model-int8-7bit.onnx`` (7-bit weights, ``models.convert
+--int8-7bit``) as ``--precision int8-7bit`` serves it, with the fast kernel. ``torch-fp32`` reads a Hugging Face
 directory, as the transformers pipeline does. Run each variant in a fresh process (BENCHMARKS.md: BERT-base on a
 quiet machine). Random token ids: a dense encoder's cost does not depend on them. Padding, tokenizing and
 decoding are left out on purpose, to separate the kernels from the job around them.
@@ -38,7 +38,6 @@ VARIANTS = {
     "ort-int8": Variant("model.onnx", "onnxruntime"),  # what the job serves
     "ort-int8-exact": Variant("model.onnx", "onnxruntime", exact_u8u8=True),
     "ort-int8-fast": Variant("model.onnx", "onnxruntime", exact_u8u8=False),
-    "ort-int8-rr": Variant("model-int8-rr.onnx", "onnxruntime", exact_u8u8=False),
     "ort-int8-7bit": Variant("model-int8-7bit.onnx", "onnxruntime", "int8-7bit"),  # as --precision int8-7bit
     "ov-fp32": Variant("model-fp32.onnx", "openvino"),
     "ov-bf16": Variant("model-fp32.onnx", "openvino", "bf16"),

@@ -283,6 +283,7 @@ def timed(cmd: list[str], log: Path, clean: Path | None = None) -> tuple[float, 
 
 
 def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per_unit: int | None) -> Run:
+    """``rows_per_unit`` None: the job's default units."""
     import pyarrow.parquet as pq
 
     units = ["--rows-per-unit", str(rows_per_unit)] if rows_per_unit else []
@@ -432,7 +433,6 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
     inputs = {k: d / f"input-{k}.parquet" for k in (n, 2 * n)}
     for k, path in inputs.items():
         pq.write_table(squad.to_table(items[:k]), path)
-    rows_per_unit = a.rows_per_unit  # None: the job's default
     windows = {**asdict(load_spec(model_dir).windows), "max_answer_len": max_answer_len}
     rows = [Row(f"our job, {v.name}", n) for v in variants]
     peer_row = None
@@ -447,7 +447,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
         for v, row in zip(variants, rows):
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-{slug(v.name)}-{k}"
-                run = job_run(model_dir, v, inputs[k], out, rows_per_unit)
+                run = job_run(model_dir, v, inputs[k], out, a.rows_per_unit)
                 (row.runs_n if k == n else row.runs_2n).append(run)
                 shutil.rmtree(out, ignore_errors=True)
                 progress(name, row.system, k, run)
@@ -461,7 +461,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
     label = f"{name} ({model_dir})" if name == "default" else f"{name} (random weights, {model_dir})"
     text = "\n".join([header(label, n, os.cpu_count() or 1), "", marginal_table(all_rows, items, PEER_NAME, name == "default"), "",
                       *filter(None, (stage_line(r) for r in rows))])
-    return {"text": text, "rows_per_unit": rows_per_unit, "rows": [row_report(r) for r in all_rows]}
+    return {"text": text, "rows_per_unit": a.rows_per_unit, "rows": [row_report(r) for r in all_rows]}
 
 
 def peer_window_count(hf_dir: Path, items: list[dict], windows: dict) -> int:
