@@ -64,7 +64,7 @@ class JobConfig:
     cpus_per_actor: int | None = field(default=None, metadata=flag(
         "CPUs (= runtime threads) per actor (default: 1; 4 for graphs of 256 MB and more)"))
     rows_per_unit: int = field(default=1024, metadata=flag("rows per read unit: one actor call, one output file"))
-    batch_tokens: int = field(default=4096, metadata=flag(
+    batch_tokens: int = field(default=512, metadata=flag(
         "tokens (padding included) per inference call (BENCHMARKS.md: token budget)"))
     address: str | None = field(default=None, metadata=flag("Ray cluster address (default: RAY_ADDRESS, else local)"))
     backend: str = field(default=AUTO, metadata=flag(

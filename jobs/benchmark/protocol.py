@@ -152,7 +152,7 @@ def job_and_extra(rows: int, rows_per_unit: int) -> tuple[dict, dict]:
            "model_sha256": sha, "tokenizer_sha256": sha, "spec_sha256": sha,
            "backend": "onnxruntime", "precision": "int8", "rows_per_unit": rows_per_unit}
     extra = {"config": {"input": "lake/questions/", "output": "lake/answers", "model": "default",
-                        "rows_per_unit": rows_per_unit, "mode": "error", "batch_tokens": 4096},
+                        "rows_per_unit": rows_per_unit, "mode": "error", "batch_tokens": 512},
              "model": {"directory": "/models/default", "model_file": "/models/default/model.int8.onnx",
                        "sha256": sha, "tokenizer_file": "/models/default/tokenizer.json",
                        "tokenizer_sha256": sha, "spec_sha256": sha, "lowercase": True,
