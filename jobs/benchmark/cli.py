@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--mode", choices=("compare", "actors", "tuning", "marginal"), default="compare")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs every system gets (default: all; --mode marginal: "
                                                                       "the pipeline's threads, our job takes all)")
-    p.add_argument("--budgets", default="2048,4096,8192,16384,32768", help="token budgets for --mode tuning")
+    p.add_argument("--budgets", default="256,512,1024,4096", help="token budgets for --mode tuning")
     p.add_argument("--rows-per-unit", type=int, help="our job's read unit (default: limit / 8, so that actors share; "
                                                           "--mode marginal: the job's own default)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each system; the median is reported")
