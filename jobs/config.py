@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.backends import AUTO, BACKEND_CHOICES, PRECISION_CHOICES, resolve_backend
 from pipeline.commit import MODES
-from pipeline.config import Columns, DecodeSettings, WindowOverrides
+from pipeline.config import BATCH_TOKENS, Columns, DecodeSettings, WindowOverrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "minilm-squad"
@@ -64,7 +64,7 @@ class JobConfig:
     cpus_per_actor: int | None = field(default=None, metadata=flag(
         "CPUs (= runtime threads) per actor (default: 1; 4 for graphs of 256 MB and more)"))
     rows_per_unit: int = field(default=1024, metadata=flag("rows per read unit: one actor call, one output file"))
-    batch_tokens: int = field(default=512, metadata=flag(
+    batch_tokens: int = field(default=BATCH_TOKENS, metadata=flag(
         "tokens (padding included) per inference call (BENCHMARKS.md: token budget)"))
     address: str | None = field(default=None, metadata=flag("Ray cluster address (default: RAY_ADDRESS, else local)"))
     backend: str = field(default=AUTO, metadata=flag(

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import pyarrow as pa
 
-from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
+from .config import BATCH_TOKENS, OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
 from .decode import Spans, best_spans
 from .model_dir import ModelSpec
 from .session import QASession
@@ -86,7 +86,7 @@ class Answerer:
     """
 
     def __init__(self, spec: ModelSpec, session: QASession, columns: Columns | None = None,
-                 decode: DecodeSettings | None = None, batch_tokens: int = 512):
+                 decode: DecodeSettings | None = None, batch_tokens: int = BATCH_TOKENS):
         self.spec, self.session = spec, session
         self.columns, self.decode = columns or Columns(), decode or DecodeSettings()
         self.tokenizer = load_tokenizer(spec.tokenizer_file, spec.lowercase)

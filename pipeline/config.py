@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# Tokens (padding included) per inference call: small batches keep activations in cache (pipeline.answer.Answerer).
+BATCH_TOKENS = 512
+
 
 @dataclass(frozen=True)
 class WindowSettings:
