@@ -166,8 +166,13 @@ def open_session(model_file: Path, backend: str, threads: int, input_names: dict
         return OpenVinoQASession(model_file, threads, input_names, output_names, precision)
     from .session import QASession
 
-    return QASession(model_file, threads, input_names, output_names,
-                     kernels=SEVEN_BIT_KERNELS if precision == "int8-7bit" else None)
+    return QASession(model_file, threads, input_names, output_names, kernels=kernels_for(model_file))
+
+
+def kernels_for(model_file: Path) -> KernelOptions | None:
+    """ONNX Runtime's int8 kernel options for a graph: the fast kernel for the 7-bit graph, however it was asked
+    for (``--precision int8-7bit``, or the file itself as ``--model``); None leaves the choice to pipeline.cpu."""
+    return SEVEN_BIT_KERNELS if Path(model_file).name == INT8_7BIT_GRAPH else None
 
 
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,

@@ -7,6 +7,8 @@ the table chose wrong (peaks.exact_kernel_check). Here: the decision, and that t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline import cpu
@@ -148,6 +150,9 @@ def test_seven_bit_weights_make_the_fast_kernel_exact():
     from jobs.benchmark.peaks import fast_int8_kernel_saturates
 
     assert not fast_int8_kernel_saturates((64, -64))
-    from pipeline.backends import SEVEN_BIT_KERNELS
+    from pipeline.backends import INT8_7BIT_GRAPH, SEVEN_BIT_KERNELS, kernels_for
 
     assert not SEVEN_BIT_KERNELS.exact_u8u8
+    # The graph gets them however it is named to the job: --precision int8-7bit, or the file as --model.
+    assert kernels_for(Path("models/minilm-squad") / INT8_7BIT_GRAPH) is SEVEN_BIT_KERNELS
+    assert kernels_for(Path("models/minilm-squad/model.onnx")) is None

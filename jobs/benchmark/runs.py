@@ -151,13 +151,14 @@ def tuning(setup: Setup, budgets: list[int]) -> list[dict]:
 def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budgets: list[int],
                repeats: int) -> list[dict]:
     from pipeline.answer import Answerer
-    from pipeline.backends import load_model
+    from pipeline.backends import kernels_for, load_model
     from pipeline.session import QASession
 
     items = squad_items(data, limit)
     table = squad.to_table(items)
     spec, _ = load_model(model_dir, threads)
-    sessions = {spin: QASession(spec.model_file, threads, spec.input_names, spec.output_names, spinning=spin)
+    sessions = {spin: QASession(spec.model_file, threads, spec.input_names, spec.output_names, spinning=spin,
+                                kernels=kernels_for(spec.model_file))
                 for spin in (False, True)}
     times: dict = {}
     for _ in range(repeats):
