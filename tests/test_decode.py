@@ -44,10 +44,11 @@ def test_answer_at_window_edges_and_rules():
     assert spans.end_token[0, 0] - spans.start_token[0, 0] + 1 <= 7
 
 
+@pytest.mark.parametrize("top_k", [1, 3])  # 1: the running-maximum path; 3: the whole band
 @pytest.mark.parametrize("seed", range(5))
-def test_matches_brute_force(seed):
+def test_matches_brute_force(seed, top_k):
     rng = np.random.default_rng(seed)
-    n_rows, width, max_len, top_k = 7, 40, 6, 3
+    n_rows, width, max_len = 7, 40, 6
     counts = rng.integers(1, 5, n_rows)
     row = np.repeat(np.arange(n_rows), counts)
     rng.shuffle(row)  # windows of a question need not be adjacent
