@@ -11,6 +11,7 @@ until a window reaches the end of the context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -161,19 +162,22 @@ def make_windows(
 
 
 def _to_arrays(encodings: list, row: np.ndarray, pad: int, pad_to: int | None) -> Windows:
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    """One array per field, filled in one assignment each (not per window: a fifth of tokenizing's time)."""
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     width = pad_to or (int(lengths.max()) if len(lengths) else 0)
-    n = len(encodings)
-    ids = np.full((n, width), pad, dtype=np.int64)
-    types = np.zeros((n, width), dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
-    sequence = np.full((n, width), np.nan, dtype=np.float32)  # 0 question, 1 context, nan special
-    offsets = np.zeros((n, width, 2), dtype=np.int32)
-    for k, e in enumerate(encodings):
-        m = lengths[k]
-        ids[k, :m] = e.ids
-        types[k, :m] = e.type_ids
-        mask[k, :m] = 1
-        sequence[k, :m] = np.array(e.sequence_ids, dtype=np.float32)  # None -> nan
-        offsets[k, :m] = e.offsets
-    return Windows(ids, types, mask, offsets, sequence == 1, row, lengths)
+    n, total = len(ids), int(lengths.sum())
+    real = np.arange(width) < lengths[:, None]  # True on the tokens, in the order the encodings list them
+
+    def scatter(values, fill, dtype, per_token=1):
+        out = np.full((n, width, per_token), fill, dtype=dtype)
+        out[real] = np.fromiter(values, dtype=dtype, count=total * per_token).reshape(total, per_token)
+        return out if per_token > 1 else out[..., 0]
+
+    input_ids = scatter(chain.from_iterable(ids), pad, np.int64)
+    types = scatter(chain.from_iterable(e.type_ids for e in encodings), 0, np.int64)
+    offsets = scatter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), 0, np.int32, 2)
+    context = np.zeros((n, width), dtype=bool)  # sequence id 1; 0 is the question, None a special token
+    context[real] = np.fromiter((s == 1 for s in chain.from_iterable(e.sequence_ids for e in encodings)),
+                                dtype=bool, count=total)
+    return Windows(input_ids, types, real.astype(np.int64), offsets, context, row, lengths)

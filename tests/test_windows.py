@@ -14,7 +14,7 @@ from pipeline.config import WindowSettings
 from pipeline.model_dir import load_spec
 from pipeline.squad import load_squad
 from pipeline.squad import questions as squad_questions
-from pipeline.windows import Windows, _to_arrays, load_tokenizer, make_windows, pad_id
+from pipeline.windows import Windows, load_tokenizer, make_windows, pad_id
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/squad/dev-v1.1.json"
@@ -44,12 +44,25 @@ def pair_windows(tok: Tokenizer, questions: list[str], contexts: list[str], sett
             encodings.extend([enc, *enc.overflowing])
             rows.extend([i] * (1 + len(enc.overflowing)))
     tok.no_truncation()
-    windows = _to_arrays(encodings, np.asarray(rows, dtype=np.int64), pad_id(tok), pad_to)
+    windows = window_arrays(encodings, np.asarray(rows, dtype=np.int64), pad_id(tok), pad_to)
     has_ctx = np.zeros(len(questions), dtype=bool)
     np.logical_or.at(has_ctx, windows.row, windows.context_mask.any(axis=1))
     for i in sorted(set(windows.row.tolist()) - set(np.flatnonzero(has_ctx).tolist())):
         errors[i] = "context has no tokens"
     return windows.take(np.flatnonzero(has_ctx[windows.row])), errors
+
+
+def window_arrays(encodings: list, row: np.ndarray, pad: int, pad_to: int | None) -> Windows:
+    """The encodings' fields copied window by window."""
+    lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+    n, width = len(encodings), pad_to or int(lengths.max())
+    ids, types, mask = np.full((n, width), pad, np.int64), np.zeros((n, width), np.int64), np.zeros((n, width), np.int64)
+    offsets, context = np.zeros((n, width, 2), np.int32), np.zeros((n, width), bool)
+    for k, e in enumerate(encodings):
+        m = lengths[k]
+        ids[k, :m], types[k, :m], mask[k, :m], offsets[k, :m] = e.ids, e.type_ids, 1, e.offsets
+        context[k, :m] = [s == 1 for s in e.sequence_ids]
+    return Windows(ids, types, mask, offsets, context, row, lengths)
 
 
 def assert_same(tok, questions, contexts, settings, pad_to=None):
