@@ -34,15 +34,6 @@ class Spans:
     probability: np.ndarray
 
 
-def band_scores(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
-                max_answer_len: int) -> np.ndarray:
-    """Scores [W, L, K] of span (i, i + k); -inf where the span is not a candidate."""
-    start, end = _context_logits(start_logits, end_logits, context_mask, max_answer_len)
-    # band[w, i, k] = start[w, i] + end[w, i + k]; a contiguous context makes (i, i+k) a valid span
-    # whenever both ends are context tokens.
-    return start[:, :, None] + _ends_after(end, max_answer_len)
-
-
 def _context_logits(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
                     max_answer_len: int) -> tuple[np.ndarray, np.ndarray]:
     """float64 logits, -inf off the context; ``end`` padded with max_answer_len - 1 columns of -inf."""
@@ -104,6 +95,8 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: n
             cand.append((i * max_len + ends[w, i].argmax(axis=1))[:, None])
             cand_score.append(per_start[w, i][:, None])
         else:
+            # band[w, i, k] = start[w, i] + end[w, i + k]; a contiguous context makes (i, i + k) a valid span
+            # whenever both ends are context tokens.
             band = (start[:, :, None] + _ends_after(end, max_len)).reshape(len(start), -1)
             top = np.argpartition(-band, per_window - 1, axis=1)[:, :per_window]
             cand.append(top)
