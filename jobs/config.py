@@ -14,9 +14,9 @@ import typing
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from pipeline.backends import AUTO, BACKEND_CHOICES, PRECISION_CHOICES, resolve_backend
+from pipeline.backends import AUTO, BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES, resolve_backend
 from pipeline.commit import MODES
-from pipeline.config import BATCH_TOKENS, Columns, DecodeSettings, WindowOverrides
+from pipeline.config import Columns, DecodeSettings, WindowOverrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "minilm-squad"
@@ -64,8 +64,9 @@ class JobConfig:
     cpus_per_actor: int | None = field(default=None, metadata=flag(
         "CPUs (= runtime threads) per actor (default: 1; 4 for graphs of 256 MB and more)"))
     rows_per_unit: int = field(default=1024, metadata=flag("rows per read unit: one actor call, one output file"))
-    batch_tokens: int = field(default=BATCH_TOKENS, metadata=flag(
-        "tokens (padding included) per inference call (BENCHMARKS.md: token budget)"))
+    batch_tokens: int | None = field(default=None, metadata=flag(
+        "tokens (padding included) per inference call (default: the backend's, ONNX Runtime 512, OpenVINO 2048; "
+        "BENCHMARKS.md: token budget)"))
     address: str | None = field(default=None, metadata=flag("Ray cluster address (default: RAY_ADDRESS, else local)"))
     backend: str = field(default=AUTO, metadata=flag(
         "auto: OpenVINO for model.xml, ONNX Runtime for model.onnx", choices=BACKEND_CHOICES))
@@ -74,7 +75,8 @@ class JobConfig:
         "from the model card's measurements (README: Precision); fp32: the graph as it is (the default model's "
         "model.onnx is ONNX Runtime int8); bf16: OpenVINO runs the model's fp32 graph with bfloat16 matmuls on "
         "CPUs that have them (AMX, AVX512-BF16), f32 elsewhere; int8: OpenVINO serves the directory's NNCF int8 IR "
-        "(model-int8.xml)", choices=PRECISION_CHOICES))
+        "(model-int8.xml); int8-bf16: that IR with bfloat16 for its float ops (as bf16); int8-7bit: ONNX Runtime "
+        "serves model-int8-7bit.onnx", choices=PRECISION_CHOICES))
     mode: str = field(default="error", metadata=flag(
         "when the output exists: fail (error), replace it (overwrite), or finish an interrupted run (resume)",
         choices=MODES))
@@ -89,6 +91,10 @@ class JobConfig:
                                                                  name="progress-every"))
     verbose: bool = field(default=False, metadata=flag("show Ray's own log lines and warnings"))
 
+    def tokens_per_call(self, backend: str) -> int:
+        """--batch-tokens, else the serving backend's own default (pipeline.backends.BACKENDS)."""
+        return self.batch_tokens or BACKENDS[backend].batch_tokens
+
     def __post_init__(self) -> None:
         for name in ("concurrency", "cpus_per_actor"):
             value = getattr(self, name)
@@ -100,7 +106,7 @@ class JobConfig:
             raise ValueError("--concurrency (a fixed pool) excludes --min-actors and --max-actors")
         if self.wait_for_workers_s < 0:
             raise ValueError(f"--wait-for-workers must be >= 0 seconds, got {self.wait_for_workers_s}")
-        if self.rows_per_unit < 1 or self.batch_tokens < 1:
+        if self.rows_per_unit < 1 or (self.batch_tokens is not None and self.batch_tokens < 1):
             raise ValueError("--rows-per-unit and --batch-tokens must be >= 1")
         if self.wide and not self.questions:
             raise ValueError("--wide needs --questions")

@@ -271,7 +271,7 @@ def _answer(plan: JobPlan, started: float) -> Execution:
                          plan.model_bytes, len(pieces))
     variant = plan.precision.variant
     settings = ActorSettings(plan.model_dir, layout.cpus_per_actor, plan.columns, cfg.decode, cfg.windows,
-                             cfg.batch_tokens, variant.backend, variant.precision, cfg.wide)
+                             cfg.tokens_per_call(variant.backend), variant.backend, variant.precision, cfg.wide)
     stats = stage_stats()
     answering_from = time.time()
     rows = plan.rows_in - plan.staged_rows

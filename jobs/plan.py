@@ -167,7 +167,7 @@ def settle_precision(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
     cfg = job.config
     if job.precision is None:
         choice = choose(auto_table(job.model_dir), nodes, servable_variants(job.model_dir, cfg.backend),
-                        graph_as_is(job.model_dir, cfg.backend))
+                        graph_as_is(job.model_dir, cfg.backend), job.spec.shape)
         return with_precision(job, choice)
     if job.precision.requested == PRECISION_AUTO and not runnable(job.precision.variant, nodes):
         lacking = sorted({n.cpu_class for n in nodes if not n.bf16})

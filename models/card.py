@@ -78,10 +78,39 @@ def auto_precision_row(reports: list[dict], cpu: str, date: str) -> tuple[str, d
     (count,) = counts
     return classes.pop(), {
         "fp32_f1": round(by_variant[("openvino", "fp32")]["f1"], 2),
+        "shape": shape_of(MODEL_DIR),
         "variants": variants,
         "source": (f"{cpu}, {date}: {EVAL} --limit {count} --backend B --precision P for each variant; F1 on the "
                    f"first {count} dev questions, questions/s of the whole job (a fresh local Ray, the default "
                    "layout); python -m models.card --auto-precision REPORTS --cpu ... wrote this row"),
+    }
+
+
+def shape_of(model_dir: Path) -> dict:
+    from pipeline.model_dir import load_spec
+
+    shape = load_spec(model_dir).shape
+    return {"layers": shape.layers, "hidden": shape.hidden}
+
+
+def other_shape_row(results: list[dict], cpu: str, date: str) -> tuple[str, dict]:
+    """(CPU class, one ``other_shapes`` entry of its auto_precision row) from ``jobs.benchmark.fixed_batches``
+    results of the job's variants on one model of another shape: speeds --precision auto ranks by for models
+    near that shape (pipeline/precision.py)."""
+    served = [r for r in results if r.get("job_variant")]
+    keys = {(r["cpu_class"], json.dumps(r["shape"]), r["batch"], r["seq"], r["threads"]) for r in served}
+    if len(keys) != 1 or not served[0]["shape"]:
+        raise SystemExit(f"--other-shape: fixed_batches results of the job's variants, one CPU class, one model "
+                         f"shape (from its config.json), one batch shape; got {sorted(keys)}")
+    r0 = served[0]
+    return r0["cpu_class"], {
+        "shape": r0["shape"],
+        "variants": sorted(({**r["job_variant"], "windows_per_s": r["windows_per_s"]} for r in served),
+                           key=lambda v: -v["windows_per_s"]),
+        "source": (f"{cpu}, {date}: python -m jobs.benchmark.fixed_batches VARIANT MODEL_DIR {r0['batch']} "
+                   f"{r0['seq']} {r0['threads']} SECONDS for each variant, a fresh process each, on a random-weight "
+                   f"{r0['shape']['layers']} x {r0['shape']['hidden']} QA model made by models.convert (the "
+                   "median of three rounds); python -m models.card --other-shape RESULTS --cpu ... wrote this"),
     }
 
 
@@ -148,6 +177,12 @@ def card_markdown(card: dict) -> str:
                   "| backend | precision | F1 | questions/s |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {v['backend']} | {v['precision']} | {v['f1']:.2f} | {v['questions_per_s']:.1f} |"
                   for v in row["variants"]]
+        for other in row.get("other_shapes", []):
+            shape = f"{other['shape']['layers']} x {other['shape']['hidden']}"
+            lines += ["", (f"Speeds on a {shape} model, which auto ranks by for models nearer that shape than the "
+                           f"default model's (F1 as above). {other['source']}."), "",
+                      "| backend | precision | windows/s |", "| --- | --- | ---: |"]
+            lines += [f"| {v['backend']} | {v['precision']} | {v['windows_per_s']:.1f} |" for v in other["variants"]]
     seven_bit = any(v["precision"] == "int8-7bit" for row in card.get("auto_precision", {}).values()
                     for v in row["variants"])
     lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else []),
@@ -170,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auto-precision", nargs="+", metavar="REPORT",
                    help="reports of jobs.evaluate --limit N --backend B --precision P, one per variant, on this "
                         "CPU: the card's auto_precision row for its class (--precision auto decides from it)")
+    p.add_argument("--other-shape", nargs="+", metavar="RESULT",
+                   help="files of jobs.benchmark.fixed_batches output lines, one per variant, on a model of another "
+                        "shape on this CPU: speeds for its class's auto_precision row (needs the row)")
     p.add_argument("--cpu", help="the CPU class of the reports given, when not the card's Intel Xeon with AMX")
     p.add_argument("--speed-note", help="what the questions/s of the reports given are worth, e.g. 'shared machine'")
     p.add_argument("--note", default="", help="how the run went, e.g. a re-planned schedule")
@@ -200,7 +238,16 @@ def main(argv: list[str] | None = None) -> None:
         if not a.cpu:
             p.error("--auto-precision needs --cpu (the machine the reports ran on)")
         cls, row = auto_precision_row([load(r) for r in a.auto_precision], a.cpu, time.strftime("%Y-%m-%d"))
-        card["auto_precision"] = {**card.get("auto_precision", {}), cls: row}
+        kept = card.get("auto_precision", {}).get(cls, {}).get("other_shapes")
+        card["auto_precision"] = {**card.get("auto_precision", {}), cls: {**row, **({"other_shapes": kept} if kept else {})}}
+    if a.other_shape:
+        if not a.cpu:
+            p.error("--other-shape needs --cpu (the machine the results came from)")
+        cls, entry = other_shape_row([json.loads(Path(r).read_text().strip().splitlines()[-1]) for r in a.other_shape], a.cpu, time.strftime("%Y-%m-%d"))
+        if cls not in card.get("auto_precision", {}):
+            p.error(f"--other-shape: the card has no auto_precision row for CPU class {cls}; measure it first")
+        row = card["auto_precision"][cls]
+        row["other_shapes"] = [o for o in row.get("other_shapes", []) if o["shape"] != entry["shape"]] + [entry]
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     readme = MODELS / "README.md"
     text = readme.read_text()

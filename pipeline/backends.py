@@ -9,7 +9,10 @@ Precisions, and the graph each reads from a model directory (``graph_file``):
   dynamic int8 weights, kept int8); OpenVINO reads ``model-fp32.onnx`` when the directory has one.
 - bf16: OpenVINO only; the fp32 graph with bfloat16 matmuls where the CPU has them, f32 elsewhere.
 - int8: OpenVINO only; ``model-int8.xml``, the NNCF post-training int8 IR that ``python -m models.convert``
-  writes (``--quantize int8``, or ``--openvino-int8 DIR`` for an existing directory). ONNX Runtime refuses
+  writes (``--quantize int8``, or ``--openvino-int8 DIR`` for an existing directory); what is not quantized
+  (softmax, layer norms, GELU, the attention products) runs in f32.
+- int8-bf16: OpenVINO only; the same IR, with what is not quantized in bfloat16 where the CPU has bfloat16
+  matmuls (AMX: the fastest variant on BERT-base-sized models, BENCHMARKS.md). ONNX Runtime refuses
   int8 rather than serve ``model.onnx`` under that name: whether that graph is int8 depends on how it was
   converted, and telling would mean reading the graph (onnx is not a core dependency). Its int8 graph is
   what it serves at fp32, "the graph as it is".
@@ -28,7 +31,7 @@ from pathlib import Path
 from .cpu import KernelOptions
 from .model_dir import FP32_GRAPH, ModelDirError, ModelSpec, find_model_file, load_spec
 from .precision import AUTO as PRECISION_AUTO
-from .precision import Variant
+from .precision import BF16_PRECISIONS, Variant
 
 
 @dataclass(frozen=True)
@@ -40,23 +43,29 @@ class Backend:
     suffixes: tuple[str, ...]  # graph files it can read
     precisions: tuple[str, ...]
     extra: str | None  # the pyproject extra that installs it (pipeline.extras); None for a core dependency
+    # Tokens (padding included) per inference call, when --batch-tokens is not given: ONNX Runtime is fastest
+    # on small batches that keep activations in cache, OpenVINO on larger ones (BENCHMARKS.md: token budget).
+    batch_tokens: int
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32", "int8-7bit"), None),
-    Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16", "int8"), "openvino"),
+    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32", "int8-7bit"), None, 512),
+    Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16", "int8", "int8-bf16"), "openvino", 2048),
 )}
 AUTO = "auto"  # OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 # fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them;
-# int8: the directory's NNCF int8 IR; int8-7bit: its int8 graph with 7-bit weights (see the module docstring).
-PRECISIONS = ("fp32", "bf16", "int8", "int8-7bit")
+# int8: the directory's NNCF int8 IR; int8-bf16: that IR with bfloat16 for the rest; int8-7bit: its int8 graph
+# with 7-bit weights (see the module docstring).
+PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16", "int8-7bit")
 # auto (the default): one of the above per job, chosen from the CPUs of the cluster's nodes (pipeline/precision.py)
 PRECISION_CHOICES = (PRECISION_AUTO, *PRECISIONS)
 # OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
 # CPUs with AMX/AVX512-BF16 and answers would then depend on which node an actor lands on. int8: the IR's
-# quantized ops run in int8, the rest (softmax, layer norms, GELU) in f32 on every CPU.
-OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# quantized ops run in int8, the rest (softmax, layer norms, GELU) in f32 on every CPU; int8-bf16: in bf16.
+OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
+assert {p for p, hint in OPENVINO_PRECISION_HINTS.items() if hint == "bf16"} == set(BF16_PRECISIONS)
+OPENVINO_INT8_PRECISIONS = ("int8", "int8-bf16")  # read the NNCF int8 IR
 OPENVINO_INT8_GRAPH = "model-int8.xml"  # with model-int8.bin; written by models.convert (NNCF)
 INT8_7BIT_GRAPH = "model-int8-7bit.onnx"  # written by models.convert (onnxruntime's quantize_dynamic, reduce_range)
 # The int8 kernels for a graph with 7-bit weights on any CPU: the fast one, which cannot saturate there.
@@ -64,8 +73,8 @@ SEVEN_BIT_KERNELS = KernelOptions(False, "7-bit weights: the fast u8 x s8 kernel
 
 
 def resolve_backend(backend: str, precision: str) -> str:
-    """Checks the pair once; returns the backend, which a precision may decide (bf16 and int8 run only on
-    OpenVINO).
+    """Checks the pair once; returns the backend, which a precision may decide (bf16 and the int8 IR's
+    precisions run only on OpenVINO, int8-7bit only on ONNX Runtime).
 
     Still "auto" when the graph file decides (see ``runtime_for``).
     """
@@ -106,10 +115,10 @@ def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path
                 "--precision fp32")
         return d / INT8_7BIT_GRAPH
     if backend == "openvino" and d.is_dir():
-        if precision == "int8":
+        if precision in OPENVINO_INT8_PRECISIONS:
             if not (d / OPENVINO_INT8_GRAPH).exists():
                 raise ModelDirError(
-                    f"{d}: no {OPENVINO_INT8_GRAPH} (the OpenVINO int8 IR) for --precision int8; make it with "
+                    f"{d}: no {OPENVINO_INT8_GRAPH} (the OpenVINO int8 IR) for --precision {precision}; make it with "
                     f"python -m models.convert --openvino-int8 {d} (needs pip install nncf), or serve the "
                     "directory's graph as it is with --precision fp32")
             return find_model_file(d / OPENVINO_INT8_GRAPH)  # checks its .bin
@@ -124,7 +133,7 @@ def servable_variants(model: str | Path, backend: str = AUTO) -> frozenset[Varia
 
     OpenVINO's fp32 and bf16 need an OpenVINO-readable fp32 graph (``model-fp32.onnx``, or an IR): a
     directory's ``model.onnx`` may be ONNX Runtime's int8 graph, which OpenVINO cannot read, and telling would
-    mean reading it. OpenVINO's int8 needs ``model-int8.xml``. Nothing OpenVINO unless it is installed.
+    mean reading it. OpenVINO's int8 and int8-bf16 need ``model-int8.xml``. Nothing OpenVINO unless it is installed.
     """
     d = Path(model)
     if not d.is_dir():
@@ -139,7 +148,7 @@ def servable_variants(model: str | Path, backend: str = AUTO) -> frozenset[Varia
         if main.suffix == ".xml" or (d / FP32_GRAPH).exists():
             found |= {Variant("openvino", "fp32"), Variant("openvino", "bf16")}
         if (d / OPENVINO_INT8_GRAPH).exists():
-            found.add(Variant("openvino", "int8"))
+            found |= {Variant("openvino", p) for p in OPENVINO_INT8_PRECISIONS}
     return frozenset(v for v in found if backend in (AUTO, v.backend))
 
 
@@ -178,8 +187,8 @@ def kernels_for(model_file: Path) -> KernelOptions | None:
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
                backend: str = AUTO, precision: str = "fp32"):
     """The spec and a session for a model directory (or a graph file inside one); the graph's fixed shape
-    feeds the spec. ``precision`` bf16 and int8 imply OpenVINO, which then reads the directory's fp32 graph
-    (bf16) or its int8 IR (int8); int8-7bit implies ONNX Runtime and the directory's 7-bit int8 graph."""
+    feeds the spec. ``precision`` bf16, int8 and int8-bf16 imply OpenVINO, which then reads the directory's
+    fp32 graph (bf16) or its int8 IR (int8, int8-bf16); int8-7bit implies ONNX Runtime and the directory's 7-bit int8 graph."""
     backend = resolve_backend(backend, precision)
     model_file = graph_file(model_dir, backend, precision)
     probe = load_spec(model_file, overrides=overrides)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,22 @@ class ModelDirError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """Encoder layers x hidden width: what decides which variant is fastest, for a model with no measurements."""
+
+    layers: int
+    hidden: int
+
+    def distance(self, other: ModelShape) -> float:
+        """How far apart in matmul work per token (layers x hidden^2), as a ratio: 0 for the same size."""
+        return abs(math.log((self.layers * self.hidden ** 2) / (other.layers * other.hidden ** 2)))
+
+    def __str__(self) -> str:
+        return f"{self.layers} x {self.hidden}"
+
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     directory: Path
     model_file: Path
@@ -43,6 +60,7 @@ class ModelSpec:
     input_names: dict[str, str] = field(default_factory=dict)  # role -> graph name overrides
     output_names: dict[str, str] = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
+    shape: ModelShape | None = None  # from config.json; None where it has none (e.g. an Open Model Zoo IR)
 
     def identity(self) -> dict:
         """What the manifest records to say which model answered."""
@@ -172,4 +190,11 @@ def load_spec(directory: str | Path, fixed_seq_len: int | None = None, overrides
         input_names=dict(spec.get("inputs", {})),
         output_names=dict(spec.get("outputs", {})),
         spec=spec,
+        shape=_shape(hf_config),
     )
+
+
+def _shape(hf_config: dict) -> ModelShape | None:
+    layers, hidden = hf_config.get("num_hidden_layers"), hf_config.get("hidden_size")
+    valid = isinstance(layers, int) and isinstance(hidden, int) and layers > 0 and hidden > 0
+    return ModelShape(layers, hidden) if valid else None

@@ -26,9 +26,9 @@ def compile_config(threads: int, precision: str = "fp32") -> dict:
 
     Threads are what the actor was given, with no pinning (several actors share a node's cores and pinning would
     stack them on the same ones). Precision is f32 unless bf16 is asked for: left alone, OpenVINO runs bf16 on
-    CPUs with AMX/AVX512-BF16, and answers would then depend on which node an actor lands on. With "bf16" the
-    float matmuls run in bfloat16 where the CPU has it (AMX: about 2x our int8 ONNX Runtime graph, closer to
-    fp32 answers; BENCHMARKS.md) and in f32 elsewhere. int8 IRs keep their int8 ops either way.
+    CPUs with AMX/AVX512-BF16, and answers would then depend on which node an actor lands on. With "bf16" (and
+    "int8-bf16", for the int8 IR) the float ops run in bfloat16 where the CPU has it and in f32 elsewhere;
+    int8 IRs keep their int8 ops either way.
     """
     if precision not in OPENVINO_PRECISION_HINTS:
         raise ValueError(f"precision must be one of {sorted(OPENVINO_PRECISION_HINTS)}, got {precision!r}")

@@ -8,13 +8,20 @@ default model's SQuAD dev questions and its questions/s, in the ``auto_precision
 (``card.json``; ``models/README.md`` says how it was measured). The rule, applied to that data:
 
 1. A variant is eligible on a class when its F1 is within ``F1_TOLERANCE`` (0.5) of that class's fp32 F1,
-   the directory has its graph (``servable``), and every node can compute it (bf16 needs bfloat16 matmuls on
-   every node: one node without them rules bf16 out for all, so answers never depend on where an actor lands).
+   the directory has its graph (``servable``), and every node can compute it (bf16 and int8-bf16 need bfloat16
+   matmuls on every node: one node without them rules both out for all, so answers never depend on where an
+   actor lands).
 2. One choice for the job: among variants eligible on every measured class present, the one whose worst
    node class loses least against that class's own fastest eligible variant (max of the min of speed
    ratios); ties go to the table's order. A class without measurements takes what the measured classes
    choose, if it can compute it.
 3. No measured class present, or nothing common: the graph as it is (``fallback``), as before auto existed.
+
+Speed ranks differ with the model's size (AMX: OpenVINO bf16 is fastest on the 6 x 384 default model, the
+NNCF int8 IR with bf16 for the rest on BERT-base, 12 x 768), so a row may also hold speeds measured on models of
+other shapes (``ShapeSpeeds``: random weights, speed only). Eligibility always comes from the default model's
+F1; the ranking uses the speeds of the measured shape nearest the served model's (``ModelShape.distance``),
+where the row has speeds there for every eligible variant.
 
 Pure: the caller gives the table, the nodes' CPUs and the variants the directory can serve.
 """
@@ -25,9 +32,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .cpu import cpu_class, has_bf16_matmuls, local_flags
+from .model_dir import ModelShape
 
 AUTO = "auto"
 F1_TOLERANCE = 0.5  # points of SQuAD F1 below fp32 a variant may lose and still be chosen
+# Precisions that compute in bfloat16 where the CPU has bfloat16 matmuls, and in f32 where it has not (OpenVINO's
+# hint): answers would depend on the node, so every node must have them (pipeline.backends maps them to hints).
+BF16_PRECISIONS = ("bf16", "int8-bf16")
 
 
 @dataclass(frozen=True, order=True)
@@ -49,6 +60,16 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class ShapeSpeeds:
+    """Each variant's speed on a model of another shape (random weights: no F1) on one CPU class, in windows/s
+    of fixed batches (jobs.benchmark.fixed_batches): only ratios between the variants count."""
+
+    shape: ModelShape
+    windows_per_s: tuple[tuple[Variant, float], ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class ClassMeasurements:
     """A card's row for one CPU class."""
 
@@ -56,6 +77,17 @@ class ClassMeasurements:
     fp32_f1: float
     variants: tuple[Measured, ...]
     source: str = ""  # where, how and when it was measured
+    shape: ModelShape | None = None  # of the model ``variants`` were measured on
+    other_shapes: tuple[ShapeSpeeds, ...] = ()
+
+    def speeds_for(self, shape: ModelShape | None) -> tuple[ModelShape | None, dict[Variant, float]]:
+        """The speeds to rank by for a model of ``shape``: those of the nearest measured shape (the default
+        model's when the shape is unknown or the row has no others)."""
+        own = (self.shape, {m.variant: m.questions_per_s for m in self.variants})
+        if shape is None or self.shape is None:
+            return own
+        candidates = [own, *((s.shape, dict(s.windows_per_s)) for s in self.other_shapes)]
+        return min(candidates, key=lambda c: c[0].distance(shape))
 
 
 @dataclass(frozen=True)
@@ -98,24 +130,33 @@ class PrecisionChoice:
 def parse_table(card: Mapping) -> dict[str, ClassMeasurements]:
     """The ``auto_precision`` table of a card (``{}`` when it has none); raises ValueError on a malformed one."""
     table = card.get("auto_precision") or {}
+
+    def shape(d: Mapping | None) -> ModelShape | None:
+        return ModelShape(int(d["layers"]), int(d["hidden"])) if d else None
+
     try:
         return {name: ClassMeasurements(
             name, float(row["fp32_f1"]),
             tuple(Measured(Variant(v["backend"], v["precision"]), float(v["f1"]), float(v["questions_per_s"]))
                   for v in row["variants"]),
-            row.get("source", "")) for name, row in table.items()}
+            row.get("source", ""), shape(row.get("shape")),
+            tuple(ShapeSpeeds(shape(other["shape"]),
+                              tuple((Variant(v["backend"], v["precision"]), float(v["windows_per_s"])) for v in other["variants"]),
+                              other.get("source", "")) for other in row.get("other_shapes", ())),
+        ) for name, row in table.items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"malformed auto_precision table in the model card: {exc!r}") from exc
 
 
 def runnable(variant: Variant, nodes: Sequence[NodeCpu]) -> bool:
-    """Whether every node computes ``variant`` as measured: bf16 needs bfloat16 matmuls on all of them."""
-    return variant.precision != "bf16" or all(n.bf16 for n in nodes)
+    """Whether every node computes ``variant`` as measured: bf16 and int8-bf16 need bfloat16 matmuls on all."""
+    return variant.precision not in BF16_PRECISIONS or all(n.bf16 for n in nodes)
 
 
 def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], servable: Iterable[Variant],
-           fallback: Variant) -> PrecisionChoice:
-    """The one variant for a job on ``nodes`` (the module docstring has the rule)."""
+           fallback: Variant, shape: ModelShape | None = None) -> PrecisionChoice:
+    """The one variant for a job on ``nodes`` serving a model of ``shape`` (None: unknown); the module
+    docstring has the rule."""
     servable = frozenset(servable)
     classes = tuple(sorted({n.cpu_class for n in nodes}))
     measured = [table[c] for c in classes if c in table]
@@ -123,9 +164,17 @@ def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], ser
         return PrecisionChoice(fallback, AUTO, f"no measurements for CPU class {', '.join(classes) or '?'}: "
                                                "the graph as it is", classes)
     speeds: list[dict[Variant, float]] = []
+    ranked_on: list[ModelShape | None] = []
     for row in measured:
-        speeds.append({m.variant: m.questions_per_s for m in row.variants
-                       if m.f1 >= row.fp32_f1 - F1_TOLERANCE and m.variant in servable and runnable(m.variant, nodes)})
+        eligible = {m.variant: m.questions_per_s for m in row.variants
+                    if m.f1 >= row.fp32_f1 - F1_TOLERANCE and m.variant in servable and runnable(m.variant, nodes)}
+        at, there = row.speeds_for(shape)
+        if eligible.keys() <= there.keys():
+            eligible = {v: there[v] for v in eligible}
+        else:  # the nearest shape lacks some eligible variant: rank on the default model's speeds
+            at = row.shape
+        speeds.append(eligible)
+        ranked_on.append(at)
     order = [m.variant for m in measured[0].variants]
     common = [v for v in order if all(v in s for s in speeds)]
     if not common:
@@ -138,10 +187,11 @@ def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], ser
 
     best = max(common, key=lambda v: (worst_ratio(v), -order.index(v)))
     unmeasured = [c for c in classes if c not in table]
-    detail = "; ".join(f"{row.cpu_class}: {s[best]:.1f} q/s, F1 {_f1(row, best):.2f} against fp32's {row.fp32_f1:.2f}"
-                       for row, s in zip(measured, speeds, strict=True))
+    detail = "; ".join(f"{row.cpu_class}: {s[best]:.1f} {'q/s' if at == row.shape else f'windows/s on a {at} model'}, "
+                       f"F1 {_f1(row, best):.2f} against fp32's {row.fp32_f1:.2f}"
+                       for row, s, at in zip(measured, speeds, ranked_on, strict=True))
     note = f"; unmeasured class {', '.join(unmeasured)} runs it too" if unmeasured else ""
-    bf16_out = any(m.variant.precision == "bf16" for row in measured for m in row.variants) and \
+    bf16_out = any(m.variant.precision in BF16_PRECISIONS for row in measured for m in row.variants) and \
         not runnable(Variant("openvino", "bf16"), nodes)
     why = " (bf16 ruled out: a node has no bfloat16 matmuls)" if bf16_out else ""
     return PrecisionChoice(best, AUTO, f"fastest within {F1_TOLERANCE} F1 of fp32 on every node's CPU class{why}: "

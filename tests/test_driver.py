@@ -86,8 +86,8 @@ def test_actor_and_commit_without_a_cluster(tiny_model, tmp_path):
     job = settle_precision(plan(cfg), [NodeCpu.here()])  # --precision auto, for this machine's CPU
     assert job.identity["precision_choice"] == {"backend": "onnxruntime", "precision": "fp32"}  # all it can serve
     variant = job.precision.variant
-    settings = ActorSettings(job.model_dir, 1, job.columns, cfg.decode, cfg.windows, cfg.batch_tokens,
-                             variant.backend, variant.precision)
+    settings = ActorSettings(job.model_dir, 1, job.columns, cfg.decode, cfg.windows,
+                             cfg.tokens_per_call(variant.backend), variant.backend, variant.precision)
     actor = AnswerActor(pafs.LocalFileSystem(), settings, output=job.output)
     job.output.begin(cfg.mode, job.identity)
     for unit in job.pending[:1]:

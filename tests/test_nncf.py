@@ -18,6 +18,7 @@ from tiny_models import write_model_dir
 from models.convert import NNCF_INT8_TOL, ConvertError, ConvertOptions, convert, main, quantize_int8, split_calibration
 from pipeline.answer import Answerer
 from pipeline.backends import OPENVINO_INT8_GRAPH, load_model, resolve_backend
+from pipeline.cpu import has_bf16_matmuls
 from pipeline.model_dir import ModelDirError
 from pipeline.session import QASession
 from pipeline.windows import load_tokenizer, make_windows
@@ -92,6 +93,16 @@ def test_int8_ir_is_within_tolerance_of_fp32_and_answers(tmp_path):
     assert report["openvino_int8_max_diff"] <= NNCF_INT8_TOL
     assert_answers_every_row(dst)
 
+    # int8-bf16: the same IR, its float ops in bfloat16 where this CPU has bfloat16 matmuls, else in f32
+    spec, mixed = load_model(str(dst), threads=1, precision="int8-bf16")
+    assert spec.model_file.name == OPENVINO_INT8_GRAPH
+    assert mixed.precision == ("bf16" if has_bf16_matmuls() else "f32")
+    got_mixed = mixed.run(*feeds)
+    if mixed.precision == "f32":
+        assert logit_diff(got_mixed, got, w.attention_mask) == 0.0  # the int8 variant exactly
+    else:  # bfloat16 keeps 8 bits of mantissa: within the int8 bound again, not much more
+        assert logit_diff(got_mixed, want, w.attention_mask) <= 2 * NNCF_INT8_TOL
+
 
 @pytest.mark.skipif(find_spec("torch") is None or find_spec("transformers") is None,
                     reason="Hugging Face checkpoints need torch and transformers: pip install torch==2.13.0 "
@@ -110,7 +121,8 @@ def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
     from pipeline.backends import servable_variants
 
     assert {str(v) for v in servable_variants(tmp_path / "dst")} == {"onnxruntime fp32", "onnxruntime int8-7bit",
-                                                                     "openvino fp32", "openvino bf16", "openvino int8"}
+                                                                     "openvino fp32", "openvino bf16", "openvino int8",
+                                                                     "openvino int8-bf16"}
     assert_answers_every_row(tmp_path / "dst")
 
 

@@ -22,7 +22,7 @@ from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS, ZEN4_EPYC
 
 from jobs.plan import DEFAULT_CARD, auto_table
 from pipeline.backends import BACKENDS, INT8_7BIT_GRAPH, graph_as_is, graph_file, servable_variants
-from pipeline.model_dir import ModelDirError
+from pipeline.model_dir import ModelDirError, ModelShape, load_spec
 from pipeline.precision import F1_TOLERANCE, NodeCpu, Variant, choose, parse_table
 
 ORT = Variant("onnxruntime", "fp32")
@@ -84,6 +84,55 @@ def test_unmeasured_classes():
                   [node("a", SAPPHIRE_RAPIDS)], EVERY, ORT).variant == ORT
 
 
+OV_INT8_BF16 = Variant("openvino", "int8-bf16")
+
+
+def shaped_row(default_speeds: dict[Variant, float], bert_base_speeds: dict[Variant, float]) -> dict:
+    """An amx row measured on a 6 x 384 model (every variant within tolerance) with speeds on a 12 x 768 one."""
+    return {**row(80.7, *((v, 80.7, qps) for v, qps in default_speeds.items())), "shape": {"layers": 6, "hidden": 384},
+            "other_shapes": [{"shape": {"layers": 12, "hidden": 768}, "variants": [
+                {"backend": v.backend, "precision": v.precision, "windows_per_s": w} for v, w in bert_base_speeds.items()]}]}
+
+
+def test_the_ranking_follows_the_nearest_measured_model_shape():
+    """bf16 is fastest on the default model's shape, int8-bf16 on BERT-base's: a model is ranked by the speeds
+    of the measured shape nearest its own (by matmul work per token); F1 always comes from the default model."""
+    table = parse_table({"auto_precision": {"amx": shaped_row(
+        {OV_BF16: 120.0, OV_INT8_BF16: 110.0, OV_INT8: 90.0, ORT: 30.0},
+        {OV_BF16: 42.0, OV_INT8_BF16: 62.0, OV_INT8: 50.0, ORT: 20.0})}})
+    amx, every = [node("a", SAPPHIRE_RAPIDS)], EVERY | {OV_INT8_BF16}
+
+    def pick(shape):
+        return choose(table, amx, every, ORT, shape)
+
+    assert pick(None).variant == OV_BF16  # shape unknown (an IR without config.json): the default model's ranks
+    assert pick(ModelShape(6, 384)).variant == OV_BF16 and "120.0 q/s" in pick(ModelShape(6, 384)).reason
+    assert pick(ModelShape(4, 312)).variant == OV_BF16  # TinyBERT-sized: nearer the default model
+    base = pick(ModelShape(12, 768))
+    assert base.variant == OV_INT8_BF16 and "62.0 windows/s on a 12 x 768 model" in base.reason
+    assert pick(ModelShape(24, 1024)).variant == OV_INT8_BF16  # BERT-large: nearest is BERT-base
+    assert pick(ModelShape(12, 768)).variant == OV_INT8_BF16
+    assert choose(table, amx, every - {OV_INT8_BF16}, ORT, ModelShape(12, 768)).variant == OV_INT8  # not servable
+    # a node without bfloat16 matmuls rules int8-bf16 out with bf16
+    mixed = choose(table, [*amx, node("b", AVX2_EPYC)], every, ORT, ModelShape(12, 768))
+    assert mixed.variant == OV_INT8 and "bf16 ruled out" in mixed.reason
+    # the nearest shape lacks an eligible variant's speed: the default model's speeds rank them all
+    partial = parse_table({"auto_precision": {"amx": shaped_row({OV_BF16: 120.0, OV_INT8_BF16: 110.0},
+                                                                 {OV_INT8_BF16: 62.0})}})
+    assert choose(partial, amx, every, ORT, ModelShape(12, 768)).variant == OV_BF16
+
+
+def test_model_shape_comes_from_config_json(tiny_model, tmp_path):
+    assert load_spec(REPO / "models" / "minilm-squad").shape == ModelShape(6, 384)
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    (d / "config.json").write_text(json.dumps({"num_hidden_layers": 12, "hidden_size": 768}))
+    assert load_spec(d).shape == ModelShape(12, 768)
+    (d / "config.json").write_text(json.dumps({"hidden_size": 768}))
+    assert load_spec(d).shape is None
+    assert ModelShape(12, 768).distance(ModelShape(24, 1024)) < ModelShape(12, 768).distance(ModelShape(6, 384))
+
+
 def test_shipped_measurements_are_well_formed_and_servable():
     """The default model's card: a row for the class of the machine CI runs on (avx2), where OpenVINO fp32 was
     measured beside the others it is the reference, only known backends and precisions, and every variant one
@@ -97,6 +146,9 @@ def test_shipped_measurements_are_well_formed_and_servable():
             assert m.variant.precision in BACKENDS[m.variant.backend].precisions and m.variant in served
         fp32 = [m.f1 for m in cls.variants if m.variant == OV_FP32]
         assert not fp32 or fp32 == [cls.fp32_f1]  # the reference, where it was measured with the others
+        for other in cls.other_shapes:  # speeds on other shapes: of variants it also has F1 for
+            assert cls.shape and other.source and other.shape != cls.shape
+            assert {v for v, _ in other.windows_per_s} <= {m.variant for m in cls.variants}
     assert graph_as_is(REPO / "models" / "minilm-squad") == ORT
 
 
@@ -149,7 +201,7 @@ def job(args: list[str], env: dict | None = None, timeout: int = 300) -> subproc
 
 def test_resume_keeps_the_recorded_choice_or_refuses(joined_ray, tiny_model, tmp_path):
     """Killed after its first staged unit on a node that reads as AMX (auto chose bf16), the job resumes on
-    this AVX2 CPU only by refusing, naming the variant (its answers would differ); on the AMX-reading node
+    a node that reads as AVX2 only by refusing, naming the variant (its answers would differ); on the AMX-reading node
     again it reuses bf16 and finishes, every row once."""
     model = model_with_card(tiny_model, tmp_path, CARD)
     source = write_input(tmp_path)
@@ -165,13 +217,14 @@ def test_resume_keeps_the_recorded_choice_or_refuses(joined_ray, tiny_model, tmp
     staged = json.loads((out / "_staging" / "_job.json").read_text())
     assert staged["precision_choice"] == {"backend": "openvino", "precision": "bf16"}
 
-    refused = job([*args, "--mode", "resume"], env=base)
+    avx2 = {**base, "QA_CPUINFO": cpuinfo(tmp_path, AVX2_EPYC)}  # whatever CPU this machine has
+    refused = job([*args, "--mode", "resume"], env=avx2)
     assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
     err = refused.stderr.strip().splitlines()[-1]
     assert err.startswith("error: ") and "openvino bf16" in err and "avx2" in err and "--mode overwrite" in err
     assert not (out / "_manifest.json").exists()
 
-    forced = job([*args, "--mode", "resume", "--precision", "fp32", "--backend", "openvino"], env=base)
+    forced = job([*args, "--mode", "resume", "--precision", "fp32", "--backend", "openvino"], env=avx2)
     assert forced.returncode == 1 and "staged by a different job" in forced.stderr
 
     resumed = job([*args, "--mode", "resume"], env=amx)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.cpu import KernelOptions
+from pipeline.cpu import KernelOptions, cpu_class
 
 
 class Variant(NamedTuple):
@@ -42,6 +42,7 @@ VARIANTS = {
     "ov-fp32": Variant("model-fp32.onnx", "openvino"),
     "ov-bf16": Variant("model-fp32.onnx", "openvino", "bf16"),
     "ov-int8": Variant("model-int8.xml", "openvino", "int8"),
+    "ov-int8-bf16": Variant("model-int8.xml", "openvino", "int8-bf16"),
 }
 
 
@@ -79,6 +80,17 @@ def runner(name: str, model_dir: Path, threads: int, feeds) -> Callable[[], obje
     return lambda: session.run(*feeds)
 
 
+def job_variant(name: str, model_dir: Path) -> dict | None:
+    """The job's (backend, precision) that serves exactly this variant's graph with its kernels, or None
+    (the peer, forced kernels, or a graph the job serves under no precision): for models.card --other-shape."""
+    from pipeline.backends import graph_file
+
+    v = VARIANTS.get(name)
+    if v is None or v.exact_u8u8 is not None or graph_file(model_dir, v.backend, v.precision).name != v.graph:
+        return None
+    return {"backend": v.backend, "precision": v.precision}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark.fixed_batches")
     p.add_argument("variant", choices=[*VARIANTS, "torch-fp32"])
@@ -97,7 +109,12 @@ def main(argv: list[str] | None = None) -> None:
             run()
             calls += 1
         rates.append(calls * a.batch / (time.perf_counter() - t0))
-    print(json.dumps({"variant": a.variant, "batch": a.batch, "seq": a.seq, "threads": a.threads,
+    from pipeline.model_dir import load_spec
+
+    shape = load_spec(a.model_dir).shape
+    print(json.dumps({"variant": a.variant, "job_variant": job_variant(a.variant, a.model_dir),
+                      "model": str(a.model_dir), "shape": shape and {"layers": shape.layers, "hidden": shape.hidden},
+                      "cpu_class": cpu_class(), "batch": a.batch, "seq": a.seq, "threads": a.threads,
                       "windows_per_s": round(statistics.median(rates), 2), "rates": [round(r, 2) for r in rates]}))
 
 
