@@ -162,15 +162,16 @@ def test_node_added_mid_run(cluster, tiny_model, questions, clean_run, tmp_path)
 
 def test_nodes_of_two_classes_get_one_recorded_choice(cluster, tiny_model, questions, tmp_path):
     """One worker node reads as Sapphire Rapids (AMX, bf16: a recorded flag set through QA_CPUINFO, which its
-    worker processes inherit), one as this AVX2 EPYC. With made-up measurements in the model's card
+    worker processes inherit), one as an AVX2 EPYC. With made-up measurements in the model's card
     (test_precision_auto.CARD), --precision auto serves OpenVINO fp32 on both, the variant both classes keep
     most of their speed with (bf16 ruled out by the AVX2 node); the manifest records it, the classes it was
     chosen for, and each node's class."""
-    from test_cpu_kernels import SAPPHIRE_RAPIDS
+    from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS
     from test_precision_auto import CARD, cpuinfo, model_with_card
 
     model = model_with_card(tiny_model, tmp_path, CARD)
-    cluster.keep_workers(1)  # an AVX2 node left by the tests before: one node start fewer
+    cluster.keep_workers(0)  # both read their class from a recorded flag set, whatever CPU this machine has
+    cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, AVX2_EPYC)})
     cluster.add_worker(1, env={"QA_CPUINFO": cpuinfo(tmp_path, SAPPHIRE_RAPIDS)})
     out = tmp_path / "out"
     run_job(cluster, job(cluster, model, questions, out), env={"QA_FAULT_SLOW_CALL_S": "0.5"})
