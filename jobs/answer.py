@@ -79,6 +79,7 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
         "config": asdict(job.config),
         "model": job.spec.identity(),
         "precision": job.precision.as_dict(),  # the variant served, and why (pipeline/precision.py)
+        "batch_tokens": job.config.tokens_per_call(job.precision.variant.backend),  # as served (config's may be None)
         "input_files": list(job.input_files),
         "skipped_bad_files": list(job.skipped_files),
         "read_units": len(job.units),

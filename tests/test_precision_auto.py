@@ -231,6 +231,7 @@ def test_resume_keeps_the_recorded_choice_or_refuses(joined_ray, tiny_model, tmp
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["precision"]["precision"] == "bf16" and "kept on resume" in manifest["precision"]["reason"]
+    assert manifest["config"]["batch_tokens"] is None and manifest["batch_tokens"] == 2048  # OpenVINO's budget
     assert manifest["rows_staged_before"] >= 30 and manifest["rows_out"] == N_ROWS
     ids = pq.read_table(out).column("id").to_pylist()
     assert sorted(ids) == [f"r{i:03d}" for i in range(N_ROWS)]
