@@ -91,6 +91,8 @@ class Answerer:
         self.columns, self.decode = columns or Columns(), decode or DecodeSettings()
         self.tokenizer = load_tokenizer(spec.tokenizer_file, spec.lowercase)
         self.batch_tokens = batch_tokens
+        # Each batch's length rounded up to this (OpenVINO on AMX: whole tiles, pipeline.cpu); 1: as it comes.
+        self.seq_multiple = max(1, int(getattr(session, "seq_multiple", 1)))
         self.times = StageTimes()
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -107,7 +109,8 @@ class Answerer:
         errors = {**c_err, **q_err}
         good = np.array([i for i in range(n) if i not in errors], dtype=np.int64)
         windows, w_err = make_windows(self.tokenizer, [questions[i] for i in good], [contexts[i] for i in good],
-                                      self.spec.windows, pad_to=self.session.fixed_seq_len)
+                                      self.spec.windows, pad_to=self.session.fixed_seq_len,
+                                      multiple=self.seq_multiple)
         errors.update({int(good[i]): msg for i, msg in w_err.items()})
         t1 = time.perf_counter()
         start, end = self.logits(windows)
@@ -135,15 +138,18 @@ class Answerer:
         start = np.full((len(windows), width), -np.inf, dtype=np.float32)
         end = np.full((len(windows), width), -np.inf, dtype=np.float32)
         order = np.argsort(windows.lengths, kind="stable")
-        fixed = self.session.fixed_seq_len
+        # The length each window is computed at: its own, rounded up to the session's multiple (the batch's
+        # longest, being sorted, sets the batch's), or the graph's fixed length.
+        cols_of = (np.full(len(order), width) if self.session.fixed_seq_len else
+                   np.minimum(-(-windows.lengths // self.seq_multiple) * self.seq_multiple, width))
         b0 = 0
         while b0 < len(order):
             # Largest batch whose longest window (the last, being sorted) fits the token budget.
             b1 = b0 + 1
-            while b1 < len(order) and (b1 + 1 - b0) * (fixed or windows.lengths[order[b1]]) <= self.batch_tokens:
+            while b1 < len(order) and (b1 + 1 - b0) * cols_of[order[b1]] <= self.batch_tokens:
                 b1 += 1
             idx = order[b0:b1]
-            cols = fixed or int(windows.lengths[idx].max())
+            cols = int(cols_of[idx].max())
             batch = windows.take(idx, cols)
             s, e = self.session.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
             start[idx, :cols], end[idx, :cols] = s, e

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS, OPENVINO_PRECISION_HINTS
+from .cpu import seq_multiple
 from .extras import require
 from .session import INPUT_ROLES, OUTPUT_ROLES, ModelLoadError, resolve_inputs, resolve_outputs, run_in_chunks
 
@@ -77,6 +78,8 @@ class OpenVinoQASession:
         shape = graph_inputs[self.inputs["input_ids"]].get_partial_shape()
         self.fixed_batch = _static(shape[0]) if shape.rank.is_static and len(shape) > 0 else None
         self.fixed_seq_len = _static(shape[1]) if shape.rank.is_static and len(shape) > 1 else None
+        # Batch lengths padded up to a multiple of this: whole AMX tiles (pipeline.cpu); 1 elsewhere.
+        self.seq_multiple = 1 if self.fixed_seq_len else seq_multiple()
 
         wanted_out = {n for names in OUTPUT_ROLES.values() for n in names} | set((output_names or {}).values())
         graph_outputs = {_port_name(p, wanted_out): p for p in model.outputs}

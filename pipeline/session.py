@@ -156,6 +156,7 @@ class QASession:
         shape = graph_inputs[self.inputs["input_ids"]].shape
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_seq_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+        self.seq_multiple = 1  # batch lengths as they come (pipeline.cpu: only OpenVINO's are padded)
         self.outputs = resolve_outputs(self.model_file, [o.name for o in self._session.get_outputs()], output_names)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -56,8 +56,10 @@ def reference(session, tok, question: str, context: str, max_seq_len: int, doc_s
     return best
 
 
-def check_against_reference(model_dir, batch_tokens: int) -> pa.Table:
+def check_against_reference(model_dir, batch_tokens: int, seq_multiple: int | None = None) -> pa.Table:
     spec, session = load_model(str(model_dir))
+    if seq_multiple is not None:  # as OpenVINO's session asks on AMX (pipeline.cpu)
+        session.seq_multiple = seq_multiple
     answerer = Answerer(spec, session, batch_tokens=batch_tokens)
     table = pa.table({"id": list(range(len(QUESTIONS))), "question": QUESTIONS, "context": CONTEXTS})
     out = answerer(table)
@@ -110,6 +112,31 @@ def test_batched_equals_unbatched(tiny_model_64):
     many = check_against_reference(tiny_model_64, batch_tokens=1 << 20)
     assert one.column("answer").to_pylist() == many.column("answer").to_pylist()
     np.testing.assert_allclose(one.column("score").to_numpy(), many.column("score").to_numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("multiple", [16, 48])
+def test_batches_padded_to_a_multiple_match_reference(tiny_model_64, multiple):
+    """A session asking for lengths in multiples (OpenVINO on AMX) gets batches that long, never longer than the
+    windows' max_seq_len (64: 48 rounds 50 up to 96, cut to 64), and the same answers as the unpadded reference."""
+    spec, session = load_model(str(tiny_model_64))
+    seen = []
+    run = session.run
+
+    def recording(ids, mask, types):
+        longest = int(mask.sum(axis=1).max())
+        seen.append((ids.shape[1], longest))
+        assert not mask[:, longest:].any()
+        return run(ids, mask, types)
+
+    session.seq_multiple = multiple
+    session.run = recording
+    out = Answerer(spec, session, batch_tokens=256)(
+        pa.table({"id": list(range(len(QUESTIONS))), "question": QUESTIONS, "context": CONTEXTS}))
+    assert seen and all(cols % multiple == 0 or cols == spec.windows.max_seq_len for cols, _ in seen), seen
+    assert all(longest <= cols == min(-(-longest // multiple) * multiple, 64) for cols, longest in seen), seen
+    assert any(cols > longest for cols, longest in seen)  # some batch was padded
+    assert out.column("answer").to_pylist() == check_against_reference(
+        tiny_model_64, batch_tokens=256, seq_multiple=multiple).column("answer").to_pylist()
 
 
 def test_top_k_lists_distinct_best_first(tiny_model_64):

@@ -60,14 +60,15 @@ ALDER_LAKE = (  # Intel Core 12th gen: AVX-VNNI without AVX-512
     "umip pku ospke waitpkg gfni vaes vpclmulqdq rdpid movdiri movdir64b fsrm md_clear serialize arch_lbr "
     "flush_l1d arch_capabilities")
 
-# flags -> (class, exact u8 x u8 kernels, bf16 matmuls): the decision table, one row per recorded CPU.
+# flags -> (class, exact u8 x u8 kernels, bf16 matmuls, OpenVINO's length multiple): the decision table, one
+# row per recorded CPU.
 EXPECTED = {
-    "AVX2 EPYC": (AVX2_EPYC, "avx2", True, False),
-    "Zen 4 EPYC": (ZEN4_EPYC, "avx512-vnni", False, True),
-    "Sapphire Rapids Xeon": (SAPPHIRE_RAPIDS, "amx", False, True),
-    "Skylake Xeon": (SKYLAKE_XEON, "avx512", True, False),
-    "Alder Lake": (ALDER_LAKE, "avx-vnni", False, False),
-    "nothing readable": ("", "other", True, False),
+    "AVX2 EPYC": (AVX2_EPYC, "avx2", True, False, 1),
+    "Zen 4 EPYC": (ZEN4_EPYC, "avx512-vnni", False, True, 1),
+    "Sapphire Rapids Xeon": (SAPPHIRE_RAPIDS, "amx", False, True, 16),
+    "Skylake Xeon": (SKYLAKE_XEON, "avx512", True, False, 1),
+    "Alder Lake": (ALDER_LAKE, "avx-vnni", False, False, 1),
+    "nothing readable": ("", "other", True, False, 1),
 }
 
 
@@ -79,19 +80,20 @@ def cpuinfo(flags: str, processors: int = 2) -> str:
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_decision_table_on_recorded_flags(name):
-    line, klass, exact, bf16 = EXPECTED[name]
+    line, klass, exact, bf16, multiple = EXPECTED[name]
     flags = cpu.parse_flags(cpuinfo(line))
     assert flags == frozenset(line.split())
     assert cpu.cpu_class(flags) == klass
     options = cpu.kernel_options(flags)
     assert options == KernelOptions(exact_u8u8=exact) and options.reason
     assert cpu.has_bf16_matmuls(flags) is bf16
+    assert cpu.seq_multiple(flags) == multiple
 
 
 def test_exact_kernels_exactly_where_there_is_no_vnni():
     """The rule itself: any of these flags makes the fast kernel exact; without all of them it saturates."""
     vnni = {"avx512_vnni", "avx_vnni", "amx_int8"}
-    for name, (line, _, exact, _) in EXPECTED.items():
+    for name, (line, _, exact, _, _) in EXPECTED.items():
         assert exact == (not vnni & set(line.split())), name
 
 

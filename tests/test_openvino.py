@@ -15,6 +15,7 @@ from tiny_models import write_model_dir, write_vocab
 
 from models.convert import ConvertOptions, convert
 from models.registry import REGISTRY, resolve_model
+from pipeline import cpu
 from pipeline.answer import Answerer
 from pipeline.backends import load_model
 from pipeline.model_dir import load_spec
@@ -66,13 +67,17 @@ def test_dynamic_ir_gives_onnxruntime_logits_and_answers(tmp_path):
     reference = QASession(d / "model.onnx")
     assert session.inputs == reference.inputs and session.outputs == reference.outputs
     assert (session.fixed_batch, session.fixed_seq_len) == (None, None)
+    assert session.seq_multiple == cpu.seq_multiple()  # 16 on AMX: batches padded to whole tiles
     for seq in (9, 130):
         same_logits(session.run(*windows(seq=seq)), reference.run(*windows(seq=seq)))
     spec, ort_session = load_model(str(d))
     want = answer_rows(spec, ort_session)
-    got = answer_rows(dataclasses.replace(spec, model_file=xml), session)
-    assert [(r["answer_start"], r["answer_end"]) for r in got] == [(r["answer_start"], r["answer_end"]) for r in want]
-    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-3)
+    for multiple in {session.seq_multiple, 1, 16}:  # this CPU's, and both ways on any CPU
+        session.seq_multiple = multiple
+        got = answer_rows(dataclasses.replace(spec, model_file=xml), session)
+        assert [(r["answer_start"], r["answer_end"]) for r in got] == [(r["answer_start"], r["answer_end"])
+                                                                       for r in want]
+        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-3)
 
 
 def test_static_1x384_omz_like_ir(tmp_path):
@@ -80,7 +85,7 @@ def test_static_1x384_omz_like_ir(tmp_path):
     d = write_model_dir(tmp_path / "m", tokenizer="vocab", fixed_shape=(1, 384), output_names=("output_s", "output_e"))
     xml = to_ir(d / "model.onnx", tmp_path / "ir" / "model.xml")
     session = OpenVinoQASession(xml, threads=2)
-    assert (session.fixed_batch, session.fixed_seq_len) == (1, 384)
+    assert (session.fixed_batch, session.fixed_seq_len, session.seq_multiple) == (1, 384, 1)
     assert session.outputs == ["output_s", "output_e"]
     same_logits(session.run(*windows(n=3)), QASession(d / "model.onnx").run(*windows(n=3)))
     spec = dataclasses.replace(load_spec(d, fixed_seq_len=session.fixed_seq_len), model_file=xml)
