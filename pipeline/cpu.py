@@ -18,8 +18,10 @@ length off the block runs a tail path. Each batch is therefore padded up to a mu
 (masked, so the answers are the same arithmetic's; bf16 rounds differently on the tail path, and on the first
 1000 SQuAD dev questions 3 answers of 1000 change, F1 80.59 -> 80.34). Intel Xeon with AMX, 1 thread, first
 1000 dev questions (default model) and 300 (random BERT-base): OpenVINO bf16 124.0 -> 134.8 q/s, int8-bf16 on
-BERT-base 24.9 -> 27.7; 32 tokens gave 134.1 and 27.0, 64 tokens 117.0. Elsewhere nothing is padded: in f32
-the same padding cost 3% (38.5 -> 37.2 q/s) and changed no answer.
+BERT-base 24.9 -> 27.7, the default model's NNCF int8 IR (f32 between its int8 ops) 83.2 -> 96.8; 32 tokens gave
+134.1 and 27.0, 64 tokens 117.0. Only where the matmuls run on tiles (bf16, the int8 IR): OpenVINO f32 runs on
+AVX-512, where the same padding cost 1-3% (38.5 -> 37.2, 34.1 -> 33.8 q/s) and changed no answer. Other classes
+pad nothing (not measured there).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, OPENVINO_PRECISION_HINTS
+from .backends import BACKENDS, OPENVINO_INT8_PRECISIONS, OPENVINO_PRECISION_HINTS
 from .cpu import seq_multiple
 from .extras import require
 from .session import INPUT_ROLES, OUTPUT_ROLES, ModelLoadError, resolve_inputs, resolve_outputs, run_in_chunks
@@ -78,8 +78,6 @@ class OpenVinoQASession:
         shape = graph_inputs[self.inputs["input_ids"]].get_partial_shape()
         self.fixed_batch = _static(shape[0]) if shape.rank.is_static and len(shape) > 0 else None
         self.fixed_seq_len = _static(shape[1]) if shape.rank.is_static and len(shape) > 1 else None
-        # Batch lengths padded up to a multiple of this: whole AMX tiles (pipeline.cpu); 1 elsewhere.
-        self.seq_multiple = 1 if self.fixed_seq_len else seq_multiple()
 
         wanted_out = {n for names in OUTPUT_ROLES.values() for n in names} | set((output_names or {}).values())
         graph_outputs = {_port_name(p, wanted_out): p for p in model.outputs}
@@ -91,6 +89,10 @@ class OpenVinoQASession:
         self._request = self._compiled.create_infer_request()
         # What this CPU granted: "bf16", or "f32" where it has no bfloat16 matmuls.
         self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        # Batch lengths padded up to a multiple of this where the matmuls run on AMX tiles (bf16, or the int8 IR;
+        # pipeline.cpu), 1 elsewhere: f32 matmuls run on AVX-512 and padding there only adds tokens.
+        on_tiles = self.precision == "bf16" or precision in OPENVINO_INT8_PRECISIONS
+        self.seq_multiple = seq_multiple() if on_tiles and not self.fixed_seq_len else 1
         self._out_ports = [self._compiled.outputs[list(graph_outputs).index(n)] for n in self.outputs]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
