@@ -553,7 +553,7 @@ def write_openvino_int8(model_dir: Path, fp32_graph: Path, calibration: str | Pa
     ov = require("openvino", "convert", WHAT)
     from pipeline.backends import OPENVINO_INT8_GRAPH
     from pipeline.model_dir import load_spec
-    from pipeline.openvino_session import OpenVinoQASession
+    from pipeline.openvino_session import OpenVinoQASession, split_fused_projections
     from pipeline.windows import load_tokenizer, make_windows
 
     threads = threads or len(os.sched_getaffinity(0))
@@ -574,7 +574,9 @@ def write_openvino_int8(model_dir: Path, fp32_graph: Path, calibration: str | Pa
 
     calibration_windows, check_windows = cut(calibrate), cut(check)
     items = calibration_feeds(reference, calibration_windows)
-    model = nncf.quantize(ov.Core().read_model(str(fp32_graph)), nncf.Dataset(items),
+    fp32_model = ov.Core().read_model(str(fp32_graph))
+    split_fused_projections(fp32_model)  # one projection each for query, key, value: their dequantization fuses
+    model = nncf.quantize(fp32_model, nncf.Dataset(items),
                           model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
     fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
     if not fake_quantize:

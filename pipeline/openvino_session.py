@@ -42,6 +42,49 @@ def compile_config(threads: int, precision: str = "fp32") -> dict:
     }
 
 
+def split_fused_projections(model) -> int:
+    """Rewrites ``x -> MatMul(W) -> Add(b) -> Split(last axis, n)`` as n MatMul + Add, one per output, in place;
+    returns how many it rewrote.
+
+    ONNX Runtime's fused Attention (our exports' ``model-fp32.onnx``) reaches OpenVINO as one query-key-value
+    projection split three ways: the Split runs a reference kernel, and in an NNCF int8 IR the dequantizing
+    multiplies behind it cannot fold into the projection. Three projections compute the same numbers (max
+    logit difference 0.0 in f32 on the default model and BERT-base) and each becomes one FullyConnected with
+    its dequantization fused. Intel Xeon with AMX, fixed batches of 12 x 160, 1 thread: BERT-base's NNCF int8
+    IR in bf16 338-339 -> 305-313 ms a call (BENCHMARKS.md); the default model's fp32 graph in bf16 80-81 ->
+    76-80 ms. Graphs without the pattern (an int8 IR, whose weights are not plain constants) are left as they are.
+    """
+    ops = _openvino().opset13
+    rewritten = 0
+    for split in [op for op in model.get_ordered_ops() if op.get_type_name() == "Split"]:
+        add = split.input_value(0).get_node()
+        if add.get_type_name() != "Add":
+            continue
+        matmul, bias = (add.input_value(i).get_node() for i in (0, 1))
+        if matmul.get_type_name() != "MatMul":
+            matmul, bias = bias, matmul
+        weights, axis = matmul.input_value(1).get_node(), split.input_value(1).get_node()
+        rank = split.get_output_partial_shape(0).rank
+        if (matmul.get_type_name() != "MatMul" or any(matmul.get_attributes().values())  # transposes
+                or not all(n.get_type_name() == "Constant" for n in (bias, weights, axis)) or not rank.is_static
+                or int(axis.get_data().reshape(-1)[0]) not in (-1, rank.get_length() - 1)):
+            continue
+        n = split.get_output_size()
+        w, b = weights.get_data(), bias.get_data()
+        if w.shape[-1] % n or b.shape[-1] != w.shape[-1]:
+            continue
+        x = matmul.input_value(0)
+        for i, (w_i, b_i) in enumerate(zip(np.split(w, n, axis=-1), np.split(b, n, axis=-1))):
+            part = ops.add(ops.matmul(x, ops.constant(np.ascontiguousarray(w_i)), False, False),
+                           ops.constant(np.ascontiguousarray(b_i)))
+            for target in list(split.output(i).get_target_inputs()):
+                target.replace_source_output(part.output(0))
+        rewritten += 1
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    return rewritten
+
+
 def _port_name(port, wanted: set[str]) -> str:
     """A port's name, preferring one of ``wanted`` (ports can carry several names, e.g. from the IR's history)."""
     names = port.get_names()
@@ -65,6 +108,7 @@ class OpenVinoQASession:
             model = core.read_model(str(self.model_file))
         except Exception as exc:  # openvino raises RuntimeError subclasses without a file in the message
             raise ModelLoadError(f"{self.model_file}: not a loadable OpenVINO IR or ONNX model ({exc})") from exc
+        self.split_projections = split_fused_projections(model)
         wanted_in = {n for names in INPUT_ROLES.values() for n in names} | set((input_names or {}).values())
         graph_inputs = {_port_name(p, wanted_in): p for p in model.inputs}
         self.inputs: dict[str, str] = resolve_inputs(self.model_file, list(graph_inputs), input_names)

@@ -22,7 +22,7 @@ from pipeline.model_dir import load_spec
 from pipeline.session import ModelLoadError, QASession
 
 ov = pytest.importorskip("openvino", reason="the OpenVINO backend is optional: pip install openvino")
-from pipeline.openvino_session import OpenVinoQASession
+from pipeline.openvino_session import OpenVinoQASession, split_fused_projections
 
 OMZ_FP32 = "bert-large-uncased-whole-word-masking-squad-fp32-0001"
 TABLE = pa.table({
@@ -185,3 +185,50 @@ def test_bf16_reads_the_fp32_graph_and_stays_close_to_it(tmp_path):
     same_logits(fp32_session.run(*windows(seq=64)), want)
     answer_rows(spec, session)
 
+
+
+def projection_graph(transpose_b=False, axis=-1):
+    """x [?, ?, 8] -> MatMul(W [8, 24]) -> Add(b) -> Split(axis, 3) -> concat of the parts in reverse order, so
+    that a rewrite which mixed the parts up would change the output."""
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(1)
+    x = ops.parameter([-1, -1, 8], np.float32, name="x")
+    w = rng.standard_normal((24, 8) if transpose_b else (8, 24)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    fused = ops.add(ops.matmul(x, ops.constant(w), False, transpose_b), ops.constant(b))
+    parts = ops.split(fused, ops.constant(np.int64(axis)), 3)
+    return ov.Model([ops.concat([parts.output(2), parts.output(0), parts.output(1)], -1)], [x])
+
+
+def test_fused_projection_split_into_one_matmul_each():
+    x = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
+    core = ov.Core()
+
+    def run(model):
+        return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+
+    want = run(projection_graph())
+    model = projection_graph()
+    assert split_fused_projections(model) == 1
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert "Split" not in types and types.count("MatMul") == 3
+    np.testing.assert_allclose(run(model), want, rtol=0, atol=1e-6)
+    # Left alone: a transposed weight, a split across tokens rather than features.
+    for other in (projection_graph(transpose_b=True), projection_graph(axis=1)):
+        assert split_fused_projections(other) == 0
+        assert "Split" in {op.get_type_name() for op in other.get_ordered_ops()}
+
+
+def test_default_models_attention_projections_are_split_and_compute_the_same():
+    """Our exports' fused Attention reaches OpenVINO as one QKV projection split three ways, once per layer; the
+    session serves three projections instead, with the graph's own logits."""
+    from jobs.config import DEFAULT_MODEL
+
+    graph = DEFAULT_MODEL / "model-fp32.onnx"
+    session = OpenVinoQASession(graph, threads=1)
+    assert session.split_projections == 6  # its 6 layers
+    ids, mask, types = windows(n=2, seq=40)
+    raw = ov.Core().compile_model(str(graph), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    want = raw({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    same_logits(session.run(ids, mask, types), (want[raw.outputs[0]], want[raw.outputs[1]]), tol=1e-5)
