@@ -13,7 +13,7 @@ from .config import BATCH_TOKENS, OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, D
 from .decode import Spans, best_spans
 from .model_dir import ModelSpec
 from .session import QASession
-from .windows import Windows, load_tokenizer, make_windows
+from .windows import Windows, load_tokenizer, make_windows, padded_length
 
 TOP_ANSWER_TYPE = pa.list_(pa.struct([
     ("answer", pa.string()), ("answer_start", pa.int64()), ("answer_end", pa.int64()),
@@ -91,8 +91,6 @@ class Answerer:
         self.columns, self.decode = columns or Columns(), decode or DecodeSettings()
         self.tokenizer = load_tokenizer(spec.tokenizer_file, spec.lowercase)
         self.batch_tokens = batch_tokens
-        # Each batch's length rounded up to this (OpenVINO on AMX: whole tiles, pipeline.cpu); 1: as it comes.
-        self.seq_multiple = max(1, int(getattr(session, "seq_multiple", 1)))
         self.times = StageTimes()
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -110,7 +108,7 @@ class Answerer:
         good = np.array([i for i in range(n) if i not in errors], dtype=np.int64)
         windows, w_err = make_windows(self.tokenizer, [questions[i] for i in good], [contexts[i] for i in good],
                                       self.spec.windows, pad_to=self.session.fixed_seq_len,
-                                      multiple=self.seq_multiple)
+                                      multiple=self.session.seq_multiple)
         errors.update({int(good[i]): msg for i, msg in w_err.items()})
         t1 = time.perf_counter()
         start, end = self.logits(windows)
@@ -138,10 +136,10 @@ class Answerer:
         start = np.full((len(windows), width), -np.inf, dtype=np.float32)
         end = np.full((len(windows), width), -np.inf, dtype=np.float32)
         order = np.argsort(windows.lengths, kind="stable")
-        # The length each window is computed at: its own, rounded up to the session's multiple (the batch's
-        # longest, being sorted, sets the batch's), or the graph's fixed length.
+        # The length each window is computed at: its own, rounded up to the session's multiple (OpenVINO on AMX:
+        # whole tiles, pipeline.cpu; the batch's longest, being sorted, sets the batch's), or the graph's fixed one.
         cols_of = (np.full(len(order), width) if self.session.fixed_seq_len else
-                   np.minimum(-(-windows.lengths // self.seq_multiple) * self.seq_multiple, width))
+                   padded_length(windows.lengths, self.session.seq_multiple, width))
         b0 = 0
         while b0 < len(order):
             # Largest batch whose longest window (the last, being sorted) fits the token budget.

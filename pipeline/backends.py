@@ -168,7 +168,8 @@ def runtime_for(model_file: Path, spec: dict, backend: str) -> str:
 
 def open_session(model_file: Path, backend: str, threads: int, input_names: dict[str, str],
                  output_names: dict[str, str], precision: str = "fp32"):
-    """A session of ``backend`` (a name in BACKENDS): ``run(ids, mask, types) -> (start, end)``, ``fixed_seq_len``."""
+    """A session of ``backend`` (a name in BACKENDS): ``run(ids, mask, types) -> (start, end)``, ``fixed_seq_len``,
+    ``seq_multiple`` (the multiple batch lengths are padded up to)."""
     if backend == "openvino":
         from .openvino_session import OpenVinoQASession
 

@@ -151,7 +151,7 @@ def make_windows(
             rows.append(i)
 
     longest = max((len(e.ids) for e in encodings), default=0)
-    width = pad_to or padded_length(longest, multiple, settings.max_seq_len)
+    width = pad_to or int(padded_length(longest, multiple, settings.max_seq_len))
     windows = _to_arrays(encodings, np.asarray(rows, dtype=np.int64), pad_id(tok), width)
     # A context that normalizes to nothing (whitespace, control characters) has no tokens.
     empty = np.zeros(len(questions), dtype=bool)
@@ -165,9 +165,10 @@ def make_windows(
     return windows, errors
 
 
-def padded_length(length: int, multiple: int, limit: int) -> int:
-    """``length`` rounded up to ``multiple``, but not past ``limit`` (nor below ``length``)."""
-    return max(length, min(-(-length // multiple) * multiple, limit))
+def padded_length(length, multiple: int, limit: int):
+    """``length`` (an int or an array of them) rounded up to ``multiple``, but not past ``limit`` (nor below
+    ``length``)."""
+    return np.maximum(length, np.minimum(-(-length // multiple) * multiple, limit))
 
 
 def _to_arrays(encodings: list, row: np.ndarray, pad: int, width: int) -> Windows:
