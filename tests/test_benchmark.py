@@ -170,11 +170,42 @@ def test_marginal_mode_runs_whole_processes(tiny_model, tmp_path):
         pytest.skip("needs torch and transformers<5 for the pipeline")
     args = ["--data", str(squad_file(tmp_path / "squad.json")), "--mode", "marginal", "--models", "default=3",
             "--model", str(tiny_model), "--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf")),
-            "--variants", "default", "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "r.json")]
+            "--variants", "default", "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "r.json"),
+            "--bound"]
     assert benchmark.main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())["models"]["default"]
     assert "CPU class" in result["text"].splitlines()[0]
-    assert [r["system"] for r in result["rows"]] == ["our job, default", "transformers pipeline"]
+    served = result["rows"][0]["stages_2n"]["served"]
+    assert [r["system"] for r in result["rows"]] == [
+        "our job, default", f"bound: answering stage in bare processes ({served['backend']} {served['precision']})",
+        "transformers pipeline"]
     for r in result["rows"]:
         assert len(r["seconds_n"]) == len(r["seconds_2n"]) == 1 and r["windows"][1] >= 6
     assert result["rows"][0]["stages_2n"]["windows"] == result["rows"][0]["windows"][1]
+    assert "of the bare processes' marginal rate" in result["text"]
+
+
+def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_path):
+    """Two bare processes taking 2-row ranges give each id the answer the job's Answerer gives it on that range."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.benchmark import bound
+    from pipeline.answer import Answerer
+    from pipeline.backends import load_model
+
+    questions = ["who was born in paris?", "where was the king born?", "when was the king born?",
+                 "what year was it?", "who?"]
+    table = pa.table({"id": [f"r{i}" for i in range(5)], "question": questions, "context": [CONTEXT] * 5})
+    pq.write_table(table, tmp_path / "in.parquet")
+    assert bound.main(["--input", str(tmp_path / "in.parquet"), "--model", str(tiny_model), "--output",
+                       str(tmp_path / "out.json"), "--backend", "onnxruntime", "--precision", "fp32",
+                       "--processes", "2", "--batch-tokens", "512", "--rows", "2"]) == 0
+    answers = json.loads((tmp_path / "out.json").read_text())
+    spec, session = load_model(tiny_model, 1, backend="onnxruntime", precision="fp32")
+    answerer = Answerer(spec, session, batch_tokens=512)
+    expected = {}
+    for start in (0, 2, 4):
+        out = answerer(table.slice(start, 2))
+        expected.update(zip(out.column("id").to_pylist(), (a or "" for a in out.column("answer").to_pylist())))
+    assert answers == expected and len(answers) == 5 and any(answers.values())

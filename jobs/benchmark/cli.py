@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None):
                    help="';'-separated job flag sets, 'default' for none; pass as --variants='...' "
                         "(default %(default)r)")
     m.add_argument("--calibration", help="calibration data for the random models' NNCF IR (default: models.convert's)")
+    m.add_argument("--bound", action="store_true",
+                   help="also time the job's answering stage in bare processes, one per CPU, no Ray "
+                        "(jobs/benchmark/bound.py), as the first variant served it: the job's ceiling on this machine")
     a = p.parse_args(argv)
     return a, from_args(a, JobConfig, only=JOB_FLAGS, input="-", output="-")
 

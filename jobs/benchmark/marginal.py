@@ -54,6 +54,7 @@ DEFAULT_VARIANTS = ("default; --backend onnxruntime --precision fp32; --backend 
                     "--precision int8")
 DEFAULT_MODELS = "default=1000,bert-base=150,bert-large=40"
 PEER_NAME = "transformers pipeline"
+BOUND_NAME = "bound: answering stage in bare processes"
 SEED = 0
 CALIBRATION_QUESTIONS = 64  # random weights: the IR's scales change no speed, so calibration stays short
 
@@ -295,7 +296,18 @@ def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per
     table = pq.read_table(out, columns=["id", "answer"])
     served = manifest.get("precision") or {k: manifest["config"].get(k) for k in ("backend", "precision")}
     return Run(table.num_rows, seconds, int(stages["windows"]), squad.predictions(table),
-               {**stages, "served": served}, load_average(), cpu)
+               {**stages, "served": served, "batch_tokens": manifest.get("batch_tokens")}, load_average(), cpu)
+
+
+def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, out: Path, processes: int,
+              windows: int) -> Run:
+    """The answering stage in ``processes`` bare processes (jobs/benchmark/bound.py) as our job served it."""
+    cmd = [sys.executable, "-m", "jobs.benchmark.bound", "--input", str(inputs), "--model", str(model_dir),
+           "--output", str(out), "--backend", served["backend"], "--precision", served["precision"],
+           "--processes", str(processes), "--batch-tokens", str(batch_tokens)]
+    seconds, cpu = timed(cmd, out.with_suffix(".log"))
+    predictions = json.loads(out.read_text())
+    return Run(len(predictions), seconds, windows, predictions, load=load_average(), cpu_seconds=cpu)
 
 
 def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: int, windows: dict,
@@ -393,6 +405,13 @@ def stage_line(row: Row) -> str | None:
             f"of actor time; model load {stages.get('model_load', 0.0):.1f} s")
 
 
+def bound_line(ours: Row, bound: Row) -> str:
+    """Our job's marginal rate as a share of the bare processes' (jobs/benchmark/bound.py)."""
+    return (f"- {ours.system} answers at {100 * ours.questions_per_s / bound.questions_per_s:.0f}% of the bare "
+            f"processes' marginal rate ({ours.questions_per_s:.1f} of {bound.questions_per_s:.1f} q/s): the rest is "
+            f"what Ray, the units and staging cost; the bare processes are the most this CPU's kernels allow")
+
+
 def served_text(served: dict | None) -> str:
     """The manifest's precision record in a few words: the variant, and auto's reason when auto chose."""
     if not served:
@@ -441,6 +460,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
         peer_row = Row(PEER_NAME, n)
     else:
         print(f"skipping the transformers pipeline: {peer_skip}", file=sys.stderr)
+    bound_row = Row(BOUND_NAME, n) if a.bound else None
     # A system's N and 2N runs follow each other, so that its difference is taken under the same neighbours' load;
     # repeats alternate which size runs first.
     for rep in range(a.repeats):
@@ -451,16 +471,27 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
                 (row.runs_n if k == n else row.runs_2n).append(run)
                 shutil.rmtree(out, ignore_errors=True)
                 progress(name, row.system, k, run)
+        if bound_row is not None:  # as the first variant served, after it ran
+            first = rows[0].runs_n[0].stages
+            served = first["served"].get("variant") or first["served"]
+            bound_row.system = f"{BOUND_NAME} ({served['backend']} {served['precision']})"
+            for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
+                out = d / f"{rep}-bound-{k}.json"
+                runs = rows[0].runs_n if k == n else rows[0].runs_2n
+                run = bound_run(model_dir, served, first["batch_tokens"], inputs[k], out, a.cpus, runs[0].windows)
+                (bound_row.runs_n if k == n else bound_row.runs_2n).append(run)
+                progress(name, bound_row.system, k, run)
         if peer_row is not None:
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-peer-{k}.json"
                 run = peer_run(hf_dir, inputs[k], out, a.cpus, a.hf_batch_size, windows, counts[k])
                 (peer_row.runs_n if k == n else peer_row.runs_2n).append(run)
                 progress(name, peer_row.system, k, run)
-    all_rows = rows + ([peer_row] if peer_row else [])
+    all_rows = rows + ([bound_row] if bound_row else []) + ([peer_row] if peer_row else [])
     label = f"{name} ({model_dir})" if name == "default" else f"{name} (random weights, {model_dir})"
-    text = "\n".join([header(label, n, os.cpu_count() or 1), "", marginal_table(all_rows, items, PEER_NAME, name == "default"), "",
-                      *filter(None, (stage_line(r) for r in rows))])
+    notes = [*filter(None, (stage_line(r) for r in rows)), *([bound_line(rows[0], bound_row)] if bound_row else [])]
+    text = "\n".join([header(label, n, os.cpu_count() or 1), "",
+                      marginal_table(all_rows, items, PEER_NAME, name == "default"), "", *notes])
     return {"text": text, "rows_per_unit": a.rows_per_unit, "rows": [row_report(r) for r in all_rows]}
 
 
