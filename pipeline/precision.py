@@ -13,8 +13,12 @@ default model's SQuAD dev questions and its questions/s, in the ``auto_precision
    actor lands).
 2. One choice for the job: among variants eligible on every measured class present, the one whose worst
    node class loses least against that class's own fastest eligible variant (max of the min of speed
-   ratios); ties go to the table's order. A class without measurements takes what the measured classes
-   choose, if it can compute it.
+   ratios). Worst ratios within ``SPEED_NOISE`` (5 points) of the best count as equal, as two runs of one
+   variant on one machine differ that much: among those, the best sum of ratios over the classes wins (a
+   variant as fast on one class and clearly faster on another), then the table's order. Without this,
+   a mixed AMX + AVX2 cluster's choice flipped between two ONNX Runtime graphs on a re-measurement
+   (92% against 91% on AMX). A class without measurements takes what the measured classes choose, if it
+   can compute it.
 3. No measured class present, or nothing common: the graph as it is (``fallback``), as before auto existed.
 
 Speed ranks differ with the model's size (AMX: OpenVINO bf16 is fastest on the 6 x 384 default model, the
@@ -36,6 +40,7 @@ from .model_dir import ModelShape
 
 AUTO = "auto"
 F1_TOLERANCE = 0.5  # points of SQuAD F1 below fp32 a variant may lose and still be chosen
+SPEED_NOISE = 0.05  # worst speed ratios this close count as equal (rule 2)
 # Precisions that compute in bfloat16 where the CPU has bfloat16 matmuls, and in f32 where it has not (OpenVINO's
 # hint): answers would depend on the node, so every node must have them (pipeline.backends maps them to hints).
 BF16_PRECISIONS = ("bf16", "int8-bf16")
@@ -182,10 +187,12 @@ def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], ser
                                                f"({', '.join(classes)}) that this model can be served in: "
                                                "the graph as it is", classes)
 
-    def worst_ratio(v: Variant) -> float:
-        return min(s[v] / max(s.values()) for s in speeds)
+    def ratios(v: Variant) -> list[float]:
+        return [s[v] / max(s.values()) for s in speeds]
 
-    best = max(common, key=lambda v: (worst_ratio(v), -order.index(v)))
+    floor = max(min(ratios(v)) for v in common) - SPEED_NOISE
+    best = max((v for v in common if min(ratios(v)) >= floor),
+               key=lambda v: (sum(ratios(v)), -order.index(v)))
     unmeasured = [c for c in classes if c not in table]
     detail = "; ".join(f"{row.cpu_class}: {s[best]:.1f} {'q/s' if at == row.shape else f'windows/s on a {at} model'}, "
                        f"F1 {_f1(row, best):.2f} against fp32's {row.fp32_f1:.2f}"
