@@ -186,7 +186,7 @@ def test_marginal_mode_runs_whole_processes(tiny_model, tmp_path):
 
 
 def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_path):
-    """Two bare processes taking 2-row ranges give each id the answer the job's Answerer gives it on that range."""
+    """Two bare processes answering 2-row units give each id the answer the job's Answerer gives it in its unit."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -200,7 +200,7 @@ def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_pat
     pq.write_table(table, tmp_path / "in.parquet")
     assert bound.main(["--input", str(tmp_path / "in.parquet"), "--model", str(tiny_model), "--output",
                        str(tmp_path / "out.json"), "--backend", "onnxruntime", "--precision", "fp32",
-                       "--processes", "2", "--batch-tokens", "512", "--rows", "2"]) == 0
+                       "--processes", "2", "--batch-tokens", "512", "--rows-per-unit", "2"]) == 0
     answers = json.loads((tmp_path / "out.json").read_text())
     spec, session = load_model(tiny_model, 1, backend="onnxruntime", precision="fp32")
     answerer = Answerer(spec, session, batch_tokens=512)
