@@ -4,11 +4,12 @@
     python -m jobs.benchmark --data dev-v1.1.json --limit 500 --mode actors   # 1 actor x N CPUs vs N x 1
     python -m jobs.benchmark --data dev-v1.1.json --limit 500 --mode tuning   # token budget x spinning
     python -m jobs.benchmark --data dev-v1.1.json --mode marginal [--models default=1000,bert-base=150] \
-        [--variants='default; --precision int8']   # whole processes, N/(T(2N)-T(N)), against the pipeline
+        [--variants='default; --precision int8'] [--bound]   # whole processes, N/(T(2N)-T(N)), against the pipeline
 
 ``marginal`` (jobs/benchmark/marginal.py) times whole processes from outside: ``python -m jobs.answer`` at its
 defaults plus each variant's flags, and the transformers pipeline (jobs/benchmark/peer.py), each on N and 2N
-questions, on the default model and on random-weight BERT-base and BERT-large made by models.convert.
+questions, on the default model and on random-weight BERT-base and BERT-large made by models.convert; with
+``--bound``, also our answering stage in bare processes without Ray (jobs/benchmark/bound.py), the job's ceiling.
 
 ``compare`` (the default) measures in one run: our job (jobs.evaluate.evaluate_model, real Ray actors)
 on the int8 graph and on the fp32 graph; the transformers question-answering pipeline in PyTorch on
