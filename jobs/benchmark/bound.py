@@ -28,21 +28,22 @@ from jobs.config import JobConfig
 from pipeline.poison import first_pass
 from pipeline.units import ReadUnit, plan_units
 
-_worker: dict = {}  # in each process: its Answerer and its reader (which keeps the last row group read)
+_answerer = None  # in each worker process: the job's Answerer on one session ...
+_reader = None  # ... and a UnitReader, which keeps the last row group it decoded
 
 
 def _load(model: str, backend: str, precision: str, batch_tokens: int) -> None:
+    global _answerer, _reader
     from pipeline.answer import Answerer
     from pipeline.backends import load_model
     from pipeline.units import UnitReader
 
     spec, session = load_model(model, 1, backend=backend, precision=precision)
-    _worker["answerer"] = Answerer(spec, session, batch_tokens=batch_tokens)
-    _worker["reader"] = UnitReader(pafs.LocalFileSystem())
+    _answerer, _reader = Answerer(spec, session, batch_tokens=batch_tokens), UnitReader(pafs.LocalFileSystem())
 
 
 def _answer(piece: ReadUnit) -> list[tuple[str, str]]:
-    out = _worker["answerer"](_worker["reader"].read(piece).select(["id", "question", "context"]))
+    out = _answerer(_reader.read(piece).select(["id", "question", "context"]))
     return [(i, a or "") for i, a in zip(out.column("id").to_pylist(), out.column("answer").to_pylist())]
 
 
