@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, cpu_model, filesystem_type, free_port
+from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, cpu_model, filesystem_type, moto_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "planning-bench"
@@ -186,19 +185,7 @@ def local_store(directory: str | None = None) -> Iterator[Store]:
 @contextmanager
 def moto_store() -> Iterator[Store]:
     """A bucket on a moto server (its own process) on 127.0.0.1, and the environment that points a job at it."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", f"from jobs.benchmark.planning import serve_s3; serve_s3({port})"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError("the moto server exited at start (is moto[server] installed?)") from None
-                time.sleep(0.1)
+    with moto_server("jobs.benchmark.planning:serve_s3") as endpoint:
         env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL_S3", "AWS_REGION")}
         env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
@@ -206,9 +193,6 @@ def moto_store() -> Iterator[Store]:
                                secret_key="testing", allow_bucket_creation=True)
         fs.create_dir(BUCKET)
         yield Store("S3 (moto, 127.0.0.1)", fs, f"{BUCKET}/in", f"s3://{BUCKET}/in", env, endpoint)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 # -- the run ----------------------------------------------------------------------------------------

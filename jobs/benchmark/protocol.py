@@ -449,20 +449,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def moto_store(allow_delayed_open: bool = False) -> Iterator[Store]:
-    """An S3 bucket on a moto server (its own process) on 127.0.0.1, configured for this process the way a user
-    points the job at an S3-compatible store (AWS_ENDPOINT_URL and credentials in the environment).
-    ``allow_delayed_open``: the same filesystem with that pyarrow option (a small file is then one PutObject at
-    close instead of a multipart upload of one part: three requests), to show what the option would save."""
-    from pipeline.lake import filesystem_and_path
-
+def moto_server(serve: str) -> Iterator[str]:
+    """A moto server on 127.0.0.1 in its own process, ``serve`` (``module:function``) called there with its port;
+    yields the endpoint, stops the server on the way out."""
+    module, function = serve.split(":")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", f"from jobs.benchmark.protocol import serve_s3; serve_s3({port})"],
+    server = subprocess.Popen([sys.executable, "-c", f"from {module} import {function}; {function}({port})"],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in (*env, "AWS_ENDPOINT_URL_S3", "AWS_REGION")}
     try:
         for _ in range(300):
             try:
@@ -472,25 +465,54 @@ def moto_store(allow_delayed_open: bool = False) -> Iterator[Store]:
                 if server.poll() is not None:
                     raise RuntimeError("the moto server exited at start (is moto[server] installed?)") from None
                 time.sleep(0.1)
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        os.environ.pop("AWS_REGION", None)
-        os.environ.update(env)
-        pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
-        fs, base = filesystem_and_path(f"s3://{BUCKET}/runs")
-        settings = {"endpoint_override": endpoint, "region": env["AWS_DEFAULT_REGION"]}  # filesystem_and_path's
-        name = "S3 (moto, 127.0.0.1)"
-        if allow_delayed_open:
-            fs, name = pafs.S3FileSystem(**settings, allow_delayed_open=True), f"{name}, allow_delayed_open"
-        counting = CountingS3FileSystem(**settings, allow_delayed_open=allow_delayed_open)
-        yield Store(name, fs, counting, base, ServerCounts(endpoint))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@contextmanager
+def moto_store(allow_delayed_open: bool = False) -> Iterator[Store]:
+    """An S3 bucket on a moto server (its own process) on 127.0.0.1, configured for this process the way a user
+    points the job at an S3-compatible store (AWS_ENDPOINT_URL and credentials in the environment).
+    ``allow_delayed_open``: the same filesystem with that pyarrow option (a small file is then one PutObject at
+    close instead of a multipart upload of one part: three requests), to show what the option would save."""
+
+    with moto_server("jobs.benchmark.protocol:serve_s3") as endpoint:
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        with environment(env, drop=("AWS_ENDPOINT_URL_S3", "AWS_REGION")):
+            yield _moto_bucket(endpoint, env, allow_delayed_open)
+
+
+def _moto_bucket(endpoint: str, env: dict, allow_delayed_open: bool) -> Store:
+    from pipeline.lake import filesystem_and_path
+
+    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+    fs, base = filesystem_and_path(f"s3://{BUCKET}/runs")
+    settings = {"endpoint_override": endpoint, "region": env["AWS_DEFAULT_REGION"]}  # filesystem_and_path's
+    name = "S3 (moto, 127.0.0.1)"
+    if allow_delayed_open:
+        fs, name = pafs.S3FileSystem(**settings, allow_delayed_open=True), f"{name}, allow_delayed_open"
+    counting = CountingS3FileSystem(**settings, allow_delayed_open=allow_delayed_open)
+    return Store(name, fs, counting, base, ServerCounts(endpoint))
+
+
+@contextmanager
+def environment(values: dict[str, str], drop: tuple[str, ...] = ()) -> Iterator[None]:
+    """This process's environment with ``values`` set and ``drop`` unset, as it was again on the way out."""
+    saved = {k: os.environ.get(k) for k in (*values, *drop)}
+    try:
+        for k in drop:
+            os.environ.pop(k, None)
+        os.environ.update(values)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        server.terminate()
-        server.wait(timeout=10)
 
 
 # -- measuring --------------------------------------------------------------------------------------
