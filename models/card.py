@@ -6,6 +6,12 @@ table in ``models/README.md`` between the card markers.
 
     python -m models.card --slice /tmp/ev/s200.json --int8 /tmp/ev/int8.json --fp32 /tmp/ev/fp32.json
 
+A CPU class the card has no ``auto_precision`` row for (``--precision auto`` then serves the graph as it is)
+gets one in one command on a machine of that class: every variant the default model can be served as on this
+CPU, the first N dev questions each, a fresh job each, then the row written as ``--auto-precision`` writes it:
+
+    python -m models.card --measure ../shared/data/squad/dev-v1.1.json [--limit 2000] [--cpu "AMD EPYC 9R14"]
+
 Without ``--slice`` the existing card is updated with the reports given (the others stay as measured), e.g. a
 variant measured on another CPU, named with ``--cpu``:
 
@@ -17,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +69,48 @@ def openvino_int8_ir(convert_report: dict) -> dict:
     }
 
 
-def auto_precision_row(reports: list[dict], cpu: str, date: str) -> tuple[str, dict]:
+def measured_variants(model_dir: Path = MODEL_DIR) -> list:
+    """The variants ``--measure`` runs: those the directory can be served as, less the bfloat16 ones on a CPU
+    without bfloat16 matmuls (OpenVINO would compute them in f32: fp32 measured twice under two names)."""
+    from pipeline.backends import servable_variants
+    from pipeline.cpu import has_bf16_matmuls
+    from pipeline.precision import BF16_PRECISIONS
+
+    return sorted(v for v in servable_variants(model_dir) if has_bf16_matmuls() or v.precision not in BF16_PRECISIONS)
+
+
+def measure(data: str, limit: int, work: Path, model_dir: Path = MODEL_DIR) -> list[dict]:
+    """``jobs.evaluate --limit LIMIT`` on each of ``measured_variants``, a fresh process (and job) each, one
+    after the other (nothing else should run meanwhile: the questions/s are what auto ranks by); the reports.
+    Each variant's job works in ``work/BACKEND-PRECISION``, emptied first: a second measurement replaces the
+    first (the job would refuse an output that exists)."""
+    work.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for v in measured_variants(model_dir):
+        report, out = work / f"{v.backend}-{v.precision}.json", work / f"{v.backend}-{v.precision}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "jobs.evaluate", "--data", str(data), "--limit", str(limit), "--model",
+               str(model_dir), "--backend", v.backend, "--precision", v.precision, "--report", str(report),
+               "--out-dir", str(out)]
+        print(f"measuring {v}: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        reports.append(json.loads(report.read_text()))
+    return reports
+
+
+def describe_cpu() -> str:
+    """This machine as a card row names it when ``--cpu`` is not given."""
+    import os
+
+    from pipeline.cpu import cpu_class, local_flags, model_name
+
+    shown = sorted(f for f in local_flags() if f.startswith(("amx_", "avx512_vnni", "avx512_bf16", "avx_vnni")))
+    return (f"{model_name()} (CPU class {cpu_class()}; {', '.join(shown) or 'no VNNI, AMX or BF16 flags'}), "
+            f"{len(os.sched_getaffinity(0))} CPUs")
+
+
+def auto_precision_row(reports: list[dict], cpu: str, date: str, model_dir: Path = MODEL_DIR,
+                       wrote: str = "--auto-precision REPORTS --cpu ...") -> tuple[str, dict]:
     """(CPU class, the card's ``auto_precision`` row) from ``jobs.evaluate`` reports of the variants on one
     machine, the same questions each: what ``--precision auto`` chooses from (pipeline/precision.py). The
     fp32 reference is OpenVINO's fp32 (the model's fp32 graph in f32)."""
@@ -78,11 +128,11 @@ def auto_precision_row(reports: list[dict], cpu: str, date: str) -> tuple[str, d
     (count,) = counts
     return classes.pop(), {
         "fp32_f1": round(by_variant[("openvino", "fp32")]["f1"], 2),
-        "shape": shape_of(MODEL_DIR),
+        "shape": shape_of(model_dir),
         "variants": variants,
         "source": (f"{cpu}, {date}: {EVAL} --limit {count} --backend B --precision P for each variant; F1 on the "
                    f"first {count} dev questions, questions/s of the whole job (a fresh local Ray, the default "
-                   "layout); python -m models.card --auto-precision REPORTS --cpu ... wrote this row"),
+                   f"layout); python -m models.card {wrote} wrote this row"),
     }
 
 
@@ -205,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auto-precision", nargs="+", metavar="REPORT",
                    help="reports of jobs.evaluate --limit N --backend B --precision P, one per variant, on this "
                         "CPU: the card's auto_precision row for its class (--precision auto decides from it)")
+    p.add_argument("--measure", metavar="SQUAD_JSON",
+                   help="run jobs.evaluate on every variant the default model serves on this CPU (first --limit "
+                        "questions of this SQuAD file, a fresh job each) and write its class's auto_precision row")
+    p.add_argument("--limit", type=int, default=2000, help="questions a variant answers for --measure (default 2000)")
+    p.add_argument("--reports", default="out/card-measure",
+                   help="where --measure keeps its jobs' reports, inputs and outputs (default out/card-measure)")
     p.add_argument("--other-shape", nargs="+", metavar="RESULT",
                    help="files of jobs.benchmark.fixed_batches output lines, one per variant, on a model of another "
                         "shape on this CPU: speeds for its class's auto_precision row (needs the row)")
@@ -234,10 +290,14 @@ def main(argv: list[str] | None = None) -> None:
         card["dev_openvino_int8"] = _figures(load(a.openvino_int8), f"{EVAL} {OPENVINO_INT8}", a.cpu, a.speed_note)
     if a.openvino_int8_ir:
         card["openvino_int8_ir"] = openvino_int8_ir(load(a.openvino_int8_ir))
-    if a.auto_precision:
-        if not a.cpu:
+    if a.auto_precision and a.measure:
+        p.error("--auto-precision reads reports, --measure makes them: give one")
+    if a.auto_precision or a.measure:
+        if a.auto_precision and not a.cpu:
             p.error("--auto-precision needs --cpu (the machine the reports ran on)")
-        cls, row = auto_precision_row([load(r) for r in a.auto_precision], a.cpu, time.strftime("%Y-%m-%d"))
+        reports = measure(a.measure, a.limit, Path(a.reports)) if a.measure else [load(r) for r in a.auto_precision]
+        wrote = f"--measure SQUAD_JSON --limit {a.limit}" if a.measure else "--auto-precision REPORTS --cpu ..."
+        cls, row = auto_precision_row(reports, a.cpu or describe_cpu(), time.strftime("%Y-%m-%d"), wrote=wrote)
         kept = card.get("auto_precision", {}).get(cls, {}).get("other_shapes")
         card["auto_precision"] = {**card.get("auto_precision", {}), cls: {**row, **({"other_shapes": kept} if kept else {})}}
     if a.other_shape:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,18 @@ def read_flags(path: Path = CPUINFO) -> frozenset[str]:
         return parse_flags(path.read_text(errors="replace"))
     except OSError:
         return frozenset()
+
+
+def model_name(path: Path = CPUINFO) -> str:
+    """The processor's name as Linux reports it ("Intel(R) Xeon(R) Processor"), for tables and the model card."""
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

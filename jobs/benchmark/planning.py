@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, cpu_model, filesystem_type, moto_server
+from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, filesystem_type, moto_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "planning-bench"
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure_once(args.uri, args.measure, args.rows_per_unit, args.threads)))
         return 0
-    from pipeline.cpu import cpu_class
+    from pipeline.cpu import cpu_class, model_name
 
     with (local_store(args.dir) if args.store == "local" else moto_store()) as store:
         result = run(store, args.files, args.repeats, args.rows_per_unit, args.threads, args.s3_latency_ms)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         moto_version = "not installed"
     s = summary(result)
-    print(f"CPU: {cpu_model()} (class {cpu_class()}), {os.cpu_count()} CPUs; pyarrow {pa.__version__}, "
+    print(f"CPU: {model_name()} (class {cpu_class()}), {os.cpu_count()} CPUs; pyarrow {pa.__version__}, "
           f"moto {moto_version}; {result['files']:,} files, {result['rows']:,} rows, {s['units']:,} units; "
           f"after: {s['threads']} threads; medians of {args.repeats} passes.")
     print(TABLE_HEADER)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -617,17 +616,6 @@ def measure(store: Store, blocks: list[pa.Table], repeats: int = 3, job: dict | 
 
 
 # -- report -----------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def filesystem_type(path: str) -> str:
     """The mount type (ext4, tmpfs, overlay...) of the mount a local path is on."""
     best, kind = "", "?"
@@ -642,14 +630,14 @@ def filesystem_type(path: str) -> str:
 
 
 def header(rows: int, rows_per_unit: int, units: int, repeats: int, local_dir: str) -> str:
-    from pipeline.cpu import cpu_class
+    from pipeline.cpu import cpu_class, model_name
 
     try:
         import moto
         moto_version = moto.__version__
     except ImportError:
         moto_version = "not installed"
-    return (f"CPU: {cpu_model()} (class {cpu_class()}), {os.cpu_count()} CPUs; pyarrow {pa.__version__}, "
+    return (f"CPU: {model_name()} (class {cpu_class()}), {os.cpu_count()} CPUs; pyarrow {pa.__version__}, "
             f"moto {moto_version}; local directory on {filesystem_type(local_dir)}. {rows} rows in {units} units of "
             f"{rows_per_unit}; seconds: median of {repeats} passes.")
 
