@@ -12,6 +12,11 @@ CPU, the first N dev questions each, a fresh job each, then the row written as `
 
     python -m models.card --measure ../shared/data/squad/dev-v1.1.json [--limit 2000] [--cpu "AMD EPYC 9R14"]
 
+and the speeds auto ranks by for models of another shape (a random-weight BERT-base, e.g. the one
+``python -m jobs.benchmark --mode marginal --models bert-base=150`` builds), on fixed batches:
+
+    python -m models.card --measure-shape out/benchmark-marginal/models/bert-base/model [--seconds 10]
+
 Without ``--slice`` the existing card is updated with the reports given (the others stay as measured), e.g. a
 variant measured on another CPU, named with ``--cpu``:
 
@@ -98,6 +103,28 @@ def measure(data: str, limit: int, work: Path, model_dir: Path = MODEL_DIR) -> l
     return reports
 
 
+SHAPE_BATCH, SHAPE_SEQ, SHAPE_THREADS = 12, 160, 1  # the fixed batches the card's other-shape speeds are taken on
+
+
+def measure_shape(model_dir: Path, seconds: float) -> list[dict]:
+    """``jobs.benchmark.fixed_batches`` on each variant the job serves ``model_dir`` as on this CPU (as
+    ``measured_variants``), a fresh process each, three rounds of ``seconds``: the results ``--other-shape``
+    reads."""
+    from jobs.benchmark.fixed_batches import VARIANTS, job_variant
+
+    wanted = {(v.backend, v.precision) for v in measured_variants(model_dir)}
+    results = []
+    for name, v in VARIANTS.items():
+        if (v.backend, v.precision) not in wanted or job_variant(name, model_dir) is None:
+            continue  # not served here, or a graph or kernels the job does not serve under that name
+        cmd = [sys.executable, "-m", "jobs.benchmark.fixed_batches", name, str(model_dir), str(SHAPE_BATCH),
+               str(SHAPE_SEQ), str(SHAPE_THREADS), str(seconds)]
+        print(f"measuring {name} on {model_dir}: {' '.join(cmd[1:])}", flush=True)
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def describe_cpu() -> str:
     """This machine as a card row names it when ``--cpu`` is not given."""
     import os
@@ -143,7 +170,8 @@ def shape_of(model_dir: Path) -> dict:
     return {"layers": shape.layers, "hidden": shape.hidden}
 
 
-def other_shape_row(results: list[dict], cpu: str, date: str) -> tuple[str, dict]:
+def other_shape_row(results: list[dict], cpu: str, date: str,
+                    wrote: str = "--other-shape RESULTS --cpu ...") -> tuple[str, dict]:
     """(CPU class, one ``other_shapes`` entry of its auto_precision row) from ``jobs.benchmark.fixed_batches``
     results of the job's variants on one model of another shape: speeds --precision auto ranks by for models
     near that shape (pipeline/precision.py)."""
@@ -160,7 +188,7 @@ def other_shape_row(results: list[dict], cpu: str, date: str) -> tuple[str, dict
         "source": (f"{cpu}, {date}: python -m jobs.benchmark.fixed_batches VARIANT MODEL_DIR {r0['batch']} "
                    f"{r0['seq']} {r0['threads']} SECONDS for each variant, a fresh process each, on a random-weight "
                    f"{r0['shape']['layers']} x {r0['shape']['hidden']} QA model made by models.convert (the "
-                   "median of three rounds); python -m models.card --other-shape RESULTS --cpu ... wrote this"),
+                   f"median of three rounds); python -m models.card {wrote} wrote this"),
     }
 
 
@@ -261,6 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=2000, help="questions a variant answers for --measure (default 2000)")
     p.add_argument("--reports", default="out/card-measure",
                    help="where --measure keeps its jobs' reports, inputs and outputs (default out/card-measure)")
+    p.add_argument("--measure-shape", metavar="MODEL_DIR",
+                   help="time every variant the job serves this model directory as on this CPU (fixed batches of "
+                        f"{SHAPE_BATCH} x {SHAPE_SEQ}, {SHAPE_THREADS} thread, a fresh process each) and write the "
+                        "speeds into this CPU class's auto_precision row, as --other-shape does")
+    p.add_argument("--seconds", type=float, default=10.0, help="each of --measure-shape's three rounds (default 10)")
     p.add_argument("--other-shape", nargs="+", metavar="RESULT",
                    help="files of jobs.benchmark.fixed_batches output lines, one per variant, on a model of another "
                         "shape on this CPU: speeds for its class's auto_precision row (needs the row)")
@@ -300,10 +333,15 @@ def main(argv: list[str] | None = None) -> None:
         cls, row = auto_precision_row(reports, a.cpu or describe_cpu(), time.strftime("%Y-%m-%d"), wrote=wrote)
         kept = card.get("auto_precision", {}).get(cls, {}).get("other_shapes")
         card["auto_precision"] = {**card.get("auto_precision", {}), cls: {**row, **({"other_shapes": kept} if kept else {})}}
-    if a.other_shape:
-        if not a.cpu:
+    if a.other_shape and a.measure_shape:
+        p.error("--other-shape reads results, --measure-shape makes them: give one")
+    if a.other_shape or a.measure_shape:
+        if a.other_shape and not a.cpu:
             p.error("--other-shape needs --cpu (the machine the results came from)")
-        cls, entry = other_shape_row([json.loads(Path(r).read_text().strip().splitlines()[-1]) for r in a.other_shape], a.cpu, time.strftime("%Y-%m-%d"))
+        results = (measure_shape(Path(a.measure_shape), a.seconds) if a.measure_shape else
+                   [json.loads(Path(r).read_text().strip().splitlines()[-1]) for r in a.other_shape])
+        wrote = "--measure-shape MODEL_DIR" if a.measure_shape else "--other-shape RESULTS --cpu ..."
+        cls, entry = other_shape_row(results, a.cpu or describe_cpu(), time.strftime("%Y-%m-%d"), wrote=wrote)
         if cls not in card.get("auto_precision", {}):
             p.error(f"--other-shape: the card has no auto_precision row for CPU class {cls}; measure it first")
         row = card["auto_precision"][cls]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import pytest
 from conftest import REPO
@@ -67,3 +68,30 @@ def test_measure_runs_each_variant_and_makes_the_row_auto_reads(joined_ray, tmp_
     table = parse_table({"auto_precision": {cls: row}})  # what --precision auto reads
     assert {str(m.variant) for m in table[cls].variants} == {str(v) for v in wanted}
     json.dumps(row)  # the card is JSON
+
+
+@pytest.mark.skipif(find_spec("torch") is None or find_spec("transformers") is None or find_spec("nncf") is None,
+                    reason="a model with every graph is converted from a checkpoint: pip install -e '.[convert]'")
+def test_measure_shape_times_each_served_variant_on_the_model(tmp_path):
+    """On a converted model with every graph (ONNX Runtime int8 and 7-bit, the fp32 graph, the NNCF IR), each
+    variant the job serves is timed in its own process, and the row entry names the model's shape."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_nncf import calibration_rows
+    from tiny_sources import hf_bert_qa
+
+    from models.convert import main as convert
+
+    pq.write_table(pa.table(calibration_rows(12)), tmp_path / "calibration.parquet")
+    convert([str(hf_bert_qa(tmp_path / "src")), str(tmp_path / "dst"), "--quantize", "int8",
+             "--calibration", str(tmp_path / "calibration.parquet")])
+    results = card.measure_shape(tmp_path / "dst", seconds=0.2)
+    wanted = {str(v) for v in card.measured_variants(tmp_path / "dst")}
+    assert {f"{r['job_variant']['backend']} {r['job_variant']['precision']}" for r in results} == wanted
+    assert all(r["windows_per_s"] > 0 and (r["batch"], r["seq"], r["threads"]) == (12, 160, 1) for r in results)
+    cls, entry = card.other_shape_row(results, "this machine", "2026-12-02", wrote="--measure-shape X")
+    config = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert cls == cpu_class()
+    assert entry["shape"] == {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"]}
+    assert {f"{v['backend']} {v['precision']}" for v in entry["variants"]} == wanted
+    assert "models.card --measure-shape X" in entry["source"]

@@ -46,8 +46,15 @@ VARIANTS = {
 }
 
 
-def batch(size: int, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ids = np.random.default_rng(0).integers(1000, 30000, size=(size, seq)).astype(np.int64)
+def vocab_size(model_dir: Path) -> int:
+    """The model's vocabulary (config.json), or BERT's where it has no config."""
+    config = model_dir / "config.json"
+    return int(json.loads(config.read_text()).get("vocab_size", 30522)) if config.exists() else 30522
+
+
+def batch(size: int, seq: int, vocab: int = 30522) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random ids inside the vocabulary (1000-29999 on BERT's: words, not special tokens)."""
+    ids = np.random.default_rng(0).integers(min(1000, vocab // 2), min(30000, vocab), size=(size, seq)).astype(np.int64)
     ids[:, 0] = 101
     types = np.zeros((size, seq), np.int64)
     types[:, seq // 4:] = 1
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("threads", type=int)
     p.add_argument("seconds", type=float, help="length of each of the three rounds")
     a = p.parse_args(argv)
-    run = runner(a.variant, a.model_dir, a.threads, batch(a.batch, a.seq))
+    run = runner(a.variant, a.model_dir, a.threads, batch(a.batch, a.seq, vocab_size(a.model_dir)))
     run(), run()  # warm-up
     rates = []
     for _ in range(3):
