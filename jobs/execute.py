@@ -5,9 +5,14 @@ tasks without limit by default, so a row that crashes the model process (a nativ
 be retried forever. Here every limit is finite, and a crash costs only the rows that cause it:
 
 - A pass answers pieces of read units (the first: pending units whole, shrinking towards its end so that the
-  actors finish together: ``poison.first_pass``), one piece per actor task and one
-  task in flight per actor, so a crash is charged to the one piece its actor was answering (the actor reads
-  its own Parquet rows, so a second task in flight would prefetch nothing).
+  actors finish together: ``poison.first_pass``), one piece per actor task. The first pass keeps two tasks
+  in flight per actor (``FIRST_PASS_TASKS_PER_ACTOR``): Ray Data hands an actor its next task on a later tick
+  of its scheduling loop (it polls every 0.1 s; 0.15 s idle between an actor's pieces measured), and a queued
+  second piece fills that gap (+6% marginal questions/s on the default model, BENCHMARKS.md). A crash then
+  fails the queued piece too: it may be retried behind the poison piece and leave the pass with it, and is
+  answered in the next pass, in halves, like any piece that did not stage. Later passes keep one task in flight
+  per actor, so there a crash is charged to the one piece its actor was answering, and only a row that
+  crashed the model process alone is written as crashed.
 - Ray retries a piece whose actor process died on it on the restarted actor, CRASHES_PER_PASS (3) attempts
   in all (``max_task_retries=2``); a Python exception is not retried. Ray Data then drops that piece's block
   and goes on (``DataContext.max_errored_blocks = -1``), so one poison unit does not stop the others.
@@ -32,8 +37,8 @@ autoscaling bound (the sum over worker groups of maxReplicas x CPUs, from the cl
 in the GCS, which Ray Data reads for the same purpose) in actors, else (a cluster with no autoscaler) the pass's
 pieces: more actors than pieces would have nothing to do, and Ray Data adds an actor only when a CPU is free. Ray Data adds actors only while the pool's utilization (tasks
 in flight per actor slot) is at least its upscaling threshold, 1.75 by default: with one task in flight per actor
-(above) utilization never passes 1.0, so the threshold is set to 1.0 here (``UPSCALING_THRESHOLD``), or the pool
-would never grow. Nor does it shrink on utilization (``DOWNSCALING_THRESHOLD``): Ray Data's default drops an actor
+(later passes, above) utilization never passes 1.0, so the threshold is set to 1.0 here (``UPSCALING_THRESHOLD``),
+or the pool would never grow; in the first pass, two in flight, the pool grows once every actor has a piece. Nor does it shrink on utilization (``DOWNSCALING_THRESHOLD``): Ray Data's default drops an actor
 whenever half the pool is idle, which a pool of two is for a moment each time an actor starts (before its first
 task), and the actor it then starts again loads the model again (seen on 2 worker nodes: one actor answered
 everything while the other node's actors were dropped and restarted); the pool shrinks once the pass has no
@@ -70,6 +75,7 @@ from pipeline.poison import CRASHES_PER_PASS, Piece
 LARGE_MODEL_BYTES = 256 * 2**20
 REPORT_GRACE_S = 10.0  # how long the last actor reports may take to arrive after the last write
 UPSCALING_THRESHOLD = 1.0  # Ray Data's default (1.75) is out of reach with one task in flight per actor
+FIRST_PASS_TASKS_PER_ACTOR = 2  # later passes: 1 (module docstring)
 DOWNSCALING_THRESHOLD = -1.0  # never on utilization (Ray Data's default: at 0.5); see the module docstring
 WAIT_POLL_S = 1.0
 POOL_ACTOR_CLASS = "MapWorker"  # Ray Data's actor class for a pool's actors (the GCS table's class name)
@@ -166,16 +172,16 @@ def pool_layout(capacity: Capacity, min_actors: int, max_actors: int | None, con
     return ActorLayout(most, threads, capacity.cpus, min_actors, initial, source)
 
 
-def pool_strategy(layout: ActorLayout, pieces: int):
-    """Ray Data's compute strategy for a pass of ``pieces`` pieces: fixed, or autoscaling (no bound above the
-    pieces: an actor without a piece idles)."""
+def pool_strategy(layout: ActorLayout, pieces: int, tasks_per_actor: int = 1):
+    """Ray Data's compute strategy for a pass of ``pieces`` pieces, ``tasks_per_actor`` in flight on each
+    actor: fixed, or autoscaling (no bound above the pieces: an actor without a piece idles)."""
     import ray
 
     low, start, high = (min(n, pieces) for n in (layout.min_actors, layout.initial_actors, layout.actors))
     if low == high:
-        return ray.data.ActorPoolStrategy(size=high, max_tasks_in_flight_per_actor=1)
+        return ray.data.ActorPoolStrategy(size=high, max_tasks_in_flight_per_actor=tasks_per_actor)
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start,
-                                      max_tasks_in_flight_per_actor=1)
+                                      max_tasks_in_flight_per_actor=tasks_per_actor)
 
 
 def cluster_capacity() -> Capacity:
@@ -279,7 +285,8 @@ def _answer(plan: JobPlan, started: float) -> Execution:
     with ProgressReporter(stats, rows, cfg.progress_every_s):
         while pieces:
             passes += 1
-            failed = _answer_pass(plan, settings, stats, pieces, layout)
+            failed = _answer_pass(plan, settings, stats, pieces, layout,
+                                  FIRST_PASS_TASKS_PER_ACTOR if passes == 1 else 1)
             if failed:
                 split = sum(p.length > 1 for p in failed)
                 print(f"retry: {len(failed)} of {len(pieces)} pieces of read units crashed the model process "
@@ -311,7 +318,8 @@ def data_context() -> None:
                                                  actor_pool_util_downscaling_threshold=DOWNSCALING_THRESHOLD)
 
 
-def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], layout: ActorLayout) -> list[Piece]:
+def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], layout: ActorLayout,
+                 tasks_per_actor: int) -> list[Piece]:
     """Answer ``pieces`` into staging; the pieces that crashed their actor CRASHES_PER_PASS times (not staged).
     Raises the first exception an actor reported."""
     import ray
@@ -331,7 +339,7 @@ def _answer_pass(plan: JobPlan, settings, stats, pieces: list[Piece], layout: Ac
             fn_constructor_kwargs={"fs": plan.input_fs, "settings": settings, "questions": plan.questions,
                                    "stats": stats, "output": plan.output},
             batch_format="pyarrow", batch_size=1, num_cpus=settings.threads,
-            compute=pool_strategy(layout, len(pieces)),
+            compute=pool_strategy(layout, len(pieces), tasks_per_actor),
             max_restarts=budget + 1, max_task_retries=CRASHES_PER_PASS - 1,
         )
     # The actors stage their answers themselves (jobs/ray_stage.py says why); what comes back is one small

@@ -234,8 +234,10 @@ def test_a_row_that_crashes_the_model_process_costs_only_itself(tiny_model, tmp_
     assert rows["r005"]["error"] == "question is null"
     assert manifest["errors"] == 2 and manifest["rows_out"] == 40
     retries = manifest["retries"]
-    # unit 4 (rows 16..19) -> halves (16..17 crashes) -> single rows (17 crashes): 3 passes, 2 + 2 pieces again
-    assert retries["crashed_rows"] == ["r017"] and retries["passes"] == 3 and retries["pieces_retried"] == 4
+    # unit 4 (rows 16..19) -> halves (16..17 crashes) -> single rows (17 crashes): 3 passes, 2 + 2 pieces again.
+    # The first pass keeps two pieces in flight per actor: a piece queued behind unit 4 on its actor may fail
+    # with it and come back in halves in pass 2 (2 more pieces, both staged there, one in flight each)
+    assert retries["crashed_rows"] == ["r017"] and retries["passes"] == 3 and retries["pieces_retried"] in (4, 6)
     assert retries["actor_restarts"] >= 6  # 3 crashes a pass; the restart after the last may not have come yet
     print(f"poison-row job: {seconds:.1f} s")
 
