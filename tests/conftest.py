@@ -38,6 +38,7 @@ def ray_node(tmp_path_factory):
     from multinode import LocalCluster
 
     cluster = LocalCluster(tmp_path_factory.mktemp("ray-node"))
+    SHARED_NODE_LOGS.append(cluster.temp / "ray" / "session_latest" / "logs")
     try:
         cluster.start_head(num_cpus=os.cpu_count() or 1)
         yield cluster
@@ -53,6 +54,19 @@ def joined_ray(ray_node):
             mp.setenv(var, ray_node.env[var])
         mp.setenv("RAY_ADDRESS", ray_node.address)
         yield ray_node
+
+
+SHARED_NODE_LOGS: list[Path] = []  # the suite's Ray node's log folder, once started
+
+
+def driver_log_tail(lines: int = 30) -> str:
+    """The end of the newest driver log on the suite's Ray node. A job whose Ray core worker ends the process
+    itself (exit 1, nothing on stdout or stderr) says why only there."""
+    logs = sorted((p for d in SHARED_NODE_LOGS for p in d.glob("python-core-driver-*.log")),
+                  key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return "(no driver log on the suite's Ray node)"
+    return f"{logs[-1]}:\n" + "\n".join(logs[-1].read_text(errors="replace").splitlines()[-lines:])
 
 
 def local_ray_env(env: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, local_ray_env
+from conftest import REPO, driver_log_tail, local_ray_env
 
 from pipeline.faults import EXIT_CODE
 
@@ -47,7 +47,7 @@ def job(args: list[str], env_extra: dict | None = None, *, local_ray: bool = Fal
 def run_job(args: list[str], env_extra: dict | None = None, timeout: int = 300, local_ray: bool = False) -> str:
     p = job(args, env_extra, local_ray=local_ray)
     out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out[-4000:]
+    assert p.returncode == 0, out[-4000:] or f"exit {p.returncode}, no output; {driver_log_tail()}"
     return out
 
 
