@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -100,6 +101,10 @@ def plan(cfg: JobConfig) -> JobPlan:
         in_fs, in_files = expand_input(cfg.input)
         units, schema, bad_files = plan_units(in_fs, in_files, cfg.rows_per_unit, skip_bad_files=cfg.skip_bad_files,
                                               base=input_base(cfg.input))
+    if bad_files:  # the manifest lists them too; the log is where a nightly job's owner looks first
+        shown = ", ".join(bad_files[:5]) + (f" and {len(bad_files) - 5} more" if len(bad_files) > 5 else "")
+        print(f"note: skipped {len(bad_files)} input file(s) not readable as Parquet (--skip-bad-files): {shown}; "
+              "the manifest's skipped_bad_files lists them", file=sys.stderr, flush=True)
     if questions is not None:
         clash = [c for c in (QUESTION, QUESTION_ID) if c in schema.names]
         if clash:

@@ -244,7 +244,8 @@ def test_bad_input_file(tiny_model, tmp_path):
     text, _ = p.communicate(timeout=300)
     assert p.returncode != 0 and f"input file {src / 'c.parquet'}" in text and "--skip-bad-files" in text
     assert not out.exists()
-    run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_model), "--skip-bad-files"])
+    text = run_job(["--input", str(src), "--output", str(out), "--model", str(tiny_model), "--skip-bad-files"])
+    assert f"note: skipped 1 input file(s) not readable as Parquet (--skip-bad-files): {src / 'c.parquet'};" in text
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["skipped_bad_files"] == [str(src / "c.parquet")]
     assert_exactly_once(committed(out))
