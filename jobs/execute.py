@@ -38,7 +38,8 @@ in the GCS, which Ray Data reads for the same purpose) in actors, else (a cluste
 pieces: more actors than pieces would have nothing to do, and Ray Data adds an actor only when a CPU is free. Ray Data adds actors only while the pool's utilization (tasks
 in flight per actor slot) is at least its upscaling threshold, 1.75 by default: with one task in flight per actor
 (later passes, above) utilization never passes 1.0, so the threshold is set to 1.0 here (``UPSCALING_THRESHOLD``),
-or the pool would never grow; in the first pass, two in flight, the pool grows once every actor has a piece. Nor does it shrink on utilization (``DOWNSCALING_THRESHOLD``): Ray Data's default drops an actor
+or the pool would never grow; in the first pass, two in flight, the pool grows once every actor has a piece.
+Nor does it shrink on utilization (``DOWNSCALING_THRESHOLD``): Ray Data's default drops an actor
 whenever half the pool is idle, which a pool of two is for a moment each time an actor starts (before its first
 task), and the actor it then starts again loads the model again (seen on 2 worker nodes: one actor answered
 everything while the other node's actors were dropped and restarted); the pool shrinks once the pass has no
@@ -172,7 +173,7 @@ def pool_layout(capacity: Capacity, min_actors: int, max_actors: int | None, con
     return ActorLayout(most, threads, capacity.cpus, min_actors, initial, source)
 
 
-def pool_strategy(layout: ActorLayout, pieces: int, tasks_per_actor: int = 1):
+def pool_strategy(layout: ActorLayout, pieces: int, tasks_per_actor: int):
     """Ray Data's compute strategy for a pass of ``pieces`` pieces, ``tasks_per_actor`` in flight on each
     actor: fixed, or autoscaling (no bound above the pieces: an actor without a piece idles)."""
     import ray
