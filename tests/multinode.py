@@ -8,6 +8,7 @@ misses: Ray's defaults, 3 s x 5, would make a test wait 15 s).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,26 @@ def _title(pid: int) -> str:
             return f.read().split(b"\0")[0].decode(errors="replace").strip()
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+def _cluster_wide(title: str) -> bool:
+    """Whether a worker's title is one of CLUSTER_WIDE_ACTORS, idle (``ray::<class>``) or in a method call
+    (``ray::<class>.<method>``)."""
+    return title.split(".", 1)[0] in CLUSTER_WIDE_ACTORS
+
+
+def _worker_report(pid: int, err_log: Path, lines: int = 15) -> str:
+    """What a worker that outlived its job was: its title, state and the end of its logs."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        state = "?"
+    tails = []
+    for log in (err_log, err_log.with_suffix(".out"), *err_log.parent.glob(f"python-core-worker-*_{pid}.log")):
+        if log.exists():
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"  {log.name}:\n" + "\n".join(f"    {line}" for line in text))
+    return f"pid {pid} {_title(pid)!r} state {state}\n" + "\n".join(tails)
 
 
 def _running(pid: int) -> bool:
@@ -234,9 +256,14 @@ class LocalCluster:
             time.sleep(0.5)
         raise TimeoutError(f"cluster did not reach {nodes} nodes / {cpus} CPUs; see {self.temp}/*.log")
 
-    def wait_for_workers_of(self, driver_pid: int, timeout_s: float = 120) -> int:
+    def wait_for_workers_of(self, driver_pid: int, timeout_s: float = 60) -> int:
         """Until every worker process of the job whose driver was ``driver_pid`` has exited (Ray kills a dead
         driver's actors and tasks; until then they may still write). Returns how many there were.
+
+        One that Ray has not ended in ``timeout_s`` the test SIGKILLs itself, with a warning that says what it
+        was (title, state, the end of its logs): the tests are about what our protocol does with late writers,
+        which holds either way, not about how soon Ray ends them (one CI run on a loaded machine saw a worker
+        outlive its job by minutes, what it was unknown).
 
         The job's id comes from its driver's log file name (``python-core-driver-<job id>_<pid>.log``), its
         workers' process ids from theirs (``worker-<worker id>-<job id, 8 hex>-<pid>.err``)."""
@@ -244,12 +271,19 @@ class LocalCluster:
         drivers = list(logs.glob(f"python-core-driver-*_{driver_pid}.log"))
         assert len(drivers) == 1, f"no log of driver {driver_pid} in {logs}"
         job = drivers[0].name.removeprefix("python-core-driver-")[:8]
-        pids = {int(f.stem.rsplit("-", 1)[1]) for f in logs.glob(f"worker-*-{job}-*.err")}
+        err_logs = {int(f.stem.rsplit("-", 1)[1]): f for f in logs.glob(f"worker-*-{job}-*.err")}
         deadline = time.time() + timeout_s
-        while alive := [pid for pid in pids if _running(pid) and _title(pid) not in CLUSTER_WIDE_ACTORS]:
-            assert time.time() < deadline, f"workers {alive} of job {job} still running after {timeout_s} s"
+        while alive := [pid for pid in err_logs if _running(pid) and not _cluster_wide(_title(pid))]:
+            if time.time() > deadline:
+                report = "\n".join(_worker_report(pid, err_logs[pid]) for pid in alive)
+                warnings.warn(f"Ray left workers of job {job} running {timeout_s} s after its driver died; "
+                              f"the test kills them:\n{report}", stacklevel=2)
+                for pid in alive:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = time.time() + 10  # SIGKILL cannot be ignored: gone (or a zombie) at once
             time.sleep(0.1)
-        return len(pids)
+        return len(err_logs)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):  # workers first, the head last
