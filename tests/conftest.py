@@ -26,9 +26,10 @@ def tiny_model_64(tmp_path_factory) -> Path:
 # -- one Ray node for the suite's jobs -------------------------------------------------------------------------
 # A job subprocess that starts its own local Ray pays 6-8 s for it on 2 cores, and 2-3 s more to stop it; joining
 # a running node takes about 1 s, and the suite runs dozens of jobs. Modules that run jobs use `joined_ray`. After a
-# run a test kills, the test waits until Ray has ended that job's workers (`LocalCluster.wait_for_workers_of`; one
-# Ray leaves for a minute the test kills, with a warning): until then they may still write. A job whose actors need this process's environment (the moto server's address)
-# starts its own Ray (`local_ray_env`). The local start itself stays tested (test_driver, test_cluster_address).
+# run a test kills, the test waits until Ray has ended that job's workers (`LocalCluster.wait_for_workers_of`):
+# until then they may still write. A worker Ray leaves running for a minute the test kills itself, with a warning.
+# A job whose actors need this process's environment (the moto server's address) starts its own Ray
+# (`local_ray_env`). The local start itself stays tested (test_driver, test_cluster_address).
 SHARED_RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 

@@ -83,25 +83,26 @@ def _cluster_wide(title: str) -> bool:
 
 def _worker_report(pid: int, err_log: Path, lines: int = 15) -> str:
     """What a worker that outlived its job was: its title, state and the end of its logs."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        state = "?"
     tails = []
     for log in (err_log, err_log.with_suffix(".out"), *err_log.parent.glob(f"python-core-worker-*_{pid}.log")):
         if log.exists():
             text = log.read_text(errors="replace").splitlines()[-lines:]
             tails.append(f"  {log.name}:\n" + "\n".join(f"    {line}" for line in text))
-    return f"pid {pid} {_title(pid)!r} state {state}\n" + "\n".join(tails)
+    return f"pid {pid} {_title(pid)!r} state {_state(pid)!r}\n" + "\n".join(tails)
+
+
+def _state(pid: int) -> str:
+    """Process ``pid``'s state letter from /proc (``R``, ``S``, ``D``, ``Z`` for a zombie ...); "" once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (an exited child its parent has not reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return _state(pid) not in ("", "Z")
 
 
 @dataclass
@@ -272,17 +273,23 @@ class LocalCluster:
         assert len(drivers) == 1, f"no log of driver {driver_pid} in {logs}"
         job = drivers[0].name.removeprefix("python-core-driver-")[:8]
         err_logs = {int(f.stem.rsplit("-", 1)[1]): f for f in logs.glob(f"worker-*-{job}-*.err")}
+        def alive() -> list[int]:
+            return [pid for pid in err_logs if _running(pid) and not _cluster_wide(_title(pid))]
+
         deadline = time.time() + timeout_s
-        while alive := [pid for pid in err_logs if _running(pid) and not _cluster_wide(_title(pid))]:
-            if time.time() > deadline:
-                report = "\n".join(_worker_report(pid, err_logs[pid]) for pid in alive)
-                warnings.warn(f"Ray left workers of job {job} running {timeout_s} s after its driver died; "
-                              f"the test kills them:\n{report}", stacklevel=2)
-                for pid in alive:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                deadline = time.time() + 10  # SIGKILL cannot be ignored: gone (or a zombie) at once
+        while alive() and time.time() < deadline:
             time.sleep(0.1)
+        if left := alive():
+            report = "\n".join(_worker_report(pid, err_logs[pid]) for pid in left)
+            warnings.warn(f"Ray left workers of job {job} running {timeout_s} s after its driver died; the test "
+                          f"kills them:\n{report}", stacklevel=2)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.time() + 10  # SIGKILL cannot be ignored: gone (or a zombie) at once
+            while alive():
+                assert time.time() < deadline, f"workers {alive()} of job {job} survived SIGKILL"
+                time.sleep(0.1)
         return len(err_logs)
 
     def stop(self) -> None:
