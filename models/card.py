@@ -107,17 +107,17 @@ SHAPE_BATCH, SHAPE_SEQ, SHAPE_THREADS = 12, 160, 1  # the fixed batches the card
 
 
 def measure_shape(model_dir: Path, seconds: float) -> list[dict]:
-    """``jobs.benchmark.fixed_batches`` on each variant the job serves ``model_dir`` as on this CPU (as
+    """``models.fixed_batches`` on each variant the job serves ``model_dir`` as on this CPU (as
     ``measured_variants``), a fresh process each, three rounds of ``seconds``: the results ``--other-shape``
     reads."""
-    from jobs.benchmark.fixed_batches import VARIANTS, job_variant
+    from models.fixed_batches import VARIANTS, job_variant
 
     wanted = {(v.backend, v.precision) for v in measured_variants(model_dir)}
     results = []
     for name, v in VARIANTS.items():
         if (v.backend, v.precision) not in wanted or job_variant(name, model_dir) is None:
             continue  # not served here, or a graph or kernels the job does not serve under that name
-        cmd = [sys.executable, "-m", "jobs.benchmark.fixed_batches", name, str(model_dir), str(SHAPE_BATCH),
+        cmd = [sys.executable, "-m", "models.fixed_batches", name, str(model_dir), str(SHAPE_BATCH),
                str(SHAPE_SEQ), str(SHAPE_THREADS), str(seconds)]
         print(f"measuring {name} on {model_dir}: {' '.join(cmd[1:])}", flush=True)
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -172,7 +172,7 @@ def shape_of(model_dir: Path) -> dict:
 
 def other_shape_row(results: list[dict], cpu: str, date: str,
                     wrote: str = "--other-shape RESULTS --cpu ...") -> tuple[str, dict]:
-    """(CPU class, one ``other_shapes`` entry of its auto_precision row) from ``jobs.benchmark.fixed_batches``
+    """(CPU class, one ``other_shapes`` entry of its auto_precision row) from ``models.fixed_batches``
     results of the job's variants on one model of another shape: speeds --precision auto ranks by for models
     near that shape (pipeline/precision.py)."""
     served = [r for r in results if r.get("job_variant")]
@@ -185,7 +185,7 @@ def other_shape_row(results: list[dict], cpu: str, date: str,
         "shape": r0["shape"],
         "variants": sorted(({**r["job_variant"], "windows_per_s": r["windows_per_s"]} for r in served),
                            key=lambda v: -v["windows_per_s"]),
-        "source": (f"{cpu}, {date}: python -m jobs.benchmark.fixed_batches VARIANT MODEL_DIR {r0['batch']} "
+        "source": (f"{cpu}, {date}: python -m models.fixed_batches VARIANT MODEL_DIR {r0['batch']} "
                    f"{r0['seq']} {r0['threads']} SECONDS for each variant, a fresh process each, on a random-weight "
                    f"{r0['shape']['layers']} x {r0['shape']['hidden']} QA model made by models.convert (the "
                    f"median of three rounds); python -m models.card {wrote} wrote this"),
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                         "speeds into this CPU class's auto_precision row, as --other-shape does")
     p.add_argument("--seconds", type=float, default=10.0, help="each of --measure-shape's three rounds (default 10)")
     p.add_argument("--other-shape", nargs="+", metavar="RESULT",
-                   help="files of jobs.benchmark.fixed_batches output lines, one per variant, on a model of another "
+                   help="files of models.fixed_batches output lines, one per variant, on a model of another "
                         "shape on this CPU: speeds for its class's auto_precision row (needs the row)")
     p.add_argument("--cpu", help="the CPU class of the reports given, when not the card's Intel Xeon with AMX")
     p.add_argument("--speed-note", help="what the questions/s of the reports given are worth, e.g. 'shared machine'")

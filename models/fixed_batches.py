@@ -1,6 +1,6 @@
 """Kernel throughput of one model variant on fixed batches, in this process: windows/s, median of three rounds.
 
-    python -m jobs.benchmark.fixed_batches VARIANT MODEL_DIR BATCH SEQ THREADS SECONDS
+    python -m models.fixed_batches VARIANT MODEL_DIR BATCH SEQ THREADS SECONDS
 
 Sessions are the job's own (pipeline.backends.load_model, pipeline.session.QASession), so each variant runs with
 the options the job gives it; ``ort-int8-exact`` and ``ort-int8-fast`` override the int8 kernel choice to show
@@ -99,7 +99,7 @@ def job_variant(name: str, model_dir: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark.fixed_batches")
+    p = argparse.ArgumentParser(prog="python -m models.fixed_batches")
     p.add_argument("variant", choices=[*VARIANTS, "torch-fp32"])
     p.add_argument("model_dir", type=Path)
     p.add_argument("batch", type=int)
