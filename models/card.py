@@ -13,7 +13,8 @@ CPU, the first N dev questions each, a fresh job each, then the row written as `
     python -m models.card --measure ../shared/data/squad/dev-v1.1.json [--limit 2000] [--cpu "AMD EPYC 9R14"]
 
 and the speeds auto ranks by for models of another shape (a random-weight BERT-base, e.g. the one
-``python -m jobs.benchmark --mode marginal --models bert-base=150`` builds), on fixed batches:
+``python -m benchmarks --mode marginal --models bert-base=150`` builds in a clone of the repository), on fixed
+batches:
 
     python -m models.card --measure-shape out/benchmark-marginal/models/bert-base/model [--seconds 10]
 

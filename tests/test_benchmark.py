@@ -1,4 +1,5 @@
-"""jobs.benchmark's plumbing on the tiny model: every system runs, is scored and lands in the report.
+"""The benchmark's plumbing (benchmarks/, run from the repository) on the tiny model: every system runs, is
+scored and lands in the report.
 
 Asserts nothing about speed: timings on a shared test machine mean nothing. The transformers pipeline
 is exercised only where transformers<5 (the last versions with that pipeline) and torch are installed.
@@ -17,12 +18,12 @@ pytest.importorskip("onnx")
 
 from tiny_models import bert_qa_graph, vocab_tokens
 
-from jobs import benchmark
-from jobs.benchmark.flops import flop_model
-from jobs.benchmark.peaks import openvino_available
-from jobs.benchmark.report import table
-from jobs.benchmark.runs import PEER, Result
-from jobs.benchmark.systems import transformers_pipeline_available
+import benchmarks
+from benchmarks.flops import flop_model
+from benchmarks.peaks import openvino_available
+from benchmarks.report import table
+from benchmarks.runs import PEER, Result
+from benchmarks.systems import transformers_pipeline_available
 
 CONTEXT = "The king of France was born in Paris in 1789, the first year of the war."
 
@@ -77,7 +78,7 @@ def test_compare_runs_every_system(tiny_model, tmp_path):
     peer = transformers_pipeline_available() is None
     if peer:
         args += ["--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf"))]
-    assert benchmark.main(args) == 0
+    assert benchmarks.main(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     names = [r["name"] for r in report["results"]]
     assert names[0] == "our job int8" and "ORT loop pad-384 b8 int8" in names
@@ -110,7 +111,7 @@ def test_table_reports_ratios_to_the_peer():
 def test_tuning_scores_every_budget(tiny_model, tmp_path):
     args = ["--data", str(squad_file(tmp_path / "squad.json")), "--limit", "6", "--model", str(tiny_model),
             "--cpus", "1", "--mode", "tuning", "--budgets", "64,4096", "--report", str(tmp_path / "report.json")]
-    assert benchmark.main(args) == 0
+    assert benchmarks.main(args) == 0
     rows = json.loads((tmp_path / "report.json").read_text())["tuning"]
     assert sorted((r["spinning"], r["batch_tokens"]) for r in rows) == [(False, 64), (False, 4096),
                                                                           (True, 64), (True, 4096)]
@@ -119,7 +120,7 @@ def test_tuning_scores_every_budget(tiny_model, tmp_path):
 
 
 def test_marginal_rate_is_n_over_the_extra_seconds():
-    from jobs.benchmark.marginal import marginal_rate
+    from benchmarks.marginal import marginal_rate
 
     # 100 more questions took 15 - 10 = 5 s more: 20 q/s, whatever the fixed start-up cost.
     assert marginal_rate(100, 10.0, 15.0) == pytest.approx(20.0)
@@ -128,8 +129,8 @@ def test_marginal_rate_is_n_over_the_extra_seconds():
 
 
 def test_marginal_table_names_the_cpu_class_and_ratios():
-    from jobs.benchmark.marginal import PEER_NAME, Row, Run, header, marginal_table, parse_variants
-    from jobs.benchmark.report import cpu_name
+    from benchmarks.marginal import PEER_NAME, Row, Run, header, marginal_table, parse_variants
+    from benchmarks.report import cpu_name
     from pipeline.cpu import cpu_class
 
     line = header("default", 50, 2)
@@ -154,7 +155,7 @@ def test_tree_cpu_counts_grandchildren(tmp_path):
     import subprocess
     import sys
 
-    from jobs.benchmark.marginal import TreeCpu
+    from benchmarks.marginal import TreeCpu
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
     proc = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{burn}'; sleep 0.3"])
@@ -172,7 +173,7 @@ def test_marginal_mode_runs_whole_processes(tiny_model, tmp_path):
             "--model", str(tiny_model), "--hf-model", str(tiny_hf_model(tiny_model, tmp_path / "hf")),
             "--variants", "default", "--work-dir", str(tmp_path / "work"), "--report", str(tmp_path / "r.json"),
             "--bound"]
-    assert benchmark.main(args) == 0
+    assert benchmarks.main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())["models"]["default"]
     assert "CPU class" in result["text"].splitlines()[0]
     served = result["rows"][0]["stages_2n"]["served"]
@@ -190,7 +191,7 @@ def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.benchmark import bound
+    from benchmarks import bound
     from pipeline.answer import Answerer
     from pipeline.backends import load_model
 

@@ -1,8 +1,9 @@
 """pipeline.cpu's table on recorded flag sets of each CPU class, and session_options applying it.
 
 Whether the exact-kernel option costs throughput on the CPU at hand is not something a unit test can assert
-(timings on a shared machine mean nothing): jobs.benchmark measures int8 with and without it and warns where
-the table chose wrong (peaks.exact_kernel_check). Here: the decision, and that the job's options follow it.
+(timings on a shared machine mean nothing): the benchmark (benchmarks/peaks.py) measures int8 with and without
+it and warns where the table chose wrong (peaks.exact_kernel_check). Here: the decision, and that the job's options
+follow it.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def test_decision_agrees_with_this_cpus_fast_kernel():
     """On the CPU at hand: where the table leaves the option off, the fast kernel must be exact; where it
     names a class without VNNI, the fast kernel does saturate (the option is needed)."""
     pytest.importorskip("onnx")
-    from jobs.benchmark.peaks import fast_int8_kernel_saturates
+    from benchmarks.peaks import fast_int8_kernel_saturates
 
     saturates = fast_int8_kernel_saturates()
     if not cpu.kernel_options().exact_u8u8:
@@ -149,7 +150,7 @@ def test_seven_bit_weights_make_the_fast_kernel_exact():
     """The extremes of 7-bit weights (models.convert's int8-7bit graph) never saturate the fast kernel, on this
     CPU whatever its class: where 8-bit ones do (no VNNI), this is what --precision int8-7bit relies on."""
     pytest.importorskip("onnx")
-    from jobs.benchmark.peaks import fast_int8_kernel_saturates
+    from benchmarks.peaks import fast_int8_kernel_saturates
 
     assert not fast_int8_kernel_saturates((64, -64))
     from pipeline.backends import INT8_7BIT_GRAPH, SEVEN_BIT_KERNELS, kernels_for

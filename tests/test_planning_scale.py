@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.benchmark.protocol import moto_available
+from benchmarks.protocol import moto_available
 from pipeline import units as units_mod
 from pipeline.lake import ListedFile, expand_input, input_base, stat_files
 from pipeline.units import InputFileError, plan_units, read_footers
@@ -156,8 +156,8 @@ def test_stat_files_answers_as_get_file_info(tmp_path):
 def test_on_s3_a_footer_is_one_get(monkeypatch):
     """On S3 the listed size saves the HEAD request that opening by name makes: planning costs one GET per file,
     counted by the server; the units are the serial path's."""
-    from jobs.benchmark.planning import moto_store
-    from jobs.benchmark.planning import write_files as write_small_files
+    from benchmarks.planning import moto_store
+    from benchmarks.planning import write_files as write_small_files
 
     with moto_store() as store:
         write_small_files(store.fs, store.root, 12)

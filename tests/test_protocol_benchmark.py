@@ -1,11 +1,11 @@
-"""jobs.benchmark.protocol counts what the exactly-once protocol writes honestly (local store; no timing asserted)."""
+"""benchmarks.protocol counts what the exactly-once protocol writes honestly (local store; no timing asserted)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.benchmark.protocol import MARKERS, answered_blocks, local_store, measure, request_kind, table
+from benchmarks.protocol import MARKERS, answered_blocks, local_store, measure, request_kind, table
 from pipeline.commit import MANIFEST, ROW_COLUMN, STAGING, UNIT_COLUMN
 
 ROWS, PER_UNIT = 300, 64

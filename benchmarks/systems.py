@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.benchmark.memory import ActorRss
+from benchmarks.memory import ActorRss
 from pipeline import squad
 
 MODEL_FILES = ("tokenizer.json", "vocab.txt", "config.json", "qa_spec.json", "tokenizer_config.json")

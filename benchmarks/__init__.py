@@ -1,15 +1,18 @@
 """Throughput of the job against the peers a user would pick, on the same CPU, questions and weights.
 
-    python -m jobs.benchmark --data dev-v1.1.json --limit 500 [--model DIR] [--hf-model DIR] [--cpus 2]
-    python -m jobs.benchmark --data dev-v1.1.json --limit 500 --mode actors   # 1 actor x N CPUs vs N x 1
-    python -m jobs.benchmark --data dev-v1.1.json --limit 500 --mode tuning   # token budget x spinning
-    python -m jobs.benchmark --data dev-v1.1.json --mode marginal [--models default=1000,bert-base=150] \
+Lab tooling, not part of the installed package (``pip install .`` leaves this folder out): run it from the
+root of a clone of the repository, beside the project installed from it.
+
+    python -m benchmarks --data dev-v1.1.json --limit 500 [--model DIR] [--hf-model DIR] [--cpus 2]
+    python -m benchmarks --data dev-v1.1.json --limit 500 --mode actors   # 1 actor x N CPUs vs N x 1
+    python -m benchmarks --data dev-v1.1.json --limit 500 --mode tuning   # token budget x spinning
+    python -m benchmarks --data dev-v1.1.json --mode marginal [--models default=1000,bert-base=150] \
         [--variants='default; --precision int8'] [--bound]   # whole processes, N/(T(2N)-T(N)), against the pipeline
 
-``marginal`` (jobs/benchmark/marginal.py) times whole processes from outside: ``python -m jobs.answer`` at its
-defaults plus each variant's flags, and the transformers pipeline (jobs/benchmark/peer.py), each on N and 2N
+``marginal`` (benchmarks/marginal.py) times whole processes from outside: ``python -m jobs.answer`` at its
+defaults plus each variant's flags, and the transformers pipeline (benchmarks/peer.py), each on N and 2N
 questions, on the default model and on random-weight BERT-base and BERT-large made by models.convert; with
-``--bound``, also our answering stage in bare processes without Ray (jobs/benchmark/bound.py), the job's ceiling.
+``--bound``, also our answering stage in bare processes without Ray (benchmarks/bound.py), the job's ceiling.
 
 ``compare`` (the default) measures in one run: our job (jobs.evaluate.evaluate_model, real Ray actors)
 on the int8 graph and on the fp32 graph; the transformers question-answering pipeline in PyTorch on
@@ -24,6 +27,6 @@ Needs onnx (the matmul microbenchmark and FLOP count read or build graphs) and, 
 torch + transformers<5 (skipped with a note otherwise).
 """
 
-from jobs.benchmark.cli import main
+from benchmarks.cli import main
 
 __all__ = ["main"]

@@ -10,21 +10,21 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.benchmark import marginal
-from jobs.benchmark.peaks import exact_kernel_check, matmul_peak
-from jobs.benchmark.processes import PAUSE_PIDS, in_child
-from jobs.benchmark.report import cpu_name, stage_shares, table
-from jobs.benchmark.runs import PEER, Setup, actors, compare, tuning
-from jobs.benchmark.systems import squad_items
+from benchmarks import marginal
+from benchmarks.peaks import exact_kernel_check, matmul_peak
+from benchmarks.processes import PAUSE_PIDS, in_child
+from benchmarks.report import cpu_name, stage_shares, table
+from benchmarks.runs import PEER, Setup, actors, compare, tuning
+from benchmarks.systems import squad_items
 from jobs.config import JobConfig, add_flags, from_args
 
 JOB_FLAGS = ("model", "batch_tokens", "decode__max_answer_len")  # our job's own flags, as jobs.answer has them
 
 
 def parse_args(argv: list[str] | None):
-    from jobs import benchmark
+    import benchmarks
 
-    p = argparse.ArgumentParser(prog="qa-batch benchmark", description=benchmark.__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=benchmarks.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="SQuAD-format JSON (.json or .json.gz)")
     p.add_argument("--limit", type=int, default=500, help="first N questions in file order (default %(default)s)")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None):
                         "repeatable")
     p.add_argument("--work-dir", help="job inputs/outputs (default: a temporary directory, removed; --mode marginal: "
                                       "out/benchmark-marginal, kept: the random models built there are reused)")
-    m = p.add_argument_group("--mode marginal (jobs/benchmark/marginal.py)")
+    m = p.add_argument_group("--mode marginal (benchmarks/marginal.py)")
     m.add_argument("--models", default=marginal.DEFAULT_MODELS,
                    help="NAME=N,...: models (default: --model; bert-base, bert-large: random weights) and their N "
                         "(default %(default)s)")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None):
     m.add_argument("--calibration", help="calibration data for the random models' NNCF IR (default: models.convert's)")
     m.add_argument("--bound", action="store_true",
                    help="also time the job's answering stage in bare processes, one per CPU, no Ray "
-                        "(jobs/benchmark/bound.py), as the first variant served it: the job's ceiling on this machine")
+                        "(benchmarks/bound.py), as the first variant served it: the job's ceiling on this machine")
     a = p.parse_args(argv)
     return a, from_args(a, JobConfig, only=JOB_FLAGS, input="-", output="-")
 

@@ -1,7 +1,7 @@
 """How long the driver takes to plan a job over many small Parquet files, before and after concurrent footers.
 
-    python -m jobs.benchmark.planning --files 10000 --store local --repeats 3
-    python -m jobs.benchmark.planning --files 1000 --store s3 --repeats 3 [--s3-latency-ms 20]
+    python -m benchmarks.planning --files 10000 --store local --repeats 3
+    python -m benchmarks.planning --files 1000 --store s3 --repeats 3 [--s3-latency-ms 20]
 
 No Ray, no model: ``--files`` small Parquet files (0 to 63 rows of id/question/context each, one row group;
 one file in 64 empty) are written once, then planned the way ``jobs.plan`` plans them: ``expand_input`` (the
@@ -47,9 +47,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.benchmark.protocol import COUNTS_PATH, RequestCounter, ServerCounts, filesystem_type, moto_server
+from benchmarks.protocol import COUNTS_PATH, RequestCounter, ServerCounts, filesystem_type, moto_server
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "planning-bench"
 LATENCY_PATH = "/_planning_bench/latency"  # ?ms=N sets the server's delay; answered by the wrapper, not moto
 VARIANTS = ("before", "after")
@@ -120,7 +120,7 @@ def measure_once(uri: str, variant: str, rows_per_unit: int, threads: int | None
 
 
 def measure(uri: str, variant: str, rows_per_unit: int, threads: int | None, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "jobs.benchmark.planning", "--measure", variant, "--uri", uri,
+    cmd = [sys.executable, "-m", "benchmarks.planning", "--measure", variant, "--uri", uri,
            "--rows-per-unit", str(rows_per_unit)] + (["--threads", str(threads)] if threads else [])
     done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -185,7 +185,7 @@ def local_store(directory: str | None = None) -> Iterator[Store]:
 @contextmanager
 def moto_store() -> Iterator[Store]:
     """A bucket on a moto server (its own process) on 127.0.0.1, and the environment that points a job at it."""
-    with moto_server("jobs.benchmark.planning:serve_s3") as endpoint:
+    with moto_server("benchmarks.planning:serve_s3") as endpoint:
         env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL_S3", "AWS_REGION")}
         env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
@@ -249,7 +249,7 @@ TABLE_HEADER = ("| files | store | before s | after s | after / before | driver 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark.planning", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.planning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=10000, help="small Parquet files to plan (default 10000)")
     p.add_argument("--store", choices=("local", "s3"), default="local")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.benchmark.flops import flop_model
-from jobs.benchmark.processes import in_child, unpaused_child
-from jobs.benchmark.systems import (
+from benchmarks.flops import flop_model
+from benchmarks.processes import in_child, unpaused_child
+from benchmarks.systems import (
     hf_model_dir,
     our_windows,
     run_job,

@@ -1,6 +1,6 @@
 """What the exactly-once output protocol (pipeline.commit) costs, against plain Parquet writes of the same rows.
 
-    python -m jobs.benchmark.protocol [--rows 20000] [--rows-per-unit 1024] [--repeats 3] [--stores local,s3]
+    python -m benchmarks.protocol [--rows 20000] [--rows-per-unit 1024] [--repeats 3] [--stores local,s3]
 
 No Ray, no model: a table of answered rows shaped like the job's output (SQuAD-like lengths: contexts of about
 700 characters shared by about five questions, questions of about 60, answers of about 19; the hidden
@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
 from pipeline.units import ReadUnit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PHASES = ("baseline", "stage", "commit")
 MARKERS = ("_job.json", "_lease.json", "_commit.json", "_manifest.json")
 COUNTS_PATH = "/_protocol_bench/counts"  # answered by the counting wrapper, never reaches moto
@@ -477,7 +477,7 @@ def moto_store(allow_delayed_open: bool = False) -> Iterator[Store]:
     ``allow_delayed_open``: the same filesystem with that pyarrow option (a small file is then one PutObject at
     close instead of a multipart upload of one part: three requests), to show what the option would save."""
 
-    with moto_server("jobs.benchmark.protocol:serve_s3") as endpoint:
+    with moto_server("benchmarks.protocol:serve_s3") as endpoint:
         env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
         with environment(env, drop=("AWS_ENDPOINT_URL_S3", "AWS_REGION")):
@@ -696,7 +696,7 @@ def details(r: StoreResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark.protocol", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.protocol", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=20000, help="output rows (default 20000)")
     p.add_argument("--rows-per-unit", type=int, default=1024, help="rows per read unit, one file each (default 1024)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.benchmark.runs import Result
+from benchmarks.runs import Result
 
 
 def table(results: list[Result], peak: dict, baseline: str | None) -> str:

@@ -1,6 +1,6 @@
 """Our job's ceiling on this machine: its answering stage in bare processes, no Ray, for --mode marginal --bound.
 
-    python -m jobs.benchmark.bound --input questions.parquet --model DIR --output predictions.json \\
+    python -m benchmarks.bound --input questions.parquet --model DIR --output predictions.json \\
         --backend openvino --precision bf16 [--processes 2] [--batch-tokens 2048] [--rows-per-unit 1024]
 
 K spawned processes (default: one per CPU) each load one session of the variant the job served
@@ -48,7 +48,7 @@ def _answer(piece: ReadUnit) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark.bound", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bound", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="Parquet with id, question and context columns")
     p.add_argument("--model", required=True, help="model directory, as the job's --model")

@@ -1,6 +1,6 @@
 """--mode marginal: questions/s of whole processes, our job as a user runs it against the transformers pipeline.
 
-    python -m jobs.benchmark --data dev-v1.1.json --mode marginal \\
+    python -m benchmarks --data dev-v1.1.json --mode marginal \\
         --models default=1000,bert-base=150,bert-large=40 \\
         --variants="default; --backend onnxruntime --precision fp32; --backend openvino --precision fp32; --precision int8"
 
@@ -15,7 +15,7 @@ sees; the fixed costs cancel.
   is one Parquet file, read in the job's default units (1024 rows; ``--rows-per-unit`` overrides): the job
   itself cuts a pass's last units into pieces that shrink towards its end (pipeline.poison.first_pass), so
   the first N <= 1024 questions, one read unit, still keep every actor busy.
-- The peer: ``python -m jobs.benchmark.peer`` (``pipeline("question-answering", device=-1)``, PyTorch eager
+- The peer: ``python -m benchmarks.peer`` (``pipeline("question-answering", device=-1)``, PyTorch eager
   fp32, batch 8, our window settings) on the same weights: for the default model a Hugging Face directory
   made from its weights-bf16.safetensors (or --hf-model), for the random models their checkpoint.
 - Models: "default" is --model (the job's default model); "bert-base" (12 x 768) and "bert-large" (24 x 1024)
@@ -45,11 +45,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
-from jobs.benchmark.report import cpu_name
+from benchmarks.report import cpu_name
 from jobs.config import DEFAULT_MODEL
 from pipeline import squad
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ("default; --backend onnxruntime --precision fp32; --backend openvino --precision fp32; "
                     "--precision int8")
 DEFAULT_MODELS = "default=1000,bert-base=150,bert-large=40"
@@ -161,7 +161,7 @@ def random_model(work: Path, name: str, tokenizer_dir: Path, calibration: str | 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     t0 = time.perf_counter()
-    from jobs.benchmark.processes import unpaused_child
+    from benchmarks.processes import unpaused_child
 
     unpaused_child(random_checkpoint, hf, shape, tokenizer_dir)
     log = root / "convert.log"
@@ -301,8 +301,8 @@ def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per
 
 def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, out: Path, processes: int,
               windows: int) -> Run:
-    """The answering stage in ``processes`` bare processes (jobs/benchmark/bound.py) as our job served it."""
-    cmd = [sys.executable, "-m", "jobs.benchmark.bound", "--input", str(inputs), "--model", str(model_dir),
+    """The answering stage in ``processes`` bare processes (benchmarks/bound.py) as our job served it."""
+    cmd = [sys.executable, "-m", "benchmarks.bound", "--input", str(inputs), "--model", str(model_dir),
            "--output", str(out), "--backend", served["backend"], "--precision", served["precision"],
            "--processes", str(processes), "--batch-tokens", str(batch_tokens)]
     seconds, cpu = timed(cmd, out.with_suffix(".log"))
@@ -312,7 +312,7 @@ def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, ou
 
 def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: int, windows: dict,
              window_count: int) -> Run:
-    cmd = [sys.executable, "-m", "jobs.benchmark.peer", "--input", str(inputs), "--model", str(hf_dir),
+    cmd = [sys.executable, "-m", "benchmarks.peer", "--input", str(inputs), "--model", str(hf_dir),
            "--output", str(out), "--threads", str(threads), "--batch-size", str(batch_size),
            "--windows", json.dumps(windows)]
     seconds, cpu = timed(cmd, out.with_suffix(".log"))
@@ -406,7 +406,7 @@ def stage_line(row: Row) -> str | None:
 
 
 def bound_line(ours: Row, bound: Row) -> str:
-    """Our job's marginal rate as a share of the bare processes' (jobs/benchmark/bound.py)."""
+    """Our job's marginal rate as a share of the bare processes' (benchmarks/bound.py)."""
     return (f"- {ours.system} answers at {100 * ours.questions_per_s / bound.questions_per_s:.0f}% of the bare "
             f"processes' marginal rate ({ours.questions_per_s:.1f} of {bound.questions_per_s:.1f} q/s): the rest is "
             f"what Ray, the units and staging cost; the bare processes are the most this CPU's kernels allow")
@@ -428,8 +428,8 @@ def served_text(served: dict | None) -> str:
 def default_hf_dir(model_dir: Path, hf_model: str | None, hf_weights: str | None, work: Path) -> Path:
     if hf_model:
         return Path(hf_model)
-    from jobs.benchmark.processes import unpaused_child
-    from jobs.benchmark.systems import hf_model_dir
+    from benchmarks.processes import unpaused_child
+    from benchmarks.systems import hf_model_dir
 
     dst = work / "models" / "default-hf"
     shutil.rmtree(dst, ignore_errors=True)
@@ -526,7 +526,7 @@ def row_report(r: Row) -> dict:
 
 def main(a, job_model: str, max_answer_len: int) -> dict:
     """The mode: every model of --models, each table printed as soon as it is measured."""
-    from jobs.benchmark.systems import transformers_pipeline_available
+    from benchmarks.systems import transformers_pipeline_available
 
     variants = parse_variants(a.variants)
     models = parse_models(a.models)

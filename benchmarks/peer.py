@@ -1,6 +1,6 @@
 """The transformers question-answering pipeline as a whole process, for --mode marginal to time from outside.
 
-    python -m jobs.benchmark.peer --input questions.parquet --model HF_DIR --output predictions.json \\
+    python -m benchmarks.peer --input questions.parquet --model HF_DIR --output predictions.json \\
         [--threads 2] [--batch-size 8] [--windows '{"max_seq_len": 384, ...}']
 
 Reads the id, question and context columns of the job's input file, answers every row with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark.peer", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="Parquet with id, question and context columns")
     p.add_argument("--model", required=True, help="Hugging Face model directory (weights and tokenizer)")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import pipeline
 
-    from jobs.benchmark.systems import pipeline_kwargs
+    from benchmarks.systems import pipeline_kwargs
 
     windows = {"max_seq_len": 384, "doc_stride": 128, "max_query_len": 64, "max_answer_len": 30,
                **json.loads(a.windows)}
