@@ -148,6 +148,26 @@ def tuning(setup: Setup, budgets: list[int]) -> list[dict]:
     return in_child(run_tuning, setup.data, setup.limit, str(setup.model_dir), setup.cpus, budgets, setup.repeats)
 
 
+def spinning_session_class():
+    """pipeline.session.QASession with ONNX Runtime's idle pool threads allowed to busy-wait for the next op
+    (the job's options turn that off): the other side of --mode tuning's spinning comparison."""
+    import onnxruntime as ort
+
+    from pipeline.session import ALLOW_SPINNING_KEY, QASession
+
+    class SpinningSession(QASession):
+        def _options(self, threads, kernels):
+            opts = super()._options(threads, kernels)
+            ort.set_default_logger_severity(3)  # no "will be overwritten" warning: that is the point here
+            try:
+                opts.add_session_config_entry(ALLOW_SPINNING_KEY, "1")
+            finally:
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default, warnings
+            return opts
+
+    return SpinningSession
+
+
 def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budgets: list[int],
                repeats: int) -> list[dict]:
     from pipeline.answer import Answerer
@@ -157,8 +177,9 @@ def run_tuning(data: str, limit: int | None, model_dir: str, threads: int, budge
     items = squad_items(data, limit)
     table = squad.to_table(items)
     spec, _ = load_model(model_dir, threads)
-    sessions = {spin: QASession(spec.model_file, threads, spec.input_names, spec.output_names, spinning=spin,
-                                kernels=kernels_for(spec.model_file))
+    sessions = {spin: (spinning_session_class() if spin else QASession)(
+                    spec.model_file, threads, spec.input_names, spec.output_names,
+                    kernels=kernels_for(spec.model_file))
                 for spin in (False, True)}
     times: dict = {}
     for _ in range(repeats):

@@ -26,6 +26,8 @@ OUTPUT_ROLES = {"start_logits": ("start_logits", "output_start_logits", "output_
                 "end_logits": ("end_logits", "output_end_logits", "output_e")}
 # The session config entry behind KernelOptions.exact_u8u8 (ONNX Runtime's x64 exact int8 kernels).
 EXACT_U8U8_KEY = "session.x64quantprecision"
+# Whether idle intra-op pool threads busy-wait for the next op; the job turns it off (session_options).
+ALLOW_SPINNING_KEY = "session.intra_op.allow_spinning"
 _DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
@@ -33,15 +35,12 @@ class ModelLoadError(ValueError):
     """The model file cannot serve as an extractive QA graph; the message names the file."""
 
 
-def session_options(threads: int, spinning: bool = False,
-                    kernels: KernelOptions | None = None) -> ort.SessionOptions:
+def session_options(threads: int, kernels: KernelOptions | None = None) -> ort.SessionOptions:
     """Threads pinned to what the actor was given: ONNX Runtime ignores OMP_NUM_THREADS and,
     left alone, takes every core in every actor so that actors fight.
 
-    ``spinning`` lets idle pool threads busy-wait for the next op instead of sleeping; it only exists
-    so that jobs.benchmark can measure it (see BENCHMARKS.md); the job keeps it off.
     ``kernels``: the int8 kernel options; by default those pipeline.cpu chooses for this CPU (read once
-    per process). jobs.benchmark passes both to measure what the exact kernels cost.
+    per process). Given ones override that choice, to measure what the exact kernels cost.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, threads)
@@ -49,7 +48,7 @@ def session_options(threads: int, spinning: bool = False,
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No busy-waiting between batches: the actor tokenizes and decodes on the same cores.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry(ALLOW_SPINNING_KEY, "0")
     # x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with a 16-bit saturating
     # pair sum: int8 graphs then give different, worse answers there than on VNNI/AMX CPUs (default model,
     # first 1000 SQuAD dev questions on an AVX2 EPYC: F1 80.29 saturating, the card's answers with this).
@@ -137,11 +136,11 @@ class QASession:
 
     def __init__(self, model_file: str | Path, threads: int = 1,
                  input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None,
-                 spinning: bool = False, kernels: KernelOptions | None = None):
+                 kernels: KernelOptions | None = None):
         self.model_file = Path(model_file)
         try:
             self._session = ort.InferenceSession(
-                str(self.model_file), sess_options=session_options(threads, spinning, kernels),
+                str(self.model_file), sess_options=self._options(threads, kernels),
                 providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
@@ -158,6 +157,10 @@ class QASession:
         self.fixed_seq_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
         self.seq_multiple = 1  # batch lengths as they come (pipeline.cpu: only OpenVINO's are padded)
         self.outputs = resolve_outputs(self.model_file, [o.name for o in self._session.get_outputs()], output_names)
+
+    def _options(self, threads: int, kernels: KernelOptions | None) -> ort.SessionOptions:
+        """The options the session opens with (session_options); a subclass may change them first."""
+        return session_options(threads, kernels)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

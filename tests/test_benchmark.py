@@ -119,6 +119,18 @@ def test_tuning_scores_every_budget(tiny_model, tmp_path):
     assert len({r["f1"] for r in rows}) == 1 and all(r["questions_per_s"] > 0 for r in rows)
 
 
+def test_tuning_spins_where_the_job_does_not(tiny_model):
+    """Spinning is the benchmark's own session option: the job's sessions keep it off."""
+    from benchmarks.runs import spinning_session_class
+    from pipeline.session import ALLOW_SPINNING_KEY, QASession
+
+    def spins(session) -> str:
+        return session._session.get_session_options().get_session_config_entry(ALLOW_SPINNING_KEY)
+
+    assert spins(QASession(tiny_model / "model.onnx")) == "0"
+    assert spins(spinning_session_class()(tiny_model / "model.onnx")) == "1"
+
+
 def test_marginal_rate_is_n_over_the_extra_seconds():
     from benchmarks.marginal import marginal_rate
 

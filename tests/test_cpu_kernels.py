@@ -119,7 +119,7 @@ def test_flags_every_processor_has(tmp_path):
 
 
 def test_session_options_follow_the_decision_for_this_cpu():
-    from pipeline.session import EXACT_U8U8_KEY, asks_exact_u8u8, session_options
+    from pipeline.session import ALLOW_SPINNING_KEY, EXACT_U8U8_KEY, asks_exact_u8u8, session_options
 
     decided = cpu.kernel_options()
     assert decided == cpu.kernel_options(cpu.read_flags())  # read once per process, the same answer
@@ -127,10 +127,12 @@ def test_session_options_follow_the_decision_for_this_cpu():
     assert asks_exact_u8u8(opts) == decided.exact_u8u8
     if decided.exact_u8u8:
         assert opts.get_session_config_entry(EXACT_U8U8_KEY) == "1"
-    # Given options win over this CPU's; the old two-argument call still works.
+    # Given options win over this CPU's, as the second argument too.
     assert asks_exact_u8u8(session_options(1, kernels=KernelOptions(exact_u8u8=True)))
     assert not asks_exact_u8u8(session_options(1, kernels=KernelOptions(exact_u8u8=False)))
-    assert asks_exact_u8u8(session_options(2, True)) == decided.exact_u8u8
+    assert asks_exact_u8u8(session_options(2, KernelOptions(exact_u8u8=True)))
+    # The job's pool threads never busy-wait (only the benchmark's tuning mode turns that on, for itself).
+    assert opts.get_session_config_entry(ALLOW_SPINNING_KEY) == "0"
 
 
 def test_decision_agrees_with_this_cpus_fast_kernel():
