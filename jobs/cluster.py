@@ -6,10 +6,11 @@ when ``--address auto``); the cluster file Ray reads, ``ray_current_cluster`` in
 ``$RAY_TMPDIR/ray``), written by the last ``ray start`` on this machine; else none, and a local Ray starts.
 
 Before ``ray.init`` sees an address, its port is tried with a plain TCP connect of a few seconds: a dead address
-otherwise makes ``ray.init`` wait for the GCS for ten minutes or more. A dead address taken only from the cluster
-file (a ``ray start`` cluster killed without ``ray stop`` leaves it behind) is skipped: a local Ray starts and one
-line says so. A dead address from ``--address`` or ``RAY_ADDRESS`` is an error (``ClusterAddressError``), one line
-naming the address, where it came from and what to do.
+otherwise makes ``ray.init`` retry the GCS until Ray's own connection timeout, far longer than anyone waits for a
+job to start. A dead address taken only from the cluster file (a ``ray start`` cluster killed without ``ray stop``
+leaves it behind) is skipped: a local Ray starts and one line says so. A dead address from ``--address`` or
+``RAY_ADDRESS`` is an error (``ClusterAddressError``), one line naming the address, where it came from and what
+to do.
 
 - ``local``: a new local Ray, the cluster file unread.
 - ``auto``: the cluster in the file (tried as above; dead is an error, since a cluster was asked for), else any GCS

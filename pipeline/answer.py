@@ -79,10 +79,8 @@ class Answerer:
     ``batch_tokens`` bounds the tokens (padding included) per inference call; windows are sorted
     by length so each batch pads only to its own longest window. Small budgets are faster on CPU, not
     slower: a batch's activations (for BERT-base's FFN, tokens x 3072 floats) stay in cache between the
-    ops that write and read them, and a sorted batch of fewer windows spans fewer lengths. On AVX2 (Zen 3),
-    1 thread, 512 tokens answer 12% faster than 4096 on the default model (first 300 dev questions) and
-    20% faster on BERT-base (first 64); no budget from 1 window to 1024 tokens is slower than 512 beyond noise, and
-    OpenVINO is no slower at 512 either (BENCHMARKS.md). On AVX-512 VNNI 512 was also the fastest.
+    ops that write and read them, and a sorted batch of fewer windows spans fewer lengths (BENCHMARKS.md,
+    "A 512-token budget": the default model and BERT-base, on AVX2 and AVX-512 VNNI).
     """
 
     def __init__(self, spec: ModelSpec, session: QASession, columns: Columns | None = None,

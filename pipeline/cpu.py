@@ -7,21 +7,20 @@ right answers on any CPU at some cost in speed.
 
 Why the options differ: ONNX Runtime's fast int8 kernel multiplies u8 activations by s8 weights. With VNNI
 (AVX-512 VNNI, AVX-VNNI) or AMX the products are summed into 32 bits and are exact. Without it (AVX2 only,
-AVX-512 before Cascade Lake) it uses vpmaddubsw, whose 16-bit pair sums saturate: the answers change (first
-1000 SQuAD dev questions on an AVX2 EPYC: F1 80.29 instead of 81.41). There the job asks for the exact u8 x u8
-kernels (``exact_u8u8``); on VNNI/AMX CPUs that option is not free (default int8 model on an Intel Xeon with
-AMX, 2 threads: 48.6 windows/s with it, 85.3 without), so it is asked for only where it is needed.
+AVX-512 before Cascade Lake) it uses vpmaddubsw, whose 16-bit pair sums saturate: the answers change, for the
+worse (BENCHMARKS.md, "int8 on a CPU without VNNI"). There the job asks for the exact u8 x u8 kernels
+(``exact_u8u8``); on VNNI/AMX CPUs that option is not free (it replaces the VNNI/AMX kernel, already exact, by a
+slower one), so it is asked for only where it is needed.
 
 Sequence lengths (``seq_multiple``): on AMX, OpenVINO's attention multiplies [L x L] scores by [L x head]
 values with L as the inner dimension, which AMX tiles take in whole blocks (32 bf16 or 64 int8 a row); a
 length off the block runs a tail path. Each batch is therefore padded up to a multiple of 16 tokens there
-(masked, so the answers are the same arithmetic's; bf16 rounds differently on the tail path, and on the first
-1000 SQuAD dev questions 3 answers of 1000 change, F1 80.59 -> 80.34). Intel Xeon with AMX, 1 thread, first
-1000 dev questions (default model) and 300 (random BERT-base): OpenVINO bf16 124.0 -> 134.8 q/s, int8-bf16 on
-BERT-base 24.9 -> 27.7, the default model's NNCF int8 IR (f32 between its int8 ops) 83.2 -> 96.8; 32 tokens gave
-134.1 and 27.0, 64 tokens 117.0. Only where the matmuls run on tiles (bf16, the int8 IR): OpenVINO f32 runs on
-AVX-512, where the same padding cost 1-3% (38.5 -> 37.2, 34.1 -> 33.8 q/s) and changed no answer. Other classes
-pad nothing (not measured there).
+(masked, so the answers are the same arithmetic's; bf16 rounds differently on the tail path, so a few answers
+change). On AMX the padded batches are faster for OpenVINO bf16 and int8-bf16 and for the NNCF int8 IR (f32
+between its int8 ops), on the default model and on BERT-base, and a multiple of 32 or 64 tokens was no faster
+than 16 (BENCHMARKS.md, "Batches padded to whole AMX tiles, attention projections split"). Only where the
+matmuls run on tiles (bf16, the int8 IR): OpenVINO f32 runs on AVX-512, where the same padding only added
+tokens to compute and changed no answer. Other classes pad nothing (not measured there).
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ import pyarrow.fs as pafs
 
 _GLOB_CHARS = "*?["
 
-# Requests to a store in flight at once, for work that asks it once per file (footers, stats). S3 answers a small
-# request in tens of ms: one at a time leaves the driver waiting. pyarrow's S3 client opens about 25 connections
-# (measured: 128 footers at 300 ms a request took 6 rounds with 32 threads or more; raising pyarrow's
-# io_thread_count before the filesystem is made raised that), so more threads than this only queue there. On a
-# local disk footers are parsed in C++ without the GIL: a few threads per core keep it busy.
+# Requests to a store in flight at once, for work that asks it once per file (footers, stats). Each request to
+# S3 waits a network round trip: one at a time leaves the driver waiting. pyarrow's S3 client keeps fewer
+# requests than this in flight (raising pyarrow's io_thread_count before the filesystem is made raises that), so
+# more threads only queue there (BENCHMARKS.md, "Scale: planning"). On a local disk footers are parsed in C++
+# without the GIL: a few threads per core keep it busy.
 STORE_THREADS = 32
 
 
@@ -97,9 +97,8 @@ def expand_input(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 def stat_files(fs: pafs.FileSystem, paths: Sequence[str], threads: int = STORE_THREADS) -> list[pafs.FileInfo]:
     """``fs.get_file_info(paths)``: the same answers in the same order, asked ``threads`` at a time. pyarrow asks
-    an object store about a list of paths one path after another (S3: a HEAD each, serially). A local stat takes
-    microseconds: there, threads only add their overhead (measured: 10,000 files 0.11 s serially, 0.19 s
-    with 32 threads)."""
+    an object store about a list of paths one path after another (S3: a HEAD each, serially). A local stat is a
+    system call, no wait: there, threads only add their overhead (BENCHMARKS.md, "Scale: planning")."""
     paths = [str(p) for p in paths]
     if threads <= 1 or len(paths) <= threads or isinstance(fs, pafs.LocalFileSystem):
         return fs.get_file_info(paths)

@@ -48,11 +48,11 @@ def split_fused_projections(model) -> int:
 
     ONNX Runtime's fused Attention (our exports' ``model-fp32.onnx``) reaches OpenVINO as one query-key-value
     projection split three ways: the Split runs a reference kernel, and in an NNCF int8 IR the dequantizing
-    multiplies behind it cannot fold into the projection. Three projections compute the same numbers (max
-    logit difference 0.0 in f32 on the default model and BERT-base) and each becomes one FullyConnected with
-    its dequantization fused. Intel Xeon with AMX, fixed batches of 12 x 160, 1 thread: BERT-base's NNCF int8
-    IR in bf16 338-339 -> 305-313 ms a call (BENCHMARKS.md); the default model's fp32 graph in bf16 80-81 ->
-    76-80 ms. Graphs without the pattern (an int8 IR, whose weights are not plain constants) are left as they are.
+    multiplies behind it cannot fold into the projection. Three projections compute the same numbers (the same
+    logits in f32 on the default model and BERT-base) and each becomes one FullyConnected with its
+    dequantization fused, which made calls faster on AMX (BENCHMARKS.md, "Batches padded to whole AMX tiles,
+    attention projections split"). Graphs without the pattern (an int8 IR, whose weights are not plain
+    constants) are left as they are.
     """
     ops = _openvino().opset13
     rewritten = 0

@@ -50,11 +50,10 @@ def session_options(threads: int, kernels: KernelOptions | None = None) -> ort.S
     # No busy-waiting between batches: the actor tokenizes and decodes on the same cores.
     opts.add_session_config_entry(ALLOW_SPINNING_KEY, "0")
     # x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with a 16-bit saturating
-    # pair sum: int8 graphs then give different, worse answers there than on VNNI/AMX CPUs (default model,
-    # first 1000 SQuAD dev questions on an AVX2 EPYC: F1 80.29 saturating, the card's answers with this).
-    # There ONNX Runtime is asked for its exact u8 x u8 kernels. Only there: on VNNI/AMX CPUs, whose fast
-    # kernel is already exact, the option costs throughput (default int8 model on an Intel Xeon with AMX,
-    # 2 threads: 48.6 windows/s with it, 85.3 without), so pipeline.cpu leaves it off on those.
+    # pair sum: int8 graphs then give different, worse answers there than on VNNI/AMX CPUs (BENCHMARKS.md,
+    # "int8 on a CPU without VNNI"). There ONNX Runtime is asked for its exact u8 x u8 kernels, which give the
+    # model card's answers. Only there: on VNNI/AMX CPUs, whose fast kernel is already exact, the option only
+    # costs throughput (a slower kernel in place of VNNI/AMX), so pipeline.cpu leaves it off on those.
     if (kernel_options() if kernels is None else kernels).exact_u8u8:
         opts.add_session_config_entry(EXACT_U8U8_KEY, "1")
     return opts

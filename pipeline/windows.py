@@ -103,9 +103,8 @@ def make_windows(
     its two sequences encoded apart, then truncated and post-processed, and we do the same steps
     with its own ``Encoding.truncate`` and ``Tokenizer.post_process``, sharing the context's
     encoding. SQuAD has about five questions per context and the long form (documents x questions)
-    many more: on the default model's first 2000 dev questions, 1 thread, tokenizing took 0.73 ms
-    a question as pairs and 0.31 this way (BENCHMARKS.md). tests/test_windows.py holds the windows
-    equal to the pair encodings'.
+    many more, so sharing the context's encoding saves much of the tokenizing (BENCHMARKS.md, "Tokenizing and
+    decoding per question"). tests/test_windows.py holds the windows equal to the pair encodings'.
     """
     errors: dict[int, str] = {}
     distinct: dict[str, int] = {}
