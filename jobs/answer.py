@@ -7,23 +7,26 @@ otherwise joins the cluster (as under ``ray job submit``). Writes one output row
 (input columns, then answer, answer_start, answer_end, score, probability, error) as Parquet
 files under --output, and ``_manifest.json`` at its root.
 
-The driver is three steps: ``jobs.plan.plan`` (what to do; no Ray), ``jobs.execute.execute`` (answer the
-pending units into staging; the only step that touches Ray) and ``commit`` (publish, and write the manifest
-once).
+The driver reads top to bottom: plan (``jobs.plan``: source, sink, units, model; no Ray), connect
+(``jobs.connect``: Ray started and workers awaited, once), choose (``jobs.choose``: the variant for the nodes'
+CPUs), execute (``jobs.execute``: answer the pending units into staging) and commit (the sink publishes, once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from dataclasses import asdict
 
+from jobs.choose import PrecisionChoiceError, choose_variant
 from jobs.cluster import ClusterAddressError
 from jobs.config import JobConfig, add_flags, from_args
-from jobs.execute import Execution, NoWorkersError, cluster_nodes, execute
-from jobs.plan import JobPlan, PrecisionChoiceError, plan, settle_precision
+from jobs.connect import Cluster, NoWorkersError, connect, ray_lines_to_file
+from jobs.execute import Execution, execute
+from jobs.plan import ColumnError, JobPlan, plan
 from models.registry import ModelNotFoundError
 from pipeline.commit import OutputExistsError
 from pipeline.extras import exits_on_missing_extra
@@ -31,14 +34,15 @@ from pipeline.fanout import QuestionsError
 from pipeline.lake import TableError
 from pipeline.model_dir import ModelDirError
 from pipeline.poison import ModelCrashLoopError
-from pipeline.precision import NodeCpu
+from pipeline.records import IdentityVersionError, Manifest
 from pipeline.session import ModelLoadError
 from pipeline.units import InputFileError
 
 # What a user can fix from the message alone: bad paths, columns, model directories, an output in the way.
+# Not KeyError or other programming slips: those keep their traceback.
 USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadError, InputFileError, QuestionsError,
                ClusterAddressError, TableError, ModelCrashLoopError, NoWorkersError, PrecisionChoiceError,
-               FileNotFoundError, KeyError)
+               FileNotFoundError, ColumnError, IdentityVersionError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
@@ -50,38 +54,40 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error(str(exc))
 
 
-def run(cfg: JobConfig) -> dict:
-    """Run the job and return its manifest (also written, last, to OUTPUT/_manifest.json)."""
+def run(cfg: JobConfig) -> Manifest:
+    """Run the job and return its manifest (a folder output also has it, written last, as _manifest.json)."""
     started = time.time()
     job = plan(cfg)
-    if job.chooses_on_cluster:  # --precision auto: one variant for the CPUs of every node (nothing to answer: here)
-        job = settle_precision(job, cluster_nodes(cfg) if job.pending else [NodeCpu.here()])
-    if job.state.committed is not None:
-        print(f"output {cfg.output} already holds this job's committed answers; nothing to do", flush=True)
-        return job.state.committed
     try:
-        done = execute(job)
+        with contextlib.nullcontext() if cfg.verbose or not job.needs_cluster else ray_lines_to_file():
+            cluster = connect(cfg) if job.needs_cluster else Cluster.here()
+            job = choose_variant(job, cluster.nodes)
+            if job.state.committed is not None:
+                print(f"output {cfg.output} already holds this job's committed answers "
+                      f"({job.state.committed.committed_to()}); nothing to do", flush=True)
+                return job.state.committed
+            done = execute(job, cluster)
         return commit(job, done, started)
     except BaseException:
-        job.output.release_lease()  # this process may run again on the same output (a retry, a notebook)
+        job.sink.release_lease()  # this process may run again on the same output (a retry, a notebook)
         raise
 
 
-def commit(job: JobPlan, done: Execution, started: float) -> dict:
-    """Publish the staged answers and write the manifest, once; returns it."""
+def commit(job: JobPlan, done: Execution, started: float) -> Manifest:
+    """Publish the staged answers through the sink, once; returns the manifest."""
     answered_rows = job.rows_in - job.staged_rows if done.layout else 0
     seconds = done.finished_at - done.started_at
     durations = {"total": round(time.time() - started, 3), "answer_and_write": round(seconds, 3)}
     if done.totals.first_actor_ready_at is not None:
         # Ray start-up, actor processes, imports and model load: what a short job pays before its first answer.
         durations["until_first_actor_ready"] = round(done.totals.first_actor_ready_at - done.started_at, 3)
-    fields = {
+    report = {
         "config": asdict(job.config),
-        "model": job.spec.identity(),
-        "precision": job.precision.as_dict(),  # the variant served, and why (pipeline/precision.py)
-        "batch_tokens": job.config.tokens_per_call(job.precision.variant.backend),  # as served (config's may be None)
-        "input_files": list(job.input_files),
-        "skipped_bad_files": list(job.skipped_files),
+        "model": job.served.identity(),
+        "precision": job.served.choice.as_dict(),  # the variant served, and why (pipeline/precision.py)
+        "batch_tokens": job.served.batch_tokens,
+        "input_files": list(job.read.files),
+        "skipped_bad_files": list(job.read.skipped_files),
         "read_units": len(job.units),
         "rows_in": job.rows_in,
         "rows_per_input_row": job.rows_per_input_row,
@@ -94,18 +100,14 @@ def commit(job: JobPlan, done: Execution, started: float) -> dict:
         "durations_s": durations,
         "questions_per_s": round(answered_rows / max(seconds, 1e-9), 3),
     }
-    if job.state.commit_list is not None:  # the last run died while publishing: finish its moves
-        manifest = job.output.finish_interrupted_commit(job.state.commit_list, job.identity, fields)
-    else:
-        manifest = job.output.commit(list(job.units), job.identity, fields, job.adopted)
+    manifest = job.sink.commit(list(job.units), job.identity, report, job.adopted, job.state.commit_list)
     expected = job.rows_in * job.rows_per_input_row
-    if manifest["rows_out"] != expected:
-        raise RuntimeError(f"{job.rows_in} rows in but {manifest['rows_out']} rows out (expected {expected}); "
-                           f"see {job.output.root}/_manifest.json")
-    committed_to = (f"snapshot {manifest['snapshot_id']} of {manifest['table']}" if "snapshot_id" in manifest
-                    else f"manifest {job.output.root}/_manifest.json")
-    print(f"done: {job.rows_in} rows in, {manifest['rows_out']} rows out, {manifest['errors']} with errors, "
-          f"{durations['total']:.1f} s ({fields['questions_per_s']:.1f} rows/s); {committed_to}", flush=True)
+    if manifest.rows_out != expected:
+        raise RuntimeError(f"{job.rows_in} rows in but {manifest.rows_out} rows out (expected {expected}); "
+                           f"see {manifest.committed_to()}")
+    print(f"done: {job.rows_in} rows in, {manifest.rows_out} rows out, {manifest.errors} with errors, "
+          f"{durations['total']:.1f} s ({report['questions_per_s']:.1f} rows/s); {manifest.committed_to()}",
+          flush=True)
     return manifest
 
 
@@ -129,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = run(cfg)
     except USER_ERRORS as exc:  # the message names the file, column or setting; a traceback adds nothing
-        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: manifest.get(k) for k in SUMMARY}))
+    print(json.dumps({k: getattr(manifest, k) for k in SUMMARY}))
     return 0
 
 

@@ -42,6 +42,10 @@ class JobConfig:
         "Parquet file, directory, glob, s3:// URI, or iceberg://CATALOG/NAMESPACE.TABLE", required=True))
     output: str = field(metadata=flag("output directory, s3:// URI, or iceberg://CATALOG/NAMESPACE.TABLE",
                                       required=True))
+    input_format: str | None = field(default=None, metadata=flag(
+        "read --input as this format (pipeline.formats: parquet, iceberg, ...) instead of telling it from the URI"))
+    output_format: str | None = field(default=None, metadata=flag(
+        "write --output as this format instead of telling it from the URI"))
     where: str | None = field(default=None, metadata=flag(
         "iceberg:// input: a pyiceberg row filter, e.g. \"lang = 'en' and day >= '2024-01-01'\""))
     select: str | None = field(default=None, metadata=flag(
@@ -115,8 +119,11 @@ class JobConfig:
         resolve_backend(self.backend, self.precision)  # raises on a bad pair, e.g. bf16 with onnxruntime
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
-        if (self.where or self.select) and not self.input.startswith("iceberg://"):
-            raise ValueError("--where and --select need an iceberg:// input table")
+        from pipeline.formats import format_names
+
+        for role, name in (("input", self.input_format), ("output", self.output_format)):
+            if name is not None and name not in format_names():
+                raise ValueError(f"--{role}-format must be one of {format_names()}, got {name!r}")
         if len({self.columns.id, self.columns.question, self.columns.context}) != 3:
             raise ValueError(f"id, question and context columns must differ: {self.columns}")
 

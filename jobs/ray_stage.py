@@ -16,11 +16,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import fanout, faults
 from pipeline.answer import Answerer, StageTimes, StageTotals
-from pipeline.backends import load_model
-from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
-from pipeline.config import Columns, DecodeSettings, WindowOverrides
+from pipeline.commit import ROW_COLUMN, UNIT_COLUMN
+from pipeline.config import Columns, DecodeSettings
 from pipeline.cpu import cpu_class
+from pipeline.formats import Stager
 from pipeline.poison import crash_loop, unit_and_first_row
+from pipeline.served import ServedModel
 from pipeline.units import UnitReader
 
 
@@ -28,14 +29,10 @@ from pipeline.units import UnitReader
 class ActorSettings:
     """What every answering actor is built with (besides the input filesystem and fan-out questions)."""
 
-    model_dir: str
+    served: ServedModel  # the model resolved on the driver: the actor opens exactly its graph
     threads: int  # runtime threads: the Ray CPUs the actor holds
     columns: Columns
     decode: DecodeSettings
-    windows: WindowOverrides
-    batch_tokens: int
-    backend: str
-    precision: str
     wide: bool = False
 
 
@@ -185,7 +182,7 @@ class AnswerActor:
     """
 
     def __init__(self, fs: pafs.FileSystem, settings: ActorSettings, questions: pa.Table | None = None,
-                 stats: ray.actor.ActorHandle | None = None, output: OutputCommitter | None = None):
+                 stats: ray.actor.ActorHandle | None = None, output: Stager | None = None):
         self.reader = UnitReader(fs)
         self.questions, self.wide, self.id_column = questions, settings.wide, settings.columns.id
         self.stats, self.output = stats, output
@@ -200,9 +197,9 @@ class AnswerActor:
                 self.refusal = crash_loop(restarts, budget)
                 return
         t0 = time.perf_counter()
-        spec, session = load_model(settings.model_dir, settings.threads, settings.windows.as_dict(),
-                                   settings.backend, settings.precision)
-        self.answerer = Answerer(spec, session, settings.columns, settings.decode, settings.batch_tokens)
+        served = settings.served
+        session = served.open(settings.threads)  # refuses a graph that changed since the job planned it
+        self.answerer = Answerer(served.spec, session, settings.columns, settings.decode, served.batch_tokens)
         self.answerer.times.model_load = time.perf_counter() - t0
         if stats is not None:
             # Not awaited: bookkeeping never holds up answers.
@@ -248,7 +245,7 @@ class AnswerActor:
         return pa.concat_tables(parts)
 
 
-# What an answering actor returns per staged file (OutputCommitter.write_block's records).
+# What an answering actor returns per staged file (the stager's write_block records).
 STAGED = pa.schema([("unit", pa.int64()), ("first_row", pa.int64()), ("rows", pa.int64())])
 
 

@@ -1,7 +1,8 @@
 """Which runtime serves a model, at which precision, from which graph file: the one table of backends.
 
 Cheap to import (no runtime is imported until a session is made), so the command line takes its choices
-from here. ``load_model`` is the one place a model directory becomes a spec and a session.
+from here; ``resolve_backend`` is the one check of a backend x precision pair. A job's served model is resolved
+from these rules in ``pipeline.served``.
 
 Precisions, and the graph each reads from a model directory (``graph_file``):
 
@@ -12,7 +13,7 @@ Precisions, and the graph each reads from a model directory (``graph_file``):
   writes (``--quantize int8``, or ``--openvino-int8 DIR`` for an existing directory); what is not quantized
   (softmax, layer norms, GELU, the attention products) runs in f32.
 - int8-bf16: OpenVINO only; the same IR, with what is not quantized in bfloat16 where the CPU has bfloat16
-  matmuls (AMX: the fastest variant on BERT-base-sized models, BENCHMARKS.md). ONNX Runtime refuses
+  matmuls (on AMX the fastest variant on BERT-base-sized models: models/README.md). ONNX Runtime refuses
   int8 rather than serve ``model.onnx`` under that name: whether that graph is int8 depends on how it was
   converted, and telling would mean reading the graph (onnx is not a core dependency). Its int8 graph is
   what it serves at fp32, "the graph as it is".
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cpu import KernelOptions
-from .model_dir import FP32_GRAPH, ModelDirError, ModelSpec, find_model_file, load_spec
+from .model_dir import FP32_GRAPH, ModelDirError, find_model_file, load_spec
 from .precision import AUTO as PRECISION_AUTO
 from .precision import BF16_PRECISIONS, Variant
 
@@ -187,13 +188,9 @@ def kernels_for(model_file: Path) -> KernelOptions | None:
 
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
                backend: str = AUTO, precision: str = "fp32"):
-    """The spec and a session for a model directory (or a graph file inside one); the graph's fixed shape
-    feeds the spec. ``precision`` bf16, int8 and int8-bf16 imply OpenVINO, which then reads the directory's
-    fp32 graph (bf16) or its int8 IR (int8, int8-bf16); int8-7bit implies ONNX Runtime and the directory's 7-bit int8 graph."""
-    backend = resolve_backend(backend, precision)
-    model_file = graph_file(model_dir, backend, precision)
-    probe = load_spec(model_file, overrides=overrides)
-    session = open_session(model_file, runtime_for(model_file, probe.spec, backend), threads,
-                           probe.input_names, probe.output_names, precision)
-    spec: ModelSpec = load_spec(model_file, fixed_seq_len=session.fixed_seq_len, overrides=overrides)
-    return spec, session
+    """(spec, session) for a model directory (or a graph file inside one), for tools and tests that answer
+    in-process: the variant ``backend``/``precision`` name, resolved and opened as a job's actors do
+    (``pipeline.served``)."""
+    from .served import open_variant, variant_for
+
+    return open_variant(str(model_dir), variant_for(str(model_dir), backend, precision), threads, overrides)

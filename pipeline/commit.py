@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from .faults import crash_at, crash_point
 from .lake import read_json, write_json
+from .records import JobIdentity, Manifest
 from .units import ReadUnit
 
 STAGING = "_staging"
@@ -114,7 +115,7 @@ class Lease:
 class OutputState:
     """What ``--mode`` finds at the output before a run."""
 
-    committed: dict | None = None  # resume of a job already committed: its manifest
+    committed: Manifest | None = None  # resume of a job already committed: its manifest
     commit_list: list[dict] | None = None  # a commit interrupted while publishing: the files it lists
     staged: tuple[StagedPart, ...] = ()  # staged parts of this job (resume)
 
@@ -153,7 +154,7 @@ class OutputCommitter:
         self.driver_pid = os.getpid()  # made by the driver; actors get a pickled copy
 
     # -- driver, before the run ------------------------------------------------------------------
-    def inspect(self, mode: str, job: dict) -> OutputState:
+    def inspect(self, mode: str, identity: JobIdentity) -> OutputState:
         """What the output already holds for ``mode``, read only; raises where the mode refuses it."""
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -169,14 +170,12 @@ class OutputCommitter:
             manifest_path = f"{self.root}/{MANIFEST}"
             if not self._exists(manifest_path):
                 return OutputState()
-            manifest = read_json(self.fs, manifest_path)
-            if manifest.get("job") != job:
-                raise OutputExistsError(f"output {self.root} holds a committed run of a different job "
-                                        "(input, model or settings differ); use --mode overwrite")
+            manifest = Manifest.from_json(read_json(self.fs, manifest_path))
+            check_same_job(identity, manifest.job, f"output {self.root}", "holds a committed run of a different "
+                           "job (input, model or settings differ); use --mode overwrite")
             return OutputState(committed=manifest)
-        if read_json(self.fs, staged_job) != job:
-            raise OutputExistsError(f"{self.staging} was staged by a different job (input, model or settings "
-                                    "differ); use --mode overwrite to start again")
+        check_same_job(identity, read_json(self.fs, staged_job), self.staging, "was staged by a different job "
+                       "(input, model or settings differ); use --mode overwrite to start again")
         commit_list = f"{self.staging}/{COMMIT_LIST}"
         return OutputState(commit_list=read_json(self.fs, commit_list)["files"] if self._exists(commit_list) else None,
                            staged=tuple(self.staged_parts()))
@@ -193,8 +192,9 @@ class OutputCommitter:
         return self.staged_job() or (read_json(self.fs, manifest_path).get("job")
                                      if self._exists(manifest_path) else None)
 
-    def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
-        """Take the output for this run: the lease, staging cleared for overwrite, ``stale`` parts removed."""
+    def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> OutputCommitter:
+        """Take the output for this run: the lease, staging cleared for overwrite, ``stale`` parts removed; returns
+        the stager the answering actors write through (this object: it pickles without connections)."""
         self._refuse_if_leased()  # again: another run may have started since the plan
         if mode == "overwrite":
             self._delete_dir(self.staging)
@@ -202,7 +202,8 @@ class OutputCommitter:
         self.renew_lease(started_at=time.time())
         for p in stale:
             self.fs.delete_file(p.path)
-        write_json_atomic(self.fs, f"{self.staging}/{JOB_FILE}", job)
+        write_json_atomic(self.fs, f"{self.staging}/{JOB_FILE}", identity.written())
+        return self
 
     def renew_lease(self, started_at: float | None = None) -> None:
         """Write (or refresh) this run's lease; the driver calls it every LEASE_RENEW_S while it runs."""
@@ -266,13 +267,21 @@ class OutputCommitter:
                 crash_point("stage", mine, also_kill=self.driver_pid)
         return written
 
+    def discard(self, unit: int, first_row: int) -> None:
+        """Remove a file this run staged (the rest of a piece that a crash left half staged)."""
+        self.fs.delete_file(f"{self.staging}/{part_name(self.run, unit, first_row)}")
+
     # -- driver, after the run ------------------------------------------------------------------
-    def commit(self, units: list[ReadUnit], job: dict, extra: dict, adopted: tuple[StagedPart, ...] = ()) -> dict:
+    def commit(self, units: list[ReadUnit], identity: JobIdentity, report: dict,
+               adopted: tuple[StagedPart, ...] = (), interrupted: list[dict] | None = None) -> Manifest:
         """Publish this job's staged parts and swap the manifest in last. Fails, publishing nothing, unless
-        every unit's rows are staged exactly once, by this run or (``adopted``) by an earlier one."""
+        every unit's rows are staged exactly once, by this run or (``adopted``) by an earlier one.
+        ``interrupted``: the files a commit that died while publishing listed; their moves are finished."""
+        if interrupted is not None:
+            return self._publish(interrupted, identity, report)
         files = self.write_commit_list(units, adopted)
         crash_point("commit-list")
-        return self._publish(files, job, extra)
+        return self._publish(files, identity, report)
 
     def write_commit_list(self, units: list[ReadUnit], adopted: tuple[StagedPart, ...] = (),
                           dest: str | None = None) -> list[dict]:
@@ -305,12 +314,7 @@ class OutputCommitter:
         write_json_atomic(self.fs, f"{self.staging}/{COMMIT_LIST}", {"run": self.run, "files": files})
         return files
 
-    def finish_interrupted_commit(self, files: list[dict], job: dict, extra: dict) -> dict:
-        """Resume after a death during publishing: redo the moves ``_commit.json`` listed, swap the manifest in
-        (unless it already is: a death after the swap leaves only clean-up)."""
-        return self._publish(files, job, extra)
-
-    def _publish(self, files: list[dict], job: dict, extra: dict) -> dict:
+    def _publish(self, files: list[dict], identity: JobIdentity, report: dict) -> Manifest:
         for k, f in enumerate(files, 1):
             staged = f"{self.staging}/{f['path'].rsplit('/', 1)[-1]}"
             if self._exists(staged):
@@ -319,13 +323,14 @@ class OutputCommitter:
                 raise RuntimeError(f"cannot commit {self.root}: {staged} vanished before publishing")
             crash_point("publish", k)
         manifest_path = f"{self.root}/{MANIFEST}"
-        current = read_json(self.fs, manifest_path) if self._exists(manifest_path) else None
-        if current is not None and current.get("job") == job and current.get("output_files") == files:
+        current = Manifest.from_json(read_json(self.fs, manifest_path)) if self._exists(manifest_path) else None
+        if current is not None and identity.compare(current.job).same and current.output_files == files:
             manifest = current  # swapped in already, before a crash: one manifest write per commit
         else:
-            manifest = {**extra, "job": job, "run": self.run, "output_files": files,
-                        "rows_out": sum(f["rows"] for f in files), "errors": sum(f.get("errors", 0) for f in files)}
-            write_json_atomic(self.fs, manifest_path, manifest)
+            manifest = Manifest(**report, job=identity.written(), run=self.run, output_files=files,
+                                rows_out=sum(f["rows"] for f in files), errors=sum(f.get("errors", 0) for f in files),
+                                commit={"format": "parquet", "path": self.root, "manifest": manifest_path})
+            write_json_atomic(self.fs, manifest_path, manifest.to_json())
         crash_point("manifest")
         keep = {f["path"] for f in files}
         for info in self._list(self.root):  # the previous commit's files, now that no manifest names them
@@ -347,6 +352,24 @@ class OutputCommitter:
     def _delete_dir(self, path: str) -> None:
         if self._exists(path):
             self.fs.delete_dir(path)
+
+
+def check_same_job(identity: JobIdentity, recorded: dict, where: str, refusal: str) -> None:
+    """Refuse (OutputExistsError: ``where`` ``refusal``) unless ``recorded`` is this job's identity; one line when
+    an earlier release recorded it (pipeline/records.py)."""
+    import sys
+
+    from .records import IDENTITY_VERSION
+
+    found = identity.compare(recorded)
+    note = found.note(where)
+    if not found.comparable:
+        raise OutputExistsError(f"{note}; use --mode overwrite to start again")
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    if not found.same:
+        raise OutputExistsError(f"{where} {refusal}" + (f" (recorded in identity version {found.version}, "
+                                                        f"now {IDENTITY_VERSION})" if note else ""))
 
 
 def write_json_atomic(fs: pafs.FileSystem, path: str, value) -> None:

@@ -11,6 +11,8 @@ seconds longer. ``QA_FAULT_CRASH_ON_ROW=<id>`` kills an answering actor every ti
 among which is the row whose id column holds ``<id>`` (compared as text): a poison row, as a native fault in
 a runtime would be (pipeline/poison.py); ``QA_FAULT_RESTART_BUDGET=<n>`` lowers a pass's budget of actor
 restarts to n, so that a test reaches the crash-loop stop in a few crashes.
+``QA_FAULT_IDENTITY_VERSION=<v>`` makes the job write its identity in version v's form, as an earlier release
+did (pipeline/records.py): a run by that release, for tests of a resume or re-run across an upgrade.
 
 Node faults: ``QA_FAULT_KILL_ON_CALL=<k>:<pgid>`` makes an answering actor SIGKILL the process group pgid on
 its k-th call, before answering (a test passes a worker node's ``ray start --block`` group: its raylet, object
@@ -101,3 +103,10 @@ def restart_budget_cap() -> int | None:
     value = os.environ.get("QA_FAULT_RESTART_BUDGET")
     return int(value) if value else None
 
+
+
+def written_identity_version(current: int) -> int:
+    """The job identity version this process writes: ``current``, or (tests) ``QA_FAULT_IDENTITY_VERSION``, so
+    that a run stands for one by an earlier release (pipeline/records.py)."""
+    value = os.environ.get("QA_FAULT_IDENTITY_VERSION")
+    return int(value) if value else current

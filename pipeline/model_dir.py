@@ -62,18 +62,22 @@ class ModelSpec:
     spec: dict = field(default_factory=dict)
     shape: ModelShape | None = None  # from config.json; None where it has none (e.g. an Open Model Zoo IR)
 
-    def identity(self) -> dict:
-        """What the manifest records to say which model answered."""
+    def identity(self, hashes=None) -> dict:
+        """What the manifest records to say which model answered; ``hashes`` (pipeline.records.ModelHashes):
+        the files' hashes when already known, else read here."""
+        if hashes is None:
+            from .served import model_hashes
+
+            hashes = model_hashes(self)
         return {
             "directory": str(self.directory),
             "model_file": str(self.model_file),
-            "sha256": file_sha256(self.model_file),
+            "sha256": hashes.graph_sha256,
             # An OpenVINO IR keeps its weights beside the .xml: a changed .bin is a different model.
-            "weights_sha256": file_sha256(self.model_file.with_suffix(".bin")) if self.model_file.suffix == ".xml"
-            else None,
+            "weights_sha256": hashes.weights_sha256,
             "tokenizer_file": str(self.tokenizer_file),
-            "tokenizer_sha256": file_sha256(self.tokenizer_file),
-            "spec_sha256": file_sha256(self.directory / SPEC_FILE) if (self.directory / SPEC_FILE).exists() else None,
+            "tokenizer_sha256": hashes.tokenizer_sha256,
+            "spec_sha256": hashes.spec_sha256,
             "lowercase": self.lowercase,
             "windows": vars(self.windows),
         }

@@ -73,3 +73,15 @@ def driver_log_tail(lines: int = 30) -> str:
 def local_ray_env(env: dict) -> dict:
     """``env`` for a job that starts its own local Ray, whatever module it runs in."""
     return {k: v for k, v in env.items() if k not in SHARED_RAY_VARS}
+
+
+def identity_for(tag: str):
+    """A job identity standing for job ``tag`` (different tags: different jobs), for tests of the commit protocol
+    alone."""
+    from pipeline.config import Columns, DecodeSettings, WindowSettings
+    from pipeline.precision import Variant
+    from pipeline.records import JobIdentity, ModelHashes
+
+    return JobIdentity({"format": "parquet", "files": [{"path": tag, "size": 1, "mtime_ns": 0}]},
+                       ModelHashes("g" * 64, None, "t" * 64, None), Variant("onnxruntime", "fp32"), Columns(),
+                       DecodeSettings(), WindowSettings(), 4)

@@ -28,25 +28,35 @@ def write_input(tmp_path, n: int = 13):
 
 
 def test_plan_needs_no_ray(tiny_model, tmp_path):
-    """plan() in a fresh interpreter: units from the footers, the job identity, a refused column, and Ray
-    never imported."""
+    """plan() in a fresh interpreter with a forced --precision: units from the footers, the job identity, the
+    served model resolved, a refused column; Ray never imported and no inference session opened (counted)."""
     write_input(tmp_path)
     pq.write_table(pa.table({"id": ["a"], "q": ["x"]}), tmp_path / "bad.parquet")
     script = textwrap.dedent(f"""
         import json, sys
+        import onnxruntime, openvino
+        sessions = []
+        class Counted(onnxruntime.InferenceSession):
+            def __init__(self, *a, **k):
+                sessions.append("onnxruntime")
+                super().__init__(*a, **k)
+        onnxruntime.InferenceSession = Counted
+        compile_model = openvino.Core.compile_model
+        openvino.Core.compile_model = lambda *a, **k: sessions.append("openvino") or compile_model(*a, **k)
         from jobs.config import JobConfig
-        from jobs.plan import plan
+        from jobs.plan import ColumnError, plan
         p = plan(JobConfig(input={str(tmp_path / 'in.parquet')!r}, output={str(tmp_path / 'out')!r},
-                           model={str(tiny_model)!r}, rows_per_unit=4))
+                           model={str(tiny_model)!r}, rows_per_unit=4, precision="fp32"))
         try:
             plan(JobConfig(input={str(tmp_path / 'bad.parquet')!r}, output={str(tmp_path / 'out2')!r},
                            model={str(tiny_model)!r}))
             refused = None
-        except KeyError as exc:
-            refused = exc.args[0]
+        except ColumnError as exc:
+            refused = str(exc)
         print(json.dumps({{"units": [(u.row_group, u.offset, u.length) for u in p.units],
-                          "pending": len(p.pending), "rows_in": p.rows_in, "identity": p.identity,
-                          "refused": refused, "ray": "ray" in sys.modules}}))
+                          "pending": len(p.pending), "rows_in": p.rows_in, "identity": p.identity.to_json(),
+                          "graph": str(p.served.graph), "refused": refused, "ray": "ray" in sys.modules,
+                          "sessions": sessions}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                           check=False)
@@ -57,13 +67,16 @@ def test_plan_needs_no_ray(tiny_model, tmp_path):
     assert got["pending"] == 5 and got["rows_in"] == 13
     identity = got["identity"]
     stat = (tmp_path / "in.parquet").stat()
-    assert identity["input_files"] == [{"path": str(tmp_path / "in.parquet"), "size": stat.st_size,
-                                        "mtime_ns": stat.st_mtime_ns}]
+    assert identity["version"] == 2 and identity["input"] == {
+        "format": "parquet", "files": [{"path": str(tmp_path / "in.parquet"), "size": stat.st_size,
+                                        "mtime_ns": stat.st_mtime_ns}]}
     assert identity["rows_per_unit"] == 4 and identity["columns"] == {"id": "id", "question": "question",
                                                                       "context": "context"}
-    assert len(identity["model_sha256"]) == len(identity["tokenizer_sha256"]) == 64
+    assert len(identity["model"]["graph_sha256"]) == len(identity["model"]["tokenizer_sha256"]) == 64
+    assert identity["variant"] == {"backend": "onnxruntime", "precision": "fp32"}
+    assert got["graph"] == str(tiny_model / "model.onnx")
     assert "bad.parquet: no column 'question'" in got["refused"] and "--context-column" in got["refused"]
-    assert got["ray"] is False
+    assert got["ray"] is False and got["sessions"] == []
     assert not (tmp_path / "out").exists()  # planning writes nothing
 
 
@@ -73,24 +86,25 @@ def test_actor_and_commit_without_a_cluster(tiny_model, tmp_path):
     import ray
 
     from jobs.answer import commit
+    from jobs.choose import choose_variant
     from jobs.execute import Execution
-    from jobs.plan import plan, settle_precision
+    from jobs.plan import plan
     from jobs.ray_stage import ActorSettings, AnswerActor
     from pipeline.answer import Answerer
     from pipeline.backends import load_model
     from pipeline.commit import ROW_COLUMN, UNIT_COLUMN
-    from pipeline.precision import NodeCpu
+    from pipeline.precision import NodeCpu, Variant
 
     table = write_input(tmp_path)
     cfg = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=str(tiny_model),
                     rows_per_unit=4)
-    job = settle_precision(plan(cfg), [NodeCpu.here()])  # --precision auto, for this machine's CPU
-    assert job.identity["precision_choice"] == {"backend": "onnxruntime", "precision": "fp32"}  # all it can serve
-    variant = job.precision.variant
-    settings = ActorSettings(job.model_dir, 1, job.columns, cfg.decode, cfg.windows,
-                             cfg.tokens_per_call(variant.backend), variant.backend, variant.precision)
-    actor = AnswerActor(pafs.LocalFileSystem(), settings, output=job.output)
-    job.output.begin(cfg.mode, job.identity)
+    job = plan(cfg)
+    assert job.served is None and job.identity is None  # --precision auto: chosen for the nodes, next
+    job = choose_variant(job, [NodeCpu.here()])  # for this machine's CPU
+    assert job.identity.variant == Variant("onnxruntime", "fp32")  # all it can serve
+    settings = ActorSettings(job.served, 1, job.columns, cfg.decode)
+    stager = job.sink.begin(cfg.mode, job.identity)
+    actor = AnswerActor(pafs.LocalFileSystem(), settings, output=stager)
     for unit in job.pending[:1]:
         answered = actor.answer(pa.Table.from_pylist([unit.as_row()]))
         assert answered.column(UNIT_COLUMN).to_pylist() == [unit.index] * unit.length
@@ -102,8 +116,8 @@ def test_actor_and_commit_without_a_cluster(tiny_model, tmp_path):
 
     manifest = commit(job, Execution(), started=0.0)
     out = pq.read_table(tmp_path / "out").sort_by("id")
-    assert manifest["rows_in"] == manifest["rows_out"] == out.num_rows == 13
-    assert manifest["errors"] == 1 and out.column("error").to_pylist()[4] == "question is null"
+    assert manifest.rows_in == manifest.rows_out == out.num_rows == 13
+    assert manifest.errors == 1 and out.column("error").to_pylist()[4] == "question is null"
     on_disk = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert on_disk["errors"] == 1 and on_disk["rows_out"] == 13  # written once, complete
     spec, session = load_model(str(tiny_model))

@@ -197,7 +197,9 @@ def test_late_write_of_another_run_is_never_taken(tmp_path):
     from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter, pending_units
     from pipeline.units import ReadUnit
 
-    fs, root, job_id = pafs.LocalFileSystem(), str(tmp_path / "out"), {"input": "x"}
+    from conftest import identity_for
+
+    fs, root, job_id = pafs.LocalFileSystem(), str(tmp_path / "out"), identity_for("x")
     units = [ReadUnit(0, "in", 0, 0, 3), ReadUnit(1, "in", 0, 3, 2)]
 
     def block(unit: int, rows: int, tag: str) -> pa.Table:
@@ -217,11 +219,11 @@ def test_late_write_of_another_run_is_never_taken(tmp_path):
     b.write_block(block(1, 2, "b"))
     a.write_block(block(1, 2, "a-late"))  # the zombie
     manifest = b.commit(units, job_id, {}, adopted)
-    rows = pa.concat_tables([pq.read_table(f["path"]) for f in manifest["output_files"]]).to_pylist()
+    rows = pa.concat_tables([pq.read_table(f["path"]) for f in manifest.output_files]).to_pylist()
     assert sorted((r["id"], r["by"]) for r in rows) == [("0-0", "a"), ("0-1", "a"), ("0-2", "a"), ("1-0", "b"),
                                                         ("1-1", "b")]
     assert sorted(p.name for p in Path(root).glob("*.parquet")) == sorted(
-        Path(f["path"]).name for f in manifest["output_files"])
+        Path(f["path"]).name for f in manifest.output_files)
 
 
 def test_actor_crash_is_retried_exactly_once(clean_run, tiny_model, tmp_path):

@@ -13,7 +13,7 @@ from pipeline.faults import EXIT_CODE
 pytest.importorskip("pyiceberg", reason="needs the iceberg extra")
 from pyiceberg.catalog import load_catalog
 
-from pipeline.iceberg import JOB_KEY, STAGING_DIR
+from pipeline.formats.iceberg import JOB_KEY, STAGING_DIR
 
 pytestmark = pytest.mark.usefixtures("joined_ray")  # jobs join the suite's Ray node (conftest)
 ANSWERS = ["answer", "answer_start", "answer_end", "score", "probability", "error"]

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 from jobs.answer import parse_args, run
 from jobs.config import JobConfig
-from jobs.execute import LARGE_MODEL_BYTES, actor_layout
+from jobs.pool import LARGE_MODEL_BYTES, actor_layout
 from pipeline.answer import Answerer
 from pipeline.backends import load_model
 from pipeline.config import Columns
@@ -50,7 +50,7 @@ def test_job_answers_every_row_once(local_ray, tiny_model, tmp_path):
     manifest = run(cfg)
 
     result = pq.read_table(out)
-    assert manifest["rows_in"] == manifest["rows_out"] == result.num_rows == 37
+    assert manifest.rows_in == manifest.rows_out == result.num_rows == 37
     assert sorted(result.column("doc_id").to_pylist()) == table.column("doc_id").to_pylist()
     assert len(set(result.column("doc_id").to_pylist())) == 37
     assert result.column_names[:5] == ["doc_id", "q", "ctx", "extra", "nested"]
@@ -58,7 +58,7 @@ def test_job_answers_every_row_once(local_ray, tiny_model, tmp_path):
     assert by_id["row-003"]["error"] == "question is null" and by_id["row-003"]["answer"] is None
     assert by_id["row-004"]["error"] == "context is empty"
     assert by_id["row-007"]["error"] == "question is empty"
-    assert manifest["errors"] == 3
+    assert manifest.errors == 3
     for r in by_id.values():
         assert r["extra"] == int(r["doc_id"][4:]) and r["nested"] == {"k": r["extra"]}
         if r["error"] is None:
@@ -106,7 +106,7 @@ def test_fan_out_long_and_wide(local_ray, tiny_model, tmp_path, capsys):
               "--model", str(tiny_model), "--progress-every", "0.2", "--rows-per-unit", "2"]
     long_manifest = run(parse_args(common + ["--output", str(tmp_path / "long")]))
     long = pq.read_table(tmp_path / "long").to_pylist()
-    assert long_manifest["rows_in"] == 3 and long_manifest["rows_out"] == 9 and len(long) == 9
+    assert long_manifest.rows_in == 3 and long_manifest.rows_out == 9 and len(long) == 9
     assert [(r["id"], r["question_id"]) for r in long] == [(d, q) for d in ("d1", "d2", "d3")
                                                            for q in ("who", "where", "when")]
     assert all(r["title"] for r in long)

@@ -178,7 +178,7 @@ def test_nodes_of_two_classes_get_one_recorded_choice(cluster, tiny_model, quest
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["precision"]["backend"] == "openvino" and manifest["precision"]["precision"] == "fp32"
     assert manifest["precision"]["cpu_classes"] == ["amx", "avx2"] and manifest["precision"]["requested"] == "auto"
-    assert manifest["job"]["precision_choice"] == {"backend": "openvino", "precision": "fp32"}
+    assert manifest["job"]["variant"] == {"backend": "openvino", "precision": "fp32"}
     assert manifest["model"]["model_file"].endswith("model-fp32.onnx")
     assert sorted(n["cpu_class"] for n in worker_nodes(manifest) if n["rows_answered"]) == ["amx", "avx2"]
     assert len(answers(out)) == N_ROWS

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import JobConfig
-from jobs.execute import LARGE_MODEL_BYTES, Capacity, pool_layout
+from jobs.pool import LARGE_MODEL_BYTES, Capacity, pool_layout
 from jobs.ray_stage import ActorReport, StageBook
 from pipeline.answer import StageTimes
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 from test_cpu_kernels import AVX2_EPYC, SAPPHIRE_RAPIDS, ZEN4_EPYC
 
-from jobs.plan import DEFAULT_CARD, auto_table
+from jobs.choose import DEFAULT_CARD, auto_table
 from pipeline.backends import BACKENDS, INT8_7BIT_GRAPH, graph_as_is, graph_file, servable_variants
 from pipeline.model_dir import ModelDirError, ModelShape, load_spec
 from pipeline.precision import F1_TOLERANCE, SPEED_NOISE, NodeCpu, Variant, choose, parse_table
@@ -231,7 +231,7 @@ def test_resume_keeps_the_recorded_choice_or_refuses(joined_ray, tiny_model, tmp
     assert crashed.wait(timeout=300) != 0
     joined_ray.wait_for_workers_of(crashed.pid)  # Ray ends the dead driver's writers; until then they may write
     staged = json.loads((out / "_staging" / "_job.json").read_text())
-    assert staged["precision_choice"] == {"backend": "openvino", "precision": "bf16"}
+    assert staged["variant"] == {"backend": "openvino", "precision": "bf16"}
 
     avx2 = {**base, "QA_CPUINFO": cpuinfo(tmp_path, AVX2_EPYC)}  # whatever CPU this machine has
     refused = job([*args, "--mode", "resume"], env=avx2)

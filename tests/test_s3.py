@@ -100,7 +100,9 @@ def test_commit_protocol_on_s3(s3_env):
 
     fs = s3fs()
     committer = OutputCommitter(fs, "lake/protocol")
-    job = {"input": "x"}
+    from conftest import identity_for
+
+    job = identity_for("x")
     units = [ReadUnit(0, "in", 0, 0, 3), ReadUnit(1, "in", 0, 3, 2)]
     assert committer.inspect("error", job) == OutputState()
     committer.begin("error", job)
@@ -126,9 +128,9 @@ def test_commit_protocol_on_s3(s3_env):
     resumed.begin("resume", job, stale)
     resumed.write_block(block(1, 2))
     manifest = resumed.commit(units, job, {}, adopted)
-    assert manifest["rows_out"] == 5
-    ids = sorted(i for f in manifest["output_files"]
+    assert manifest.rows_out == 5
+    ids = sorted(i for f in manifest.output_files
                  for i in pq.read_table(f["path"], filesystem=fs).column("id").to_pylist())
     assert ids == ["0-0", "0-1", "0-2", "1-0", "1-1"]
     with pytest.raises(FileExistsError, match="different job"):
-        OutputCommitter(fs, "lake/protocol").inspect("resume", {"input": "y"})
+        OutputCommitter(fs, "lake/protocol").inspect("resume", identity_for("y"))

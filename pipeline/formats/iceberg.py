@@ -21,10 +21,9 @@ snapshot's ancestors) is searched for a snapshot with this job's hash: found, no
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -33,11 +32,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .commit import MODES, OutputBusyError, OutputCommitter, OutputExistsError, OutputState, StagedPart
-from .extras import require
-from .faults import crash_point
-from .lake import TableError, filesystem_and_path
-from .units import ReadUnit, plan_units
+from ..commit import MODES, OutputBusyError, OutputCommitter, OutputExistsError, OutputState, StagedPart
+from ..extras import require
+from ..faults import crash_point
+from ..lake import TableError, filesystem_and_path
+from ..records import IDENTITY_VERSION, JobIdentity, Manifest
+from ..units import ReadUnit, plan_units
+from . import ReadOptions, SourcePlan
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
     from pyiceberg.table.snapshots import Snapshot
 
 SCHEME = "iceberg://"
-JOB_KEY = "qa_batch.job"  # snapshot summary: sha256 of the job identity
+JOB_KEY = "qa_batch.job"  # snapshot summary: sha256 of the job identity, in the form IDENTITY_KEY's version writes
+IDENTITY_KEY = "qa_batch.identity_version"  # absent: version 1
 RUN_KEY = "qa_batch.run"
 ERRORS_KEY = "qa_batch.errors"
 STAGING_DIR = "_qa_staging"
@@ -56,10 +58,6 @@ _raced = False
 
 def is_table(uri: str) -> bool:
     return uri.startswith(SCHEME)
-
-
-def job_key(job: dict) -> str:
-    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ class TableRef:
 
 
 @dataclass(frozen=True)
-class TableInput:
+class IcebergSource:
     """An input table pinned to one snapshot: its data files and what the job reads of them."""
 
     ref: TableRef
@@ -121,11 +119,32 @@ class TableInput:
     file_sizes: tuple[int, ...]
     partition_fields: tuple[tuple[str, str, str], ...]  # (source column, transform, name) of its partition spec
 
+    @property
+    def uri(self) -> str:
+        return self.ref.uri
+
+    @classmethod
+    def open(cls, uri: str, options: ReadOptions) -> IcebergSource:
+        return open_input(uri, options.where, options.select)
+
+    def pinned(self, recorded: dict | None) -> IcebergSource:
+        """The snapshot an interrupted run of this job read (``recorded``: its identity), else this one."""
+        source = (recorded or {}).get("input") if (recorded or {}).get("version") else \
+            {"format": "iceberg", **((recorded or {}).get("input_table") or {})}
+        if not source or source.get("format") != "iceberg" or source.get("table") != self.ref.uri:
+            return self
+        snapshot = source.get("snapshot_id", self.snapshot_id)
+        return self if snapshot == self.snapshot_id else open_input(self.ref.uri, self.where, self.select, snapshot)
+
     def identity(self) -> dict:
         """What a job's rows depend on: the table, the snapshot, the filter, the projection, the data files."""
-        return {"table": self.ref.uri, "snapshot_id": self.snapshot_id, "where": self.where,
+        return {"format": "iceberg", "table": self.ref.uri, "snapshot_id": self.snapshot_id, "where": self.where,
                 "select": list(self.select), "files": [{"path": p, "size": s}
                                                        for p, s in zip(self.file_uris, self.file_sizes)]}
+
+    def plan(self, rows_per_unit: int, needed: Sequence[str]) -> SourcePlan:
+        units, schema = self.plan_units(rows_per_unit, tuple(needed))
+        return SourcePlan(self.fs, self.files, (), tuple(units), schema, self.identity())
 
     def plan_units(self, rows_per_unit: int, needed: tuple[str, ...]) -> tuple[list[ReadUnit], pa.Schema]:
         """Read units over the snapshot's data files, projected and filtered; the schema the actors read."""
@@ -177,7 +196,7 @@ class TableInput:
 
 
 def open_input(uri: str, where: str | None = None, select: tuple[str, ...] = (),
-               snapshot_id: int | None = None) -> TableInput:
+               snapshot_id: int | None = None) -> IcebergSource:
     """The table at ``snapshot_id`` (default: its current snapshot), its data files planned for ``where``."""
     ref = TableRef.parse(uri)
     table = ref.load()
@@ -211,35 +230,49 @@ def open_input(uri: str, where: str | None = None, select: tuple[str, ...] = (),
     spec = table.specs()[table.metadata.default_spec_id]
     schema = table.schema()
     fields = tuple((schema.find_column_name(f.source_id), str(f.transform), f.name) for f in spec.fields)
-    return TableInput(ref, snapshot.snapshot_id, where, tuple(select), fs or pafs.LocalFileSystem(), tuple(paths),
+    return IcebergSource(ref, snapshot.snapshot_id, where, tuple(select), fs or pafs.LocalFileSystem(), tuple(paths),
                       tuple(t.file.file_path for t in tasks), tuple(t.file.file_size_in_bytes for t in tasks), fields)
 
 
 # ------------------------------------------------------------------------------------------ output
 
 
-def committed_snapshot(table: Table | None, key: str) -> Snapshot | None:
-    """The snapshot in the table's current history (the current snapshot and its ancestors) carrying job ``key``."""
+def committed_snapshot(table: Table | None, identity: JobIdentity) -> Snapshot | None:
+    """The snapshot in the table's current history (the current snapshot and its ancestors) that committed this
+    job: its summary carries the job's hash in the form of the identity version it records (a snapshot an
+    earlier release committed carries that release's form)."""
     from pyiceberg.table.snapshots import ancestors_of
 
     if table is None:
         return None
+    keys = identity.keys()
     for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
-        if snapshot.summary is not None and snapshot.summary.get(JOB_KEY) == key:
+        summary = snapshot.summary
+        if summary is None or summary.get(JOB_KEY) is None:
+            continue
+        if summary.get(JOB_KEY) == keys.get(int(summary.get(IDENTITY_KEY, 1))):
             return snapshot
     return None
 
 
-class IcebergCommitter:
-    """The commit protocol of ``pipeline.commit`` with an Iceberg transaction as its final step.
+class IcebergStager(OutputCommitter):
+    """Folder staging (``pipeline.commit``) of rows bound for a table."""
 
-    The same interface as ``OutputCommitter`` (the driver and the answering actors use either); actors get a
-    pickled copy, which holds no catalog connection."""
+    def write_block(self, table: pa.Table) -> list[dict]:
+        # Field ids carried over from the input table's files would contradict the output table's own;
+        # without them, add_files maps columns by name.
+        plain = pa.schema([f.remove_metadata() for f in table.schema], metadata=table.schema.metadata)
+        return super().write_block(table.cast(plain))
+
+
+class IcebergSink:
+    """The commit protocol of ``pipeline.commit`` with an Iceberg transaction as its final step: a
+    ``pipeline.formats.Sink``. Its stager holds no catalog connection."""
 
     def __init__(self, uri: str, rows_per_input_row: int = 1, run: str | None = None,
                  partition_fields: tuple[tuple[str, str, str], ...] = ()):
         self.ref = TableRef.parse(uri)
-        self.root = self.ref.uri  # what messages name
+        self.uri = self.root = self.ref.uri  # what messages name
         catalog = self.ref.connect()
         table = self.ref.load(catalog)
         if table is not None:
@@ -250,7 +283,7 @@ class IcebergCommitter:
             self.location = catalog._resolve_table_location(None, self.ref.namespace, table_name)
         self.fs, location_path = filesystem_and_path(self.location)
         self.data_path = f"{location_path}/data"
-        self.staged = OutputCommitter(self.fs, f"{location_path}/{STAGING_DIR}", rows_per_input_row, run)
+        self.staged = IcebergStager(self.fs, f"{location_path}/{STAGING_DIR}", rows_per_input_row, run)
         self.run = self.staged.run
         self.partition_fields = partition_fields
 
@@ -259,7 +292,7 @@ class IcebergCommitter:
         return self.staged.staging
 
     # -- driver, before the run ------------------------------------------------------------------
-    def check_columns(self, names: list[str]) -> None:
+    def check_columns(self, names: Sequence[str]) -> None:
         """Refuse an existing table whose columns differ from the ones the job writes, naming the column."""
         table = self.ref.load()
         if table is None:
@@ -273,17 +306,17 @@ class IcebergCommitter:
             raise TableError(f"output table {self.root} {what} (table: {have}; job: {names}); "
                              "write to a new table, or add the column (ALTER TABLE) first")
 
-    def inspect(self, mode: str, job: dict) -> OutputState:
+    def inspect(self, mode: str, identity: JobIdentity) -> OutputState:
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-        snapshot = committed_snapshot(self.ref.load(), job_key(job))
+        snapshot = committed_snapshot(self.ref.load(), identity)
         if snapshot is not None:
-            listed = self._commit_list(job)
+            listed = self._commit_list(identity)
             if listed is not None:  # committed, then died before cleaning up: the commit only cleans up
                 return OutputState(commit_list=listed)
-            return OutputState(committed=_manifest_of(self.root, snapshot))
+            return OutputState(committed=_manifest_of(self.root, snapshot, identity.written(), []))
         try:
-            return self.staged.inspect(mode, job)
+            return self.staged.inspect(mode, identity)
         except OutputBusyError:
             raise
         except OutputExistsError as exc:
@@ -301,8 +334,8 @@ class IcebergCommitter:
         ``--precision auto`` re-run finds it after choosing the same variant again."""
         return self.staged.staged_job()
 
-    def begin(self, mode: str, job: dict, stale: tuple[StagedPart, ...] = ()) -> None:
-        self.staged.begin(mode, job, stale)
+    def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> IcebergStager:
+        return self.staged.begin(mode, identity, stale)
 
     def renew_lease(self, started_at: float | None = None) -> None:
         self.staged.renew_lease(started_at)
@@ -310,38 +343,32 @@ class IcebergCommitter:
     def release_lease(self) -> None:
         self.staged.release_lease()
 
-    # -- answering actors ----------------------------------------------------------------------------
-    def write_block(self, table: pa.Table) -> list[dict]:
-        # Field ids carried over from the input table's files would contradict the output table's own;
-        # without them, add_files maps columns by name.
-        plain = pa.schema([f.remove_metadata() for f in table.schema], metadata=table.schema.metadata)
-        return self.staged.write_block(table.cast(plain))
-
     # -- driver, after the run ------------------------------------------------------------------
-    def commit(self, units: list[ReadUnit], job: dict, extra: dict, adopted: tuple[StagedPart, ...] = ()) -> dict:
+    def commit(self, units: list[ReadUnit], identity: JobIdentity, report: dict,
+               adopted: tuple[StagedPart, ...] = (), interrupted: list[dict] | None = None) -> Manifest:
+        if interrupted is not None:
+            return self._publish(interrupted, identity, report)
         files = self.staged.write_commit_list(units, adopted, dest=self.data_path)
         crash_point("commit-list")
-        return self._publish(files, job, extra)
+        return self._publish(files, identity, report)
 
-    def finish_interrupted_commit(self, files: list[dict], job: dict, extra: dict) -> dict:
-        return self._publish(files, job, extra)
-
-    def _publish(self, files: list[dict], job: dict, extra: dict) -> dict:
-        key = job_key(job)
-        snapshot = committed_snapshot(self.ref.load(), key)
+    def _publish(self, files: list[dict], identity: JobIdentity, report: dict) -> Manifest:
+        snapshot = committed_snapshot(self.ref.load(), identity)
         if snapshot is None:
             self._move_in(files)
-            snapshot = self._append(files, key)
+            snapshot = self._append(files, identity)
         crash_point("manifest")
         self.fs.delete_dir(self.staged.root)
-        return {**extra, **_manifest_of(self.root, snapshot), "job": job, "output_files": files}
+        return _manifest_of(self.root, snapshot, identity.written(), files, report)
 
-    def _commit_list(self, job: dict) -> list[dict] | None:
-        from .commit import COMMIT_LIST
-        from .lake import read_json
+    def _commit_list(self, identity: JobIdentity) -> list[dict] | None:
+        from ..commit import COMMIT_LIST
+        from ..lake import read_json
 
         path = f"{self.staging}/{COMMIT_LIST}"
-        if self.staged_job() != job or self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        staged = self.staged_job()
+        if staged is None or not identity.compare(staged).same or \
+                self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         return read_json(self.fs, path)["files"]
 
@@ -360,17 +387,22 @@ class IcebergCommitter:
         """A data file's URI, as the table's metadata names it (the location's scheme, not a filesystem path)."""
         return f"{self.location}/data/{path.rsplit('/', 1)[-1]}"
 
-    def _append(self, files: list[dict], key: str) -> Snapshot:
+    def _append(self, files: list[dict], identity: JobIdentity) -> Snapshot:
         """One transaction adding ``files``, with the job's hash in its summary; retried on a concurrent commit
         after re-reading the table and checking that no other attempt committed this job meanwhile."""
         from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 
-        props = {JOB_KEY: key, RUN_KEY: self.run, ERRORS_KEY: str(sum(f.get("errors", 0) for f in files))}
+        from ..faults import written_identity_version
+
+        version = written_identity_version(IDENTITY_VERSION)
+        props = {JOB_KEY: identity.key(version), RUN_KEY: self.run,
+                 ERRORS_KEY: str(sum(f.get("errors", 0) for f in files)),
+                 **({IDENTITY_KEY: str(version)} if version > 1 else {})}  # version 1 wrote none
         uris = [self._uri(f["path"]) for f in files]
         for attempt in range(COMMIT_ATTEMPTS):
             catalog = self.ref.connect()
             table = self.ref.load(catalog)
-            found = committed_snapshot(table, key)
+            found = committed_snapshot(table, identity)
             if found is not None:
                 return found
             _race_hook(self.ref)
@@ -387,9 +419,9 @@ class IcebergCommitter:
                 print(f"commit to {self.root}: another writer committed first ({exc}); retrying", flush=True)
                 time.sleep(min(0.1 * 2 ** attempt, 5.0))
                 continue
-            found = committed_snapshot(self.ref.load(catalog), key)
+            found = committed_snapshot(self.ref.load(catalog), identity)
             if found is None:
-                raise RuntimeError(f"{self.root}: committed, but no snapshot carries job {key}")
+                raise RuntimeError(f"{self.root}: committed, but no snapshot carries job {props[JOB_KEY]}")
             return found
         raise RuntimeError(f"cannot commit {self.root}: {COMMIT_ATTEMPTS} concurrent commits won over ours; "
                            "nothing was appended (run again with --mode resume)")
@@ -426,11 +458,12 @@ def _one_attempt(table: Table) -> Table:
     return table
 
 
-def _manifest_of(uri: str, snapshot: Snapshot) -> dict:
+def _manifest_of(uri: str, snapshot: Snapshot, job: dict, files: list[dict], report: dict | None = None) -> Manifest:
     summary = snapshot.summary
-    return {"table": uri, "snapshot_id": snapshot.snapshot_id, "job_sha256": summary.get(JOB_KEY),
-            "run": summary.get(RUN_KEY), "rows_out": int(summary.get("added-records", 0)),
-            "errors": int(summary.get(ERRORS_KEY, 0))}
+    return Manifest(**(report or {}), job=job, run=summary.get(RUN_KEY), output_files=files,
+                    rows_out=int(summary.get("added-records", 0)), errors=int(summary.get(ERRORS_KEY, 0)),
+                    commit={"format": "iceberg", "table": uri, "snapshot_id": snapshot.snapshot_id,
+                            "job_sha256": summary.get(JOB_KEY)})
 
 
 def _race_hook(ref: TableRef) -> None:

@@ -1,0 +1,55 @@
+"""The driver's third step: the variant ``--precision auto`` serves, for the CPUs of the cluster's nodes.
+
+One choice per job (``pipeline.precision.choose``, from the model card's measurements), or, on a resume, a check
+that every node computes the interrupted run's variant as it was computed. A forced ``--precision`` was resolved
+at plan time and passes through.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from jobs.config import REPO
+from jobs.plan import JobPlan, settle
+from pipeline.backends import graph_as_is, servable_variants
+from pipeline.model_dir import find_model_file, load_spec
+from pipeline.precision import AUTO as PRECISION_AUTO
+from pipeline.precision import ClassMeasurements, NodeCpu, choose, parse_table, runnable
+
+# --precision auto's measurements for a model whose card has none: the default model's (pipeline/precision.py)
+DEFAULT_CARD = REPO / "models" / "minilm-squad" / "card.json"
+
+
+class PrecisionChoiceError(ValueError):
+    """A resume whose recorded variant the cluster cannot compute as it was computed."""
+
+
+def auto_table(model_dir: str) -> dict[str, ClassMeasurements]:
+    """The auto_precision measurements of the model's own card, else the default model's."""
+    d = Path(model_dir)
+    for card in (d / "card.json" if d.is_dir() else d.parent / "card.json", DEFAULT_CARD):
+        if card.exists():
+            table = parse_table(json.loads(card.read_text()))
+            if table:
+                return table
+    return {}
+
+
+def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
+    """``job`` with its model resolved for ``nodes``: auto's choice, or a resumed choice checked."""
+    cfg = job.config
+    if job.served is None:
+        shape = load_spec(find_model_file(job.model_dir)).shape  # the same for every variant of a directory
+        choice = choose(auto_table(job.model_dir), nodes, servable_variants(job.model_dir, cfg.backend),
+                        graph_as_is(job.model_dir, cfg.backend), shape)
+        return settle(job, choice)
+    if job.served.choice.requested == PRECISION_AUTO and job.pending and not runnable(job.served.variant, nodes):
+        lacking = sorted({n.cpu_class for n in nodes if not n.bf16})
+        raise PrecisionChoiceError(
+            f"output {cfg.output}: the interrupted run of this job answered with {job.served.variant}, and "
+            f"nodes of this cluster (CPU class {', '.join(lacking)}) have no bfloat16 matmuls, so their answers "
+            "would differ; resume on nodes with bfloat16 matmuls (AMX, AVX512-BF16), or start again with "
+            "--mode overwrite")
+    return job

@@ -1,0 +1,58 @@
+"""Parquet files in, a folder of Parquet files out: local paths, directories, globs and ``s3://`` URIs.
+
+Input: the files a path, directory or glob names (``pipeline.lake.expand_input``), their row groups sliced into
+read units; a file is known by its path, size and modification time, so a file rewritten with the same size is a
+different input. Output: a folder committed by ``pipeline.commit`` (staged parts, then ``_manifest.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..commit import OutputCommitter
+from ..lake import expand_input, filesystem_and_path, input_base, stat_files
+from ..units import plan_units
+from . import ReadOptions, Source, SourcePlan
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    uri: str
+    skip_bad_files: bool = False
+    partition_fields: tuple = ()
+
+    @classmethod
+    def open(cls, uri: str, options: ReadOptions) -> ParquetSource:
+        if options.where or options.select:
+            raise ValueError(f"--where and --select read lake tables (iceberg://); input {uri} is Parquet files")
+        return cls(uri, options.skip_bad_files)
+
+    def plan(self, rows_per_unit: int, needed: Sequence[str]) -> SourcePlan:
+        fs, files = expand_input(self.uri)
+        units, schema, bad = plan_units(fs, files, rows_per_unit, skip_bad_files=self.skip_bad_files,
+                                        base=input_base(self.uri))
+        read = [f for f in files if f not in bad]
+        # S3: the HEADs many at a time, not one after another
+        identity = {"format": "parquet", "files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
+                                                   for f in stat_files(fs, read)]}
+        return SourcePlan(fs, tuple(files), tuple(bad), tuple(units), schema, identity)
+
+    def pinned(self, recorded: dict | None) -> Source:
+        return self  # files are compared by path, size and mtime: a changed file makes another job
+
+
+class FolderSink(OutputCommitter):
+    """A folder output: the commit protocol of ``pipeline.commit`` as it is; the sink is its own stager."""
+
+    def __init__(self, uri: str, rows_per_input_row: int = 1, run: str | None = None):
+        fs, path = filesystem_and_path(uri)
+        super().__init__(fs, path, rows_per_input_row, run)
+        self.uri = uri
+
+    @classmethod
+    def open(cls, uri: str, rows_per_input_row: int, source: Source | None = None) -> FolderSink:
+        return cls(uri, rows_per_input_row)
+
+    def check_columns(self, names: Sequence[str]) -> None:
+        """A folder's commit replaces what it held: any columns fit."""
