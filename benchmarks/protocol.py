@@ -45,7 +45,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter
+from pipeline.config import Columns, DecodeSettings, WindowSettings
+from pipeline.precision import Variant
+from pipeline.records import JobIdentity, ModelHashes
 from pipeline.units import ReadUnit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,23 +142,22 @@ def read_units(blocks: list[pa.Table]) -> list[ReadUnit]:
     return [ReadUnit(u, "lake/questions/part-0.parquet", u, 0, b.num_rows) for u, b in enumerate(blocks)]
 
 
-def job_and_extra(rows: int, rows_per_unit: int) -> tuple[dict, dict]:
+def job_and_extra(rows: int, rows_per_unit: int) -> tuple[JobIdentity, dict]:
     """A job identity and manifest fields of the shape and size jobs.plan/jobs.answer write."""
     sha = "0123456789abcdef" * 4
-    job = {"questions": None, "wide": False,
-           "input_files": [{"path": "lake/questions/part-0.parquet", "size": 7_000 * rows // 10,
-                            "mtime_ns": 1_764_460_800_000_000_000}],
-           "columns": {"id": "id", "question": "question", "context": "context"},
-           "decode": {"max_answer_tokens": 30, "top_k": 1, "null_threshold": None},
-           "windows": {"max_seq_len": 256, "doc_stride": 128, "max_query_len": 64},
-           "model_sha256": sha, "tokenizer_sha256": sha, "spec_sha256": sha,
-           "backend": "onnxruntime", "precision": "int8", "rows_per_unit": rows_per_unit}
+    windows = WindowSettings(max_seq_len=256, doc_stride=128, max_query_len=64)
+    job = JobIdentity(
+        input={"format": "parquet", "files": [{"path": "lake/questions/part-0.parquet", "size": 7_000 * rows // 10,
+                                               "mtime_ns": 1_764_460_800_000_000_000}]},
+        model=ModelHashes(graph_sha256=sha, weights_sha256=None, tokenizer_sha256=sha, spec_sha256=sha),
+        variant=Variant("onnxruntime", "fp32"), columns=Columns(), decode=DecodeSettings(), windows=windows,
+        rows_per_unit=rows_per_unit)
     extra = {"config": {"input": "lake/questions/", "output": "lake/answers", "model": "default",
                         "rows_per_unit": rows_per_unit, "mode": "error", "batch_tokens": 512},
              "model": {"directory": "/models/default", "model_file": "/models/default/model.int8.onnx",
                        "sha256": sha, "tokenizer_file": "/models/default/tokenizer.json",
                        "tokenizer_sha256": sha, "spec_sha256": sha, "lowercase": True,
-                       "windows": job["windows"]},
+                       "windows": asdict(windows)},
              "input_files": ["lake/questions/part-0.parquet"], "skipped_bad_files": [],
              "read_units": -(-rows // rows_per_unit), "rows_in": rows, "rows_per_input_row": 1,
              "units_answered_now": -(-rows // rows_per_unit), "rows_staged_before": 0,
@@ -521,7 +523,7 @@ def write_baseline(fs: pafs.FileSystem, root: str, tables: list[pa.Table]) -> No
         pq.write_table(table, f"{root}/part-{unit:06d}.parquet", filesystem=fs)
 
 
-def stage(committer: OutputCommitter, blocks: list[pa.Table], job: dict) -> None:
+def stage(committer: OutputCommitter, blocks: list[pa.Table], job: JobIdentity) -> None:
     committer.inspect("error", job)
     committer.begin("error", job)
     for block in blocks:
@@ -552,15 +554,15 @@ def _listing(fs: pafs.FileSystem, root: str) -> dict[str, int]:
             if i.type == pafs.FileType.File}
 
 
-def _one_pass(fs: pafs.FileSystem, root: str, blocks: list[pa.Table], plain: list[pa.Table], job: dict, extra: dict,
-              protocol_first: bool = False, on_start: Callable[[str], None] | None = None,
+def _one_pass(fs: pafs.FileSystem, root: str, blocks: list[pa.Table], plain: list[pa.Table], job: JobIdentity,
+              extra: dict, protocol_first: bool = False, on_start: Callable[[str], None] | None = None,
               on_end: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict]:
     seconds: dict[str, float] = {}
     committer = OutputCommitter(fs, f"{root}/protocol")
     result: dict = {}
     steps = {"baseline": lambda: write_baseline(fs, f"{root}/baseline", plain),
              "stage": lambda: stage(committer, blocks, job),
-             "commit": lambda: result.update(committer.commit(read_units(blocks), job, extra))}
+             "commit": lambda: result.update(committer.commit(read_units(blocks), job, extra).to_json())}
     order = ("stage", "commit", "baseline") if protocol_first else PHASES
     for phase in order:
         if on_start:
@@ -573,7 +575,7 @@ def _one_pass(fs: pafs.FileSystem, root: str, blocks: list[pa.Table], plain: lis
     return seconds, result
 
 
-def measure(store: Store, blocks: list[pa.Table], repeats: int = 3, job: dict | None = None,
+def measure(store: Store, blocks: list[pa.Table], repeats: int = 3, job: JobIdentity | None = None,
             extra: dict | None = None, keep: bool = False, progress: Callable[[str], None] | None = None
             ) -> StoreResult:
     """The counted pass (also the warm-up), then ``repeats`` timed passes (the order of baseline and protocol
