@@ -2,7 +2,7 @@
 
 ``JobConfig`` is the one place for every setting's default and help text: ``add_flags`` turns its fields
 (and those of the settings dataclasses it nests) into argparse flags, ``from_args`` turns parsed flags back
-into a validated config. ``jobs.answer``, ``jobs.evaluate`` and ``jobs.benchmark`` all build their flags here.
+into a validated config. ``jobs.answer``, ``jobs.evaluate`` and the benchmarks (benchmarks/, not installed) build their flags here.
 """
 
 from __future__ import annotations

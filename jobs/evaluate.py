@@ -45,18 +45,18 @@ def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = Non
     report = squad.score(items, predictions)
     report.update({
         "questions_per_s": round(len(items) / elapsed, 3),
-        "questions_per_s_answering": manifest["questions_per_s"],
+        "questions_per_s_answering": manifest.questions_per_s,
         "wall_s": round(elapsed, 2),
-        "model": manifest["model"],
-        "precision": manifest["precision"],  # the variant that answered (pipeline/precision.py)
+        "model": manifest.model,
+        "precision": manifest.precision,  # the variant that answered (pipeline/precision.py)
         "cpu_class": cpu_class(),  # of the machine that ran it (the driver's; a local run's actors share it)
         "data": str(data),
         "limit": limit,
-        "errors": manifest["errors"],
+        "errors": manifest.errors,
         "predictions": str(out_dir / "predictions.json"),
-        "stages": manifest["stages"],
-        "durations_s": manifest["durations_s"],
-        "ray": manifest["ray"],
+        "stages": manifest.stages,
+        "durations_s": manifest.durations_s,
+        "ray": manifest.ray,
     })
     return report
 

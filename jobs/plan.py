@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from jobs.config import REPO, JobConfig
 from pipeline.commit import OutputState, StagedPart, pending_units
-from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns
+from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns
 from pipeline.formats import ReadOptions, Sink, Source, SourcePlan, open_sink, open_source
 from pipeline.precision import AUTO as PRECISION_AUTO
 from pipeline.precision import PrecisionChoice
@@ -27,10 +27,6 @@ from pipeline.served import ServedModel, resolve, variant_for
 from pipeline.units import ReadUnit
 
 MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", REPO / "models" / "zoo"))  # where registry names resolve
-
-
-class ColumnError(ValueError):
-    """The input lacks a column the job reads, or has one the job would add; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class JobPlan:
     # (jobs.choose) before anything is staged. The fields below are set once it is (``settle``).
     served: ServedModel | None = None
     identity: JobIdentity | None = None  # what staged answers depend on
-    state: OutputState = OutputState()  # what the output already holds
+    state: OutputState = field(default_factory=OutputState)  # what the output already holds
     pending: tuple[ReadUnit, ...] = ()  # units still to answer
     staged_rows: int = 0  # input rows already staged by an interrupted run of this job
     adopted: tuple[StagedPart, ...] = ()  # complete units staged by an earlier (dead) run of this job: kept

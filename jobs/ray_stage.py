@@ -170,9 +170,9 @@ class AnswerActor:
 
     Staging in the actor, not in Ray Data write tasks: on a node whose Ray has few CPUs, a short write task
     every few seconds found its idle worker process killed (Ray's soft limit on workers is the node's CPUs,
-    and the actors already exceed it) and started a new one, about 3 CPU-seconds of imports each: 11 of them
-    for a 1000-question job on 2 cores, a fifth of the job's CPU (BENCHMARKS.md). The answers also no longer
-    travel through the object store.
+    and the actors already exceed it) and started a new one, paying the imports again each time, a large share
+    of a small job's CPU (BENCHMARKS.md has the measurement). The answers also no longer travel through the
+    object store.
 
     Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it; ``answer``
     answers without staging. An actor process that Ray restarts after a crash counts the restart against its

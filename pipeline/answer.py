@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import pyarrow as pa
 
-from .config import BATCH_TOKENS, OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, Columns, DecodeSettings
+from .config import BATCH_TOKENS, OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns, DecodeSettings
 from .decode import Spans, best_spans
 from .model_dir import ModelSpec
 from .session import QASession
@@ -94,10 +94,10 @@ class Answerer:
     def __call__(self, table: pa.Table) -> pa.Table:
         missing = [c for c in (self.columns.question, self.columns.context) if c not in table.column_names]
         if missing:
-            raise KeyError(f"answer stage: input has no column {missing[0]!r} (columns: {table.column_names})")
+            raise ColumnError(f"answer stage: input has no column {missing[0]!r} (columns: {table.column_names})")
         clash = [c for c in (*OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN) if c in table.column_names]
         if clash:
-            raise KeyError(f"answer stage: input already has output column {clash[0]!r}; rename it first")
+            raise ColumnError(f"answer stage: input already has output column {clash[0]!r}; rename it first")
         n = table.num_rows
         t0 = time.perf_counter()
         questions, q_err = validate_texts(table.column(self.columns.question), "question")

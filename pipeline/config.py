@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 BATCH_TOKENS = 512
 
 
+class ColumnError(ValueError):
+    """A table lacks a column the job reads, or has one the job would add; the message names it."""
+
+
 @dataclass(frozen=True)
 class WindowSettings:
     """How a (question, context) pair is cut into model inputs.

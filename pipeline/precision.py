@@ -7,22 +7,21 @@ a measurement, not a rule. So the choice is data: per CPU class (``pipeline.cpu`
 default model's SQuAD dev questions and its questions/s, in the ``auto_precision`` table of a model card
 (``card.json``; ``models/README.md`` says how it was measured). The rule, applied to that data:
 
-1. A variant is eligible on a class when its F1 is within ``F1_TOLERANCE`` (0.5) of that class's fp32 F1,
+1. A variant is eligible on a class when its F1 is within ``F1_TOLERANCE`` of that class's fp32 F1,
    the directory has its graph (``servable``), and every node can compute it (bf16 and int8-bf16 need bfloat16
    matmuls on every node: one node without them rules both out for all, so answers never depend on where an
    actor lands).
 2. One choice for the job: among variants eligible on every measured class present, the one whose worst
    node class loses least against that class's own fastest eligible variant (max of the min of speed
-   ratios). Worst ratios within ``SPEED_NOISE`` (5 points) of the best count as equal, as two runs of one
-   variant on one machine differ that much: among those, the best sum of ratios over the classes wins (a
-   variant as fast on one class and clearly faster on another), then the table's order. Without this,
-   a mixed AMX + AVX2 cluster's choice flipped between two ONNX Runtime graphs on a re-measurement
-   (92% against 91% on AMX). A class without measurements takes what the measured classes choose, if it
-   can compute it.
+   ratios). Worst ratios within ``SPEED_NOISE`` of the best count as equal, as two runs of one variant on one
+   machine differ that much: among those, the best sum of ratios over the classes wins (a variant as fast on
+   one class and clearly faster on another), then the table's order. Without this, a mixed cluster's choice
+   could flip between two near-equal variants on a re-measurement. A class without measurements takes what
+   the measured classes choose, if it can compute it.
 3. No measured class present, or nothing common: the graph as it is (``fallback``), as before auto existed.
 
-Speed ranks differ with the model's size (AMX: OpenVINO bf16 is fastest on the 6 x 384 default model, the
-NNCF int8 IR with bf16 for the rest on BERT-base, 12 x 768), so a row may also hold speeds measured on models of
+Speed ranks differ with the model's size (a variant fastest on the small default model may not be on a
+BERT-base-sized one: models/README.md has the measured rows), so a row may also hold speeds measured on models of
 other shapes (``ShapeSpeeds``: random weights, speed only). Eligibility always comes from the default model's
 F1; the ranking uses the speeds of the measured shape nearest the served model's (``ModelShape.distance``),
 where the row has speeds there for every eligible variant.
@@ -67,7 +66,7 @@ class Measured:
 @dataclass(frozen=True)
 class ShapeSpeeds:
     """Each variant's speed on a model of another shape (random weights: no F1) on one CPU class, in windows/s
-    of fixed batches (jobs.benchmark.fixed_batches): only ratios between the variants count."""
+    of fixed batches (models.fixed_batches): only ratios between the variants count."""
 
     shape: ModelShape
     windows_per_s: tuple[tuple[Variant, float], ...]

@@ -97,6 +97,13 @@ def variant_for(directory: str, backend: str, precision: str) -> Variant:
     return Variant(runtime_for(model_file, load_spec(model_file).spec, resolved), precision)
 
 
+def serve(directory: str, backend: str = "auto", precision: str = "fp32", overrides: dict | None = None,
+          batch_tokens: int | None = None) -> ServedModel:
+    """The model a forced ``backend``/``precision`` pair serves from a directory (tools and tests)."""
+    variant = variant_for(str(directory), backend, precision)
+    return resolve(str(directory), PrecisionChoice(variant, precision, "asked for"), overrides, batch_tokens)
+
+
 def open_variant(directory: str, variant: Variant, threads: int = 1, overrides: dict | None = None):
     """(spec, session) for a variant of a model directory: tools and tests that answer in-process."""
     served = resolve(directory, PrecisionChoice(variant, variant.precision, "asked for"), overrides)

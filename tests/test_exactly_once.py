@@ -193,11 +193,10 @@ def test_late_write_of_another_run_is_never_taken(tmp_path):
     """Run A dies with unit 0 staged and unit 1 half done; run B adopts unit 0 and redoes unit 1; a write of
     A arriving late (a zombie task) is not published, and the commit holds every row once."""
     import pyarrow.fs as pafs
+    from conftest import identity_for
 
     from pipeline.commit import ROW_COLUMN, UNIT_COLUMN, OutputCommitter, pending_units
     from pipeline.units import ReadUnit
-
-    from conftest import identity_for
 
     fs, root, job_id = pafs.LocalFileSystem(), str(tmp_path / "out"), identity_for("x")
     units = [ReadUnit(0, "in", 0, 0, 3), ReadUnit(1, "in", 0, 3, 2)]

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-from test_exactly_once import ANSWER_COLUMNS, N_ROWS, assert_exactly_once, committed, crash, job, run_job, write_input
+from test_exactly_once import ANSWER_COLUMNS, N_ROWS, assert_exactly_once, committed, job, run_job, write_input
 
 pytestmark = pytest.mark.usefixtures("joined_ray")  # jobs join the suite's Ray node (conftest)
 
@@ -132,7 +132,7 @@ def test_resume_across_an_identity_version_change(tiny_model, tmp_path, joined_r
     assert manifest["rows_staged_before"] >= 3 and manifest["job"]["version"] == 2
     assert_exactly_once(committed(out))
 
-    p = job(common, {"QA_FAULT_CRASH_AT": "stage:3"})
+    p = job(common + ["--mode", "overwrite"], {"QA_FAULT_CRASH_AT": "stage:3"})
     p.communicate(timeout=300)
     assert joined_ray.wait_for_workers_of(p.pid) > 0
     staged = json.loads((out / "_staging" / "_job.json").read_text())
@@ -154,7 +154,7 @@ def test_committed_table_job_rerun_after_an_upgrade_adds_no_snapshot(tiny_model,
               "--rows-per-unit", "4"]
     run_job(common, {**env, "QA_FAULT_IDENTITY_VERSION": "1"})
     (snapshot,) = cat.load_table("out.answers").snapshots()
-    assert "qa_batch.identity_version" not in snapshot.summary and snapshot.summary.get(JOB_KEY)
+    assert snapshot.summary.get("qa_batch.identity_version") is None and snapshot.summary.get(JOB_KEY)
     for mode in ("error", "resume"):
         assert "nothing to do" in run_job(common + ["--mode", mode], env)
     assert len(cat.load_table("out.answers").snapshots()) == 1

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from jobs.answer import parse_args, run
 from jobs.config import JobConfig
+from jobs.plan import ColumnError
 from jobs.pool import LARGE_MODEL_BYTES, actor_layout
 from pipeline.answer import Answerer
 from pipeline.backends import load_model
@@ -85,7 +86,7 @@ def test_job_answers_every_row_once(local_ray, tiny_model, tmp_path):
 
 def test_refuses_missing_column_and_existing_output(local_ray, tiny_model, tmp_path):
     pq.write_table(pa.table({"id": [1], "question": ["q"]}), tmp_path / "in.parquet")
-    with pytest.raises(KeyError, match="no column 'context'"):
+    with pytest.raises(ColumnError, match="no column 'context'"):
         run(JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o"), model=str(tiny_model)))
     pq.write_table(pa.table({"id": [1], "question": ["q"], "context": ["c"]}), tmp_path / "in.parquet")
     (tmp_path / "o").mkdir()

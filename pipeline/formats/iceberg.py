@@ -250,7 +250,7 @@ def committed_snapshot(table: Table | None, identity: JobIdentity) -> Snapshot |
         summary = snapshot.summary
         if summary is None or summary.get(JOB_KEY) is None:
             continue
-        if summary.get(JOB_KEY) == keys.get(int(summary.get(IDENTITY_KEY, 1))):
+        if summary.get(JOB_KEY) == keys.get(int(summary.get(IDENTITY_KEY) or 1)):
             return snapshot
     return None
 
