@@ -2,7 +2,7 @@
 
     python -m benchmarks --data dev-v1.1.json --mode marginal \\
         --models default=1000,bert-base=150,bert-large=40 \\
-        --variants="default; --backend onnxruntime --precision fp32; --backend openvino --precision fp32; --precision int8"
+        --variants="default; --precision int8-dynamic; --backend openvino --precision fp32; --precision int8"
 
 For each model, each system runs as a fresh process on the first N and the first 2N questions of --data, and
 its wall time T is taken from outside, start to exit: imports, Ray, model load and writing are all in it. The
@@ -50,7 +50,7 @@ from jobs.config import DEFAULT_MODEL
 from pipeline import squad
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VARIANTS = ("default; --backend onnxruntime --precision fp32; --backend openvino --precision fp32; "
+DEFAULT_VARIANTS = ("default; --precision int8-dynamic; --backend openvino --precision fp32; "
                     "--precision int8")
 DEFAULT_MODELS = "default=1000,bert-base=150,bert-large=40"
 PEER_NAME = "transformers pipeline"

@@ -78,6 +78,10 @@ def median_result(name: str, precision: str, runs: list[dict], flops: float) -> 
                   flops, mid["peak_rss_mb"], extra)
 
 
+# The job's --precision for each peak: the int8 graph is ONNX Runtime's dynamic int8 model.onnx.
+JOB_PRECISION = {"bf16": "bf16", "int8": "int8-dynamic"}
+
+
 def job_result(setup: Setup, name: str, precision: str, model_dir: Path, concurrency: int, threads: int,
                flops: float) -> Result:
     """``precision`` names the peak to compare with; "bf16" also runs the job with --precision bf16."""
@@ -85,7 +89,7 @@ def job_result(setup: Setup, name: str, precision: str, model_dir: Path, concurr
     for i in range(setup.repeats):
         out = setup.work / f"{name.replace(' ', '-').replace('(', '').replace(')', '')}-{i}"
         runs.append(in_child(run_job, setup.data, setup.limit, str(model_dir), str(out), concurrency, threads,
-                             setup.batch_tokens, setup.rows_per_unit, "bf16" if precision == "bf16" else "fp32"))
+                             setup.batch_tokens, setup.rows_per_unit, JOB_PRECISION.get(precision, "fp32")))
     return median_result(name, precision, runs, flops)
 
 

@@ -13,10 +13,19 @@ from pathlib import Path
 
 from jobs.config import REPO
 from jobs.plan import JobPlan, settle
-from pipeline.backends import graph_as_is, servable_variants
+from pipeline.backends import graph_as_is, legacy_as_is, servable_variants
 from pipeline.model_dir import find_model_file, load_spec
 from pipeline.precision import AUTO as PRECISION_AUTO
-from pipeline.precision import ClassMeasurements, NodeCpu, choose, parse_table, runnable
+from pipeline.precision import (
+    VARIANT_NAMES,
+    ClassMeasurements,
+    NodeCpu,
+    Variant,
+    choose,
+    parse_table,
+    renamed,
+    runnable,
+)
 
 # --precision auto's measurements for a model whose card has none: the default model's (pipeline/precision.py)
 DEFAULT_CARD = REPO / "models" / "minilm-squad" / "card.json"
@@ -31,7 +40,10 @@ def auto_table(model_dir: str) -> dict[str, ClassMeasurements]:
     d = Path(model_dir)
     for card in (d / "card.json" if d.is_dir() else d.parent / "card.json", DEFAULT_CARD):
         if card.exists():
-            table = parse_table(json.loads(card.read_text()))
+            data = json.loads(card.read_text())
+            table = parse_table(data)
+            if table and data.get("variant_names", 1) < VARIANT_NAMES:
+                table = renamed(table, Variant("onnxruntime", "fp32"), legacy_as_is(card.parent))
             if table:
                 return table
     return {}

@@ -76,11 +76,12 @@ class JobConfig:
         "auto: OpenVINO for model.xml, ONNX Runtime for model.onnx", choices=BACKEND_CHOICES))
     precision: str = field(default="auto", metadata=flag(
         "auto: per job, the fastest variant within 0.5 SQuAD F1 of fp32 on the CPU classes of the cluster's nodes, "
-        "from the model card's measurements (README: Precision); fp32: the graph as it is (the default model's "
-        "model.onnx is ONNX Runtime int8); bf16: OpenVINO runs the model's fp32 graph with bfloat16 matmuls on "
-        "CPUs that have them (AMX, AVX512-BF16), f32 elsewhere; int8: OpenVINO serves the directory's NNCF int8 IR "
-        "(model-int8.xml); int8-bf16: that IR with bfloat16 for its float ops (as bf16); int8-7bit: ONNX Runtime "
-        "serves model-int8-7bit.onnx", choices=PRECISION_CHOICES))
+        "from the model card's measurements (README: Precision); fp32: the float graph (model-fp32.onnx where "
+        "model.onnx is int8); bf16: OpenVINO runs the float graph with bfloat16 matmuls on CPUs that have them "
+        "(AMX, AVX512-BF16), f32 elsewhere; int8: OpenVINO serves the directory's NNCF int8 IR (model-int8.xml); "
+        "int8-bf16: that IR with bfloat16 for its float ops (as bf16); int8-dynamic: ONNX Runtime serves the "
+        "dynamic int8 model.onnx (our exports'; called fp32 before); int8-static: a statically quantized "
+        "model.onnx; int8-7bit: ONNX Runtime serves model-int8-7bit.onnx", choices=PRECISION_CHOICES))
     mode: str = field(default="error", metadata=flag(
         "when the output exists: fail (error), replace it (overwrite), or finish an interrupted run (resume)",
         choices=MODES))

@@ -17,12 +17,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs.config import REPO, JobConfig
+from pipeline.backends import legacy_as_is
 from pipeline.commit import OutputState, StagedPart, pending_units
 from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns
 from pipeline.formats import ReadOptions, Sink, Source, SourcePlan, open_sink, open_source
 from pipeline.precision import AUTO as PRECISION_AUTO
-from pipeline.precision import PrecisionChoice
-from pipeline.records import JobIdentity, recorded_variant
+from pipeline.precision import PrecisionChoice, Variant
+from pipeline.records import JobIdentity, identity_version, recorded_variant
 from pipeline.served import ServedModel, resolve, variant_for
 from pipeline.units import ReadUnit
 
@@ -99,7 +100,7 @@ def plan(cfg: JobConfig) -> JobPlan:
     if questions is None:  # fan-out's columns: checked at commit
         sink.check_columns(names + list(OUTPUT_COLUMNS) + ([TOP_ANSWERS_COLUMN] if cfg.decode.top_k > 1 else []))
     job = JobPlan(cfg, model_dir, source, read, sink, columns, questions, rows_per_input_row)
-    choice = forced_choice(cfg, model_dir) or resumed_choice(cfg, recorded)
+    choice = forced_choice(cfg, model_dir) or resumed_choice(cfg, model_dir, recorded)
     return settle(job, choice) if choice is not None else job
 
 
@@ -111,11 +112,13 @@ def forced_choice(cfg: JobConfig, model_dir: str) -> PrecisionChoice | None:
                            "--precision on the command line")
 
 
-def resumed_choice(cfg: JobConfig, recorded: dict | None) -> PrecisionChoice | None:
+def resumed_choice(cfg: JobConfig, model_dir: str, recorded: dict | None) -> PrecisionChoice | None:
     """--precision auto on a resume: the variant the interrupted run chose (jobs.choose checks the nodes)."""
     variant = recorded_variant(recorded)
     if cfg.precision != PRECISION_AUTO or variant is None:
         return None
+    if identity_version(recorded) == 1 and variant == Variant("onnxruntime", "fp32"):
+        variant = legacy_as_is(model_dir)  # what that name meant then: the graph as it is
     return PrecisionChoice(variant, PRECISION_AUTO, "chosen by the earlier run of this job at this output, "
                                                     "kept on resume")
 

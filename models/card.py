@@ -39,12 +39,38 @@ MODELS = Path(__file__).resolve().parent
 MODEL_DIR = MODELS / "minilm-squad"
 BEGIN, END = "<!-- card:begin -->", "<!-- card:end -->"
 EVAL = "python -m jobs.evaluate --data ../shared/data/squad/dev-v1.1.json"
-ORT_AS_IS = "--backend onnxruntime --precision fp32"  # model.onnx as it is (int8), whatever auto would choose
+ORT_AS_IS = "--backend onnxruntime --precision int8-dynamic"  # model.onnx (int8), whatever auto would choose
+LEGACY_ORT_AS_IS = "--backend onnxruntime --precision fp32"  # what ORT_AS_IS was called before VARIANT_NAMES 2
 
 
 OPENVINO_INT8 = "--backend openvino --precision int8"
 OPENVINO_INT8_IR = "python -m models.convert --openvino-int8 models/minilm-squad"
 INT8_7BIT = "python -m models.convert --int8-7bit models/minilm-squad  # model-int8-7bit.onnx, from model-fp32.onnx"
+
+
+def current_names(card: dict) -> dict:
+    """A card written before ONNX Runtime's variants were named by what runs (pipeline/backends.py): its
+    "onnxruntime fp32" measured the directory's model.onnx as it is (dynamic int8 here); renamed, in its rows
+    and in the commands that reproduce its figures. The figures are unchanged."""
+    from pipeline.backends import legacy_as_is
+    from pipeline.precision import VARIANT_NAMES
+
+    if card.get("variant_names", 1) >= VARIANT_NAMES:
+        return card
+    as_is = legacy_as_is(MODEL_DIR).precision
+
+    def walk(value):
+        if isinstance(value, dict):
+            if value.get("backend") == "onnxruntime" and value.get("precision") == "fp32":
+                value = {**value, "precision": as_is}
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and LEGACY_ORT_AS_IS in value:
+            return value.replace(LEGACY_ORT_AS_IS, f"--backend onnxruntime --precision {as_is}")
+        return value
+
+    return {**walk(card), "variant_names": VARIANT_NAMES}
 
 
 def _figures(report: dict, command: str, cpu: str | None = None, speed_note: str | None = None) -> dict:
@@ -310,11 +336,11 @@ def main(argv: list[str] | None = None) -> None:
         training = load(MODEL_DIR / "training.json")
         card = build_card(load(a.slice), load(a.int8), load(a.fp32), training, load(a.train_config), a.note,
                           load(a.bf16), load(a.int8_per_tensor))
-        kept = load(MODEL_DIR / "card.json") or {}
+        kept = current_names(load(MODEL_DIR / "card.json") or {})
         if kept.get("auto_precision"):  # measured per CPU class, on other machines too: a new slice keeps them
             card["auto_precision"] = kept["auto_precision"]
     else:
-        card = load(MODEL_DIR / "card.json")
+        card = current_names(load(MODEL_DIR / "card.json"))
         given = {"dev_int8": (a.int8, f"{EVAL} {ORT_AS_IS}"), "dev_fp32": (a.fp32, f"{EVAL} --model models/minilm-squad/model-fp32.onnx"),
                  "dev_bf16": (a.bf16, f"{EVAL} --precision bf16"),
                  "dev_int8_per_tensor": (a.int8_per_tensor, f"{EVAL} --model PER_TENSOR_INT8_DIR")}
@@ -347,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--other-shape: the card has no auto_precision row for CPU class {cls}; measure it first")
         row = card["auto_precision"][cls]
         row["other_shapes"] = [o for o in row.get("other_shapes", []) if o["shape"] != entry["shape"]] + [entry]
+    from pipeline.precision import VARIANT_NAMES
+
+    card["variant_names"] = VARIANT_NAMES
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     readme = MODELS / "README.md"
     text = readme.read_text()

@@ -35,9 +35,9 @@ class Variant(NamedTuple):
 
 VARIANTS = {
     "ort-fp32": Variant("model-fp32.onnx", "onnxruntime"),
-    "ort-int8": Variant("model.onnx", "onnxruntime"),  # what the job serves
-    "ort-int8-exact": Variant("model.onnx", "onnxruntime", exact_u8u8=True),
-    "ort-int8-fast": Variant("model.onnx", "onnxruntime", exact_u8u8=False),
+    "ort-int8": Variant("model.onnx", "onnxruntime", "int8-dynamic"),  # as --precision int8-dynamic
+    "ort-int8-exact": Variant("model.onnx", "onnxruntime", "int8-dynamic", exact_u8u8=True),
+    "ort-int8-fast": Variant("model.onnx", "onnxruntime", "int8-dynamic", exact_u8u8=False),
     "ort-int8-7bit": Variant("model-int8-7bit.onnx", "onnxruntime", "int8-7bit"),  # as --precision int8-7bit
     "ov-fp32": Variant("model-fp32.onnx", "openvino"),
     "ov-bf16": Variant("model-fp32.onnx", "openvino", "bf16"),

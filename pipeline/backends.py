@@ -6,17 +6,25 @@ from these rules in ``pipeline.served``.
 
 Precisions, and the graph each reads from a model directory (``graph_file``):
 
-- fp32: the graph as it is, in its own arithmetic. ONNX Runtime reads ``model.onnx`` (our exports' is int8:
-  dynamic int8 weights, kept int8); OpenVINO reads ``model-fp32.onnx`` when the directory has one.
+A precision names what runs. Whether an ONNX graph is int8 is read from the ops it holds
+(``pipeline.onnx_graph.quantization``), so a name is never put on a graph that computes otherwise.
+
+- fp32: a float graph in f32: the directory's ``model.onnx`` when it is a float graph, else its
+  ``model-fp32.onnx`` (our exports keep the float graph there beside ONNX Runtime's int8 ``model.onnx``); a
+  directory with neither refuses fp32 rather than serve int8 under that name. OpenVINO reads ``model-fp32.onnx``
+  first: it cannot read ONNX Runtime's int8 ops.
+- int8-dynamic: ONNX Runtime only; the directory's ``model.onnx`` when it is ONNX Runtime's dynamic int8 graph
+  (``quantize_dynamic``: int8 weights, activation scales per batch tensor), as our exports' is.
+  Records and cards written before the name existed call it ``onnxruntime fp32`` ("the graph as it is"); they
+  are read as this (``legacy_as_is``).
+- int8-static: ONNX Runtime only; ``model.onnx`` when it is a statically quantized graph (QDQ or QOperator ops).
 - bf16: OpenVINO only; the fp32 graph with bfloat16 matmuls where the CPU has them, f32 elsewhere.
 - int8: OpenVINO only; ``model-int8.xml``, the NNCF post-training int8 IR that ``python -m models.convert``
   writes (``--quantize int8``, or ``--openvino-int8 DIR`` for an existing directory); what is not quantized
   (softmax, layer norms, GELU, the attention products) runs in f32.
 - int8-bf16: OpenVINO only; the same IR, with what is not quantized in bfloat16 where the CPU has bfloat16
-  matmuls (on AMX the fastest variant on BERT-base-sized models: models/README.md). ONNX Runtime refuses
-  int8 rather than serve ``model.onnx`` under that name: whether that graph is int8 depends on how it was
-  converted, and telling would mean reading the graph (onnx is not a core dependency). Its int8 graph is
-  what it serves at fp32, "the graph as it is".
+  matmuls (on AMX the fastest variant on BERT-base-sized models: models/README.md). ONNX Runtime's int8
+  graphs are int8-dynamic, int8-static and int8-7bit.
 - int8-7bit: ONNX Runtime only; ``model-int8-7bit.onnx``, dynamic int8 like our ``model.onnx`` with weights in
   -64..64 (``models.convert --quantize int8`` writes it, ``--int8-7bit DIR`` adds it). With 7-bit weights the
   fast u8 x s8 kernel cannot saturate on CPUs without VNNI, so it runs there instead of the exact u8 x u8
@@ -31,6 +39,7 @@ from pathlib import Path
 
 from .cpu import KernelOptions
 from .model_dir import FP32_GRAPH, ModelDirError, find_model_file, load_spec
+from .onnx_graph import quantization
 from .precision import AUTO as PRECISION_AUTO
 from .precision import BF16_PRECISIONS, Variant
 
@@ -50,15 +59,17 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32", "int8-7bit"), None, 512),
+    Backend("onnxruntime", "ONNX Runtime", (".onnx",), ("fp32", "int8-dynamic", "int8-static", "int8-7bit"), None,
+            512),
     Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16", "int8", "int8-bf16"), "openvino", 2048),
 )}
 AUTO = "auto"  # OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
 BACKEND_CHOICES = (AUTO, *BACKENDS)
-# fp32: the graph's own arithmetic (an int8 graph stays int8); bf16: bfloat16 matmuls where the CPU has them;
-# int8: the directory's NNCF int8 IR; int8-bf16: that IR with bfloat16 for the rest; int8-7bit: its int8 graph
-# with 7-bit weights (see the module docstring).
-PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16", "int8-7bit")
+# fp32: a float graph; bf16: bfloat16 matmuls where the CPU has them; int8: the directory's NNCF int8 IR;
+# int8-bf16: that IR with bfloat16 for the rest; int8-dynamic / int8-static: ONNX Runtime's int8 model.onnx;
+# int8-7bit: its dynamic int8 graph with 7-bit weights (see the module docstring).
+PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16", "int8-dynamic", "int8-static", "int8-7bit")
+ORT_INT8_PRECISIONS = {"dynamic": "int8-dynamic", "static": "int8-static"}  # by pipeline.onnx_graph.quantization
 # auto (the default): one of the above per job, chosen from the CPUs of the cluster's nodes (pipeline/precision.py)
 PRECISION_CHOICES = (PRECISION_AUTO, *PRECISIONS)
 # OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
@@ -89,8 +100,8 @@ def resolve_backend(backend: str, precision: str) -> str:
     if backend == AUTO:
         return able[0].name if len(able) == 1 else AUTO
     if backend not in [b.name for b in able]:
-        hint = (f"; {BACKENDS[backend].label}'s int8 graph (our exports' model.onnx) is what it serves at "
-                "--precision fp32, the graph as it is, and its 7-bit one at --precision int8-7bit"
+        hint = (f"; {BACKENDS[backend].label} serves its int8 graph (our exports' model.onnx) at --precision "
+                "int8-dynamic, and its 7-bit one at --precision int8-7bit"
                 ) if precision == "int8" and backend == "onnxruntime" else ""
         raise ValueError(f"precision {precision} runs on the {' or '.join(b.label for b in able)} backend; "
                          f"{BACKENDS[backend].label} computes these graphs in their own precision "
@@ -99,13 +110,13 @@ def resolve_backend(backend: str, precision: str) -> str:
 
 
 def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path:
-    """The graph a backend reads at a precision from a model directory (or the graph file given, as is).
+    """The graph a backend reads at a precision from a model directory (or the graph file given).
 
     OpenVINO reads a directory's ``model-fp32.onnx`` when it has one: our exports' ``model.onnx`` is ONNX
     Runtime's int8 graph (com.microsoft QAttention and friends), which OpenVINO cannot read; the fp32 graph
-    beside it is the same model. At int8 it reads the directory's ``model-int8.xml``, and refuses a directory
-    without one rather than serve another graph under that name. A graph file given is the user's choice and
-    is served as is at any precision.
+    beside it is the same model. At int8 it reads the directory's ``model-int8.xml``. A directory without the
+    graph a precision names refuses it rather than serve another graph under that name; so does a graph file
+    given whose ops say otherwise.
     """
     d = Path(model)
     if precision == "int8-7bit" and d.is_dir():
@@ -113,7 +124,7 @@ def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path
             raise ModelDirError(
                 f"{d}: no {INT8_7BIT_GRAPH} (int8 with 7-bit weights) for --precision int8-7bit; make it with "
                 f"python -m models.convert --int8-7bit {d}, or serve the directory's graph as it is with "
-                "--precision fp32")
+                "--precision auto")
         return d / INT8_7BIT_GRAPH
     if backend == "openvino" and d.is_dir():
         if precision in OPENVINO_INT8_PRECISIONS:
@@ -121,28 +132,47 @@ def graph_file(model: str | Path, backend: str, precision: str = "fp32") -> Path
                 raise ModelDirError(
                     f"{d}: no {OPENVINO_INT8_GRAPH} (the OpenVINO int8 IR) for --precision {precision}; make it with "
                     f"python -m models.convert --openvino-int8 {d} (needs pip install nncf), or serve the "
-                    "directory's graph as it is with --precision fp32")
+                    "directory's graph as it is with --precision auto")
             return find_model_file(d / OPENVINO_INT8_GRAPH)  # checks its .bin
         if (d / FP32_GRAPH).exists():
             return d / FP32_GRAPH
-    return find_model_file(d)
+    main = find_model_file(d)
+    if main.suffix != ".onnx" or precision in OPENVINO_INT8_PRECISIONS or precision == "int8-7bit":
+        return main  # an IR; or a graph file given for the OpenVINO IR's or the 7-bit precisions: as it is
+    kind = quantization(main)
+    named = ORT_INT8_PRECISIONS.get(kind, "fp32")
+    if precision in ("fp32", "bf16") and kind is not None:
+        if d.is_dir() and (d / FP32_GRAPH).exists():
+            return d / FP32_GRAPH
+        raise ModelDirError(f"{main} is ONNX Runtime {kind} int8 (its ops say so) and {d} has no {FP32_GRAPH}: "
+                            f"serve it as it is with --precision {named}, or export the float graph beside it")
+    if precision in ORT_INT8_PRECISIONS.values() and precision != named:
+        raise ModelDirError(f"{main} is {'a float graph' if kind is None else f'{kind} int8'}, not {precision}: "
+                            f"serve it with --precision {named}")
+    return main
 
 
 def servable_variants(model: str | Path, backend: str = AUTO) -> frozenset[Variant]:
     """The (backend, precision) pairs a model directory has graphs for, as ``--precision auto`` may choose them
     (``--backend`` narrows them to one runtime). A graph file given is served only as it is.
 
-    OpenVINO's fp32 and bf16 need an OpenVINO-readable fp32 graph (``model-fp32.onnx``, or an IR): a
-    directory's ``model.onnx`` may be ONNX Runtime's int8 graph, which OpenVINO cannot read, and telling would
-    mean reading it. OpenVINO's int8 and int8-bf16 need ``model-int8.xml``. Nothing OpenVINO unless it is installed.
+    ONNX Runtime's fp32 needs a float graph (a float ``model.onnx``, or ``model-fp32.onnx``), its int8
+    precisions the int8 graph that ``model.onnx`` is. OpenVINO's fp32 and bf16 need ``model-fp32.onnx`` or an IR,
+    as the converter writes them: auto does not move a directory that has only a float ``model.onnx`` (a user's
+    export) to another runtime on the default model's measurements. OpenVINO's int8 and int8-bf16 need
+    ``model-int8.xml``. Nothing OpenVINO unless it is installed.
     """
     d = Path(model)
     if not d.is_dir():
         return frozenset()
     main = find_model_file(d)
+    kind = quantization(main) if main.suffix == ".onnx" else None
     found = set()
     if main.suffix == ".onnx":
-        found.add(Variant("onnxruntime", "fp32"))
+        if kind is not None:
+            found.add(Variant("onnxruntime", ORT_INT8_PRECISIONS[kind]))
+        if kind is None or (d / FP32_GRAPH).exists():
+            found.add(Variant("onnxruntime", "fp32"))
     if (d / INT8_7BIT_GRAPH).exists():
         found.add(Variant("onnxruntime", "int8-7bit"))
     if importlib.util.find_spec("openvino") is not None:
@@ -157,7 +187,15 @@ def graph_as_is(model: str | Path, backend: str = AUTO) -> Variant:
     """The variant that serves a model's own graph in its own arithmetic: what ``--precision auto`` falls back
     to without measurements (and what the job served before auto existed)."""
     model_file = find_model_file(model)
-    return Variant(runtime_for(model_file, load_spec(model_file).spec, resolve_backend(backend, "fp32")), "fp32")
+    runtime = runtime_for(model_file, load_spec(model_file).spec, resolve_backend(backend, "fp32"))
+    kind = quantization(model_file) if model_file.suffix == ".onnx" and runtime == "onnxruntime" else None
+    return Variant(runtime, ORT_INT8_PRECISIONS[kind] if kind else "fp32")
+
+
+def legacy_as_is(model: str | Path) -> Variant:
+    """What ``onnxruntime fp32`` meant in records and cards written before precisions named what runs: ONNX
+    Runtime serving the directory's graph as it is."""
+    return graph_as_is(model, "onnxruntime")
 
 
 def runtime_for(model_file: Path, spec: dict, backend: str) -> str:
@@ -187,10 +225,11 @@ def kernels_for(model_file: Path) -> KernelOptions | None:
 
 
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
-               backend: str = AUTO, precision: str = "fp32"):
+               backend: str = AUTO, precision: str | None = None):
     """(spec, session) for a model directory (or a graph file inside one), for tools and tests that answer
-    in-process: the variant ``backend``/``precision`` name, resolved and opened as a job's actors do
-    (``pipeline.served``)."""
+    in-process: the variant ``backend``/``precision`` name (no precision: the graph as it is), resolved and
+    opened as a job's actors do (``pipeline.served``)."""
     from .served import open_variant, variant_for
 
-    return open_variant(str(model_dir), variant_for(str(model_dir), backend, precision), threads, overrides)
+    variant = graph_as_is(model_dir, backend) if precision is None else variant_for(str(model_dir), backend, precision)
+    return open_variant(str(model_dir), variant, threads, overrides)

@@ -38,6 +38,9 @@ from .cpu import cpu_class, has_bf16_matmuls, local_flags
 from .model_dir import ModelShape
 
 AUTO = "auto"
+# A card says "variant_names": 2 once its ONNX Runtime variants are named by what runs (pipeline/backends.py);
+# before, "onnxruntime fp32" was the directory's graph as it is, whatever its arithmetic.
+VARIANT_NAMES = 2
 F1_TOLERANCE = 0.5  # points of SQuAD F1 below fp32 a variant may lose and still be chosen
 SPEED_NOISE = 0.05  # worst speed ratios this close count as equal (rule 2)
 # Precisions that compute in bfloat16 where the CPU has bfloat16 matmuls, and in f32 where it has not (OpenVINO's
@@ -150,6 +153,19 @@ def parse_table(card: Mapping) -> dict[str, ClassMeasurements]:
         ) for name, row in table.items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"malformed auto_precision table in the model card: {exc!r}") from exc
+
+
+def renamed(table: Mapping[str, ClassMeasurements], old: Variant, new: Variant) -> dict[str, ClassMeasurements]:
+    """``table`` with variant ``old`` called ``new`` (a card written before a variant's name changed)."""
+    from dataclasses import replace
+
+    def name(v: Variant) -> Variant:
+        return new if v == old else v
+
+    return {c: replace(row, variants=tuple(replace(m, variant=name(m.variant)) for m in row.variants),
+                       other_shapes=tuple(replace(o, windows_per_s=tuple((name(v), w) for v, w in o.windows_per_s))
+                                          for o in row.other_shapes))
+            for c, row in table.items()}
 
 
 def runnable(variant: Variant, nodes: Sequence[NodeCpu]) -> bool:

@@ -88,7 +88,7 @@ class JobIdentity:
                 "decode": asdict(self.decode), "windows": asdict(self.windows),
                 "model_sha256": self.model.graph_sha256, "weights_sha256": self.model.weights_sha256,
                 "tokenizer_sha256": self.model.tokenizer_sha256, "spec_sha256": self.model.spec_sha256,
-                "precision_choice": asdict(self.variant), "rows_per_unit": self.rows_per_unit}
+                "precision_choice": _v1_variant(self.variant), "rows_per_unit": self.rows_per_unit}
 
     def written(self) -> dict:
         """The form this run writes: the current one (tests may ask for an earlier release's, pipeline.faults)."""
@@ -132,6 +132,13 @@ class Comparison:
                     f"release writes version {IDENTITY_VERSION} and cannot compare the two")
         return (f"note: {where} was written by an earlier qa-batch release (job identity version {self.version}, "
                 f"now {IDENTITY_VERSION}); read in that form, it is " + ("this job" if self.same else "another job"))
+
+
+def _v1_variant(variant: Variant) -> dict:
+    """Version 1 named ONNX Runtime's int8 model.onnx "fp32" (the graph as it is; pipeline/backends.py)."""
+    if variant.backend == "onnxruntime" and variant.precision in ("int8-dynamic", "int8-static"):
+        return {"backend": variant.backend, "precision": "fp32"}
+    return asdict(variant)
 
 
 def identity_version(recorded: dict) -> int:

@@ -10,10 +10,10 @@ planning and answering is refused instead of served.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import onnx_graph
 from .backends import BACKENDS, graph_file, open_session, resolve_backend, runtime_for
 from .model_dir import SPEC_FILE, ModelDirError, ModelSpec, file_sha256, load_spec
 from .precision import PrecisionChoice, Variant
@@ -93,8 +93,9 @@ def resolve(directory: str, choice: PrecisionChoice, overrides: dict | None = No
 def variant_for(directory: str, backend: str, precision: str) -> Variant:
     """The variant a forced ``--backend``/``--precision`` pair names for a model directory."""
     resolved = resolve_backend(backend, precision)
+    spec = load_spec(directory)  # the directory's files first: a missing tokenizer is named before the graph is read
     model_file = graph_file(directory, resolved, precision)
-    return Variant(runtime_for(model_file, load_spec(model_file).spec, resolved), precision)
+    return Variant(runtime_for(model_file, spec.spec, resolved), precision)
 
 
 def serve(directory: str, backend: str = "auto", precision: str = "fp32", overrides: dict | None = None,
@@ -117,7 +118,7 @@ def fixed_seq_len(model_file: Path, input_names: dict[str, str] | None = None) -
     """The sequence length the graph fixes on its token-id input, if any, read without a session."""
     from .session import resolve_inputs
 
-    shapes = _xml_input_shapes(model_file) if model_file.suffix == ".xml" else onnx_input_shapes(model_file)
+    shapes = _xml_input_shapes(model_file) if model_file.suffix == ".xml" else onnx_graph.input_shapes(model_file)
     ids = resolve_inputs(model_file, list(shapes), input_names)["input_ids"]
     dims = shapes[ids]
     return dims[1] if len(dims) > 1 and isinstance(dims[1], int) and dims[1] > 0 else None
@@ -134,96 +135,3 @@ def _xml_input_shapes(model_file: Path) -> dict[str, list[int | None]]:
         shape = port.get_partial_shape()
         out[_port_name(port, wanted)] = [_static(d) for d in shape] if shape.rank.is_static else []
     return out
-
-
-def onnx_input_shapes(model_file: Path) -> dict[str, list[int | str | None]]:
-    """An ONNX graph's inputs (initializers excluded) and their dimensions: an int, a symbolic name, or None.
-
-    Read from the protobuf's graph fields directly: the onnx package is not a core dependency, and loading a
-    graph parses every weight; here weights are skipped by their length, so a graph of any size costs a few
-    reads of its header fields.
-    """
-    from .session import ModelLoadError
-
-    try:
-        with open(model_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _graph_inputs(buf)
-    except (ValueError, IndexError, UnicodeDecodeError, OSError) as exc:
-        raise ModelLoadError(f"{model_file}: not a loadable ONNX model ({exc})") from exc
-
-
-def _graph_inputs(buf) -> dict[str, list[int | str | None]]:
-    graph = _field(buf, 0, len(buf), 7)  # ModelProto.graph
-    if graph is None:
-        raise ValueError("no graph in the protobuf")
-    inputs, initializers = [], set()
-    for number, start, end in _fields(buf, *graph):
-        if number == 11:  # GraphProto.input: ValueInfoProto
-            inputs.append(_value_info(buf, start, end))
-        elif number == 5:  # GraphProto.initializer: TensorProto, name is field 8
-            name = _field(buf, start, end, 8)
-            if name is not None:
-                initializers.add(bytes(buf[name[0]:name[1]]).decode())
-    return {name: dims for name, dims in inputs if name not in initializers}
-
-
-def _value_info(buf, start: int, end: int) -> tuple[str, list]:
-    name = _field(buf, start, end, 1)
-    dims: list = []
-    kind = _field(buf, start, end, 2)  # TypeProto
-    tensor = _field(buf, *kind, 1) if kind else None  # TypeProto.tensor_type
-    shape = _field(buf, *tensor, 2) if tensor else None  # TypeProto.Tensor.shape
-    if shape:
-        for number, s, e in _fields(buf, *shape):
-            if number != 1:  # TensorShapeProto.dim
-                continue
-            value = None
-            for n, vs, ve in _fields(buf, s, e):
-                if n == 1:  # dim_value (a varint field: its bytes decoded again)
-                    value, _ = _varint(buf, vs)
-                elif n == 2:  # dim_param
-                    value = bytes(buf[vs:ve]).decode()
-            dims.append(value)
-    return (bytes(buf[name[0]:name[1]]).decode() if name else ""), dims
-
-
-def _varint(buf, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf, start: int, end: int):
-    """(field number, start, end) of each field of a message; a varint field's span is its encoded bytes."""
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, j = _varint(buf, i)
-            yield number, i, j
-            i = j
-        elif wire == 1:
-            yield number, i, i + 8
-            i += 8
-        elif wire == 2:
-            length, i = _varint(buf, i)
-            yield number, i, i + length
-            i += length
-        elif wire == 5:
-            yield number, i, i + 4
-            i += 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        if i > end:
-            raise ValueError("a field runs past its message")
-
-
-def _field(buf, start: int, end: int, number: int) -> tuple[int, int] | None:
-    """The span of the first field ``number`` of a message, else None."""
-    return next(((s, e) for n, s, e in _fields(buf, start, end) if n == number), None)

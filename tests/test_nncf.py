@@ -120,7 +120,8 @@ def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
     assert {"model.onnx", OPENVINO_INT8_GRAPH, "model-int8.bin", "model-fp32.onnx"} <= names
     from pipeline.backends import servable_variants
 
-    assert {str(v) for v in servable_variants(tmp_path / "dst")} == {"onnxruntime fp32", "onnxruntime int8-7bit",
+    assert {str(v) for v in servable_variants(tmp_path / "dst")} == {"onnxruntime fp32", "onnxruntime int8-dynamic",
+                                                                     "onnxruntime int8-7bit",
                                                                      "openvino fp32", "openvino bf16", "openvino int8",
                                                                      "openvino int8-bf16"}
     assert_answers_every_row(tmp_path / "dst")
@@ -146,7 +147,7 @@ def test_openvino_int8_adds_the_ir_to_an_exported_directory(tmp_path):
 
 
 def test_int8_precision_and_calibration_errors(tmp_path):
-    with pytest.raises(ValueError, match="int8 runs on the OpenVINO backend.*--precision fp32"):
+    with pytest.raises(ValueError, match="int8 runs on the OpenVINO backend.*--precision int8-dynamic"):
         resolve_backend("onnxruntime", "int8")
     assert resolve_backend("auto", "int8") == "openvino"
     src = write_model_dir(tmp_path / "src")

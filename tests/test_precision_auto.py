@@ -26,6 +26,7 @@ from pipeline.model_dir import ModelDirError, ModelShape, load_spec
 from pipeline.precision import F1_TOLERANCE, SPEED_NOISE, NodeCpu, Variant, choose, parse_table
 
 ORT = Variant("onnxruntime", "fp32")
+ORT_INT8 = Variant("onnxruntime", "int8-dynamic")
 OV_FP32, OV_BF16, OV_INT8 = Variant("openvino", "fp32"), Variant("openvino", "bf16"), Variant("openvino", "int8")
 EVERY = frozenset({ORT, OV_FP32, OV_BF16, OV_INT8})
 
@@ -165,22 +166,56 @@ def test_shipped_measurements_are_well_formed_and_servable():
         for other in cls.other_shapes:  # speeds on other shapes: of variants it also has F1 for
             assert cls.shape and other.source and other.shape != cls.shape
             assert {v for v, _ in other.windows_per_s} <= {m.variant for m in cls.variants}
-    assert graph_as_is(REPO / "models" / "minilm-squad") == ORT
+    assert graph_as_is(REPO / "models" / "minilm-squad") == ORT_INT8  # its model.onnx, named by what it is
 
 
 def test_servable_variants_follow_the_files(tiny_model, tmp_path):
+    """A precision names what runs: a float model.onnx serves fp32; once it is ONNX Runtime's dynamic int8 graph
+    (read from its ops) it serves int8-dynamic only, and fp32 comes from model-fp32.onnx."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     d = tmp_path / "m"
     shutil.copytree(tiny_model, d)
-    assert servable_variants(d) == {ORT}  # model.onnx may be ONNX Runtime's int8 graph: no OpenVINO variant
-    shutil.copy(d / "model.onnx", d / "model-fp32.onnx")
-    assert servable_variants(d) == {ORT, OV_FP32, OV_BF16}
-    assert servable_variants(d, "onnxruntime") == {ORT}
+    assert servable_variants(d) == {ORT} and graph_as_is(d) == ORT  # OpenVINO only with model-fp32.onnx or an IR
     assert servable_variants(d / "model.onnx") == frozenset()  # a graph file: only as it is
+    with pytest.raises(ModelDirError, match=r"is a float graph, not int8-dynamic: serve it with --precision fp32"):
+        graph_file(d, "onnxruntime", "int8-dynamic")
+    shutil.move(d / "model.onnx", d / "float.onnx")
+    quantize_dynamic(str(d / "float.onnx"), str(d / "model.onnx"), weight_type=QuantType.QInt8)
+    assert servable_variants(d) == {ORT_INT8} and graph_as_is(d) == ORT_INT8
+    with pytest.raises(ModelDirError, match=r"dynamic int8 .* no model-fp32.onnx: serve it as it is with "
+                                            r"--precision int8-dynamic"):
+        graph_file(d, "onnxruntime", "fp32")
+    shutil.move(d / "float.onnx", d / "model-fp32.onnx")
+    assert servable_variants(d) == {ORT_INT8, ORT, OV_FP32, OV_BF16}
+    assert graph_file(d, "onnxruntime", "fp32") == d / "model-fp32.onnx"
+    assert graph_file(d, "auto", "fp32") == d / "model-fp32.onnx"
+    assert graph_file(d, "onnxruntime", "int8-dynamic") == d / "model.onnx"
     shutil.copy(d / "model.onnx", d / INT8_7BIT_GRAPH)
-    assert servable_variants(d, "onnxruntime") == {ORT, Variant("onnxruntime", "int8-7bit")}
+    assert servable_variants(d, "onnxruntime") == {ORT, ORT_INT8, Variant("onnxruntime", "int8-7bit")}
     (d / INT8_7BIT_GRAPH).unlink()
     with pytest.raises(ModelDirError, match=r"no model-int8-7bit.onnx .*models.convert --int8-7bit"):
         graph_file(d, "onnxruntime", "int8-7bit")
+
+
+def test_cards_and_records_of_before_the_names_are_read_as_they_meant(tiny_model, tmp_path):
+    """"onnxruntime fp32" in a card without variant_names 2, or in a version-1 job identity, meant the directory's
+    graph as it is: read as int8-dynamic where model.onnx is int8, as fp32 where it is a float graph."""
+    from conftest import identity_for
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_dir = model_with_card(tiny_model, tmp_path / "float", CARD)
+    assert {m.variant for m in auto_table(str(float_dir))["avx2"].variants} == {OV_FP32, ORT, OV_INT8}
+    int8_dir = model_with_card(tiny_model, tmp_path / "int8", CARD)
+    quantize_dynamic(str(int8_dir / "model-fp32.onnx"), str(int8_dir / "model.onnx"), weight_type=QuantType.QInt8)
+    assert {m.variant for m in auto_table(str(int8_dir))["avx2"].variants} == {OV_FP32, ORT_INT8, OV_INT8}
+    (int8_dir / "card.json").write_text(json.dumps({**CARD, "variant_names": 2}))  # written with today's names
+    assert {m.variant for m in auto_table(str(int8_dir))["avx2"].variants} == {OV_FP32, ORT, OV_INT8}
+    shipped = json.loads(DEFAULT_CARD.read_text())
+    assert shipped["variant_names"] == 2 and "onnxruntime fp32" not in json.dumps(shipped)
+    ident = identity_for("x")
+    int8 = type(ident)(**{**vars(ident), "variant": ORT_INT8})
+    assert int8.as_version(1)["precision_choice"] == {"backend": "onnxruntime", "precision": "fp32"}
 
 
 # ---------------------------------------------------------------------------------------------- jobs
