@@ -173,7 +173,7 @@ def auto_precision_row(reports: list[dict], cpu: str, date: str, model_dir: Path
     if len(classes) != 1 or len(counts) != 1:
         raise SystemExit(f"--auto-precision: reports from one CPU class on the same questions, got classes "
                          f"{sorted(classes)} and counts {sorted(counts)}")
-    by_variant = {(r["precision"]["backend"], r["precision"]["precision"]): r for r in reports}
+    by_variant = {served_variant(r, model_dir): r for r in reports}
     if ("openvino", "fp32") not in by_variant:
         raise SystemExit("--auto-precision: needs the report of --backend openvino --precision fp32 (the reference)")
     variants = sorted(({"backend": b, "precision": p, "f1": round(r["f1"], 2), "exact_match": round(r["exact_match"], 2),
@@ -188,6 +188,21 @@ def auto_precision_row(reports: list[dict], cpu: str, date: str, model_dir: Path
                    f"first {count} dev questions, questions/s of the whole job (a fresh local Ray, the default "
                    f"layout); python -m models.card {wrote} wrote this row"),
     }
+
+
+def served_variant(report: dict, model_dir: Path = MODEL_DIR) -> tuple[str, str]:
+    """(backend, precision) of the variant a ``jobs.evaluate`` report answered with, by today's names: a report of
+    a release before them that says onnxruntime fp32 served the graph as it is (its manifest names the file)."""
+    backend, precision = report["precision"]["backend"], report["precision"]["precision"]
+    if (backend, precision) == ("onnxruntime", "fp32"):
+        from pipeline.model_dir import find_model_file
+
+        served = Path(report["model"]["model_file"]).name
+        if served == find_model_file(model_dir).name:
+            from pipeline.backends import legacy_as_is
+
+            return backend, legacy_as_is(model_dir).precision
+    return backend, precision
 
 
 def shape_of(model_dir: Path) -> dict:
@@ -327,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpu", help="the CPU class of the reports given, when not the card's Intel Xeon with AMX")
     p.add_argument("--speed-note", help="what the questions/s of the reports given are worth, e.g. 'shared machine'")
     p.add_argument("--note", default="", help="how the run went, e.g. a re-planned schedule")
+    p.add_argument("--date", default=time.strftime("%Y-%m-%d"),
+                   help="when the reports given were made (default: today)")
     p.add_argument("--train-config", default=str(Path("~/.cache/qa-train/minilm/train_config.json").expanduser()))
     a = p.parse_args(argv)
     def load(path):
@@ -357,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--auto-precision needs --cpu (the machine the reports ran on)")
         reports = measure(a.measure, a.limit, Path(a.reports)) if a.measure else [load(r) for r in a.auto_precision]
         wrote = f"--measure SQUAD_JSON --limit {a.limit}" if a.measure else "--auto-precision REPORTS --cpu ..."
-        cls, row = auto_precision_row(reports, a.cpu or describe_cpu(), time.strftime("%Y-%m-%d"), wrote=wrote)
+        cls, row = auto_precision_row(reports, a.cpu or describe_cpu(), a.date, wrote=wrote)
         kept = card.get("auto_precision", {}).get(cls, {}).get("other_shapes")
         card["auto_precision"] = {**card.get("auto_precision", {}), cls: {**row, **({"other_shapes": kept} if kept else {})}}
     if a.other_shape and a.measure_shape:
