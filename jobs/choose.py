@@ -17,11 +17,14 @@ from pipeline.backends import graph_as_is, legacy_as_is, servable_variants
 from pipeline.model_dir import find_model_file, load_spec
 from pipeline.precision import AUTO as PRECISION_AUTO
 from pipeline.precision import (
+    BATCH_DEPENDENT,
     VARIANT_NAMES,
     ClassMeasurements,
+    ModelRecord,
     NodeCpu,
     Variant,
     choose,
+    parse_record,
     parse_table,
     renamed,
     runnable,
@@ -49,13 +52,31 @@ def auto_table(model_dir: str) -> dict[str, ClassMeasurements]:
     return {}
 
 
+def model_record(model_dir: str) -> ModelRecord | None:
+    """The model's own agreement record (its card's, never the default model's: it is about this model)."""
+    d = Path(model_dir)
+    card = d / "card.json" if d.is_dir() else d.parent / "card.json"
+    return parse_record(json.loads(card.read_text())) if card.exists() else None
+
+
+def fallback_variant(model_dir: str, backend: str, servable: frozenset[Variant]) -> Variant:
+    """What auto serves without measurements: the graph as it is, unless its answers depend on batch-mates and
+    the directory has a float graph too (then that, in the same runtime where it can)."""
+    as_is = graph_as_is(model_dir, backend)
+    if as_is.precision not in BATCH_DEPENDENT:
+        return as_is
+    return next((v for v in (Variant(as_is.backend, "fp32"), Variant("openvino", "fp32"),
+                             Variant("onnxruntime", "fp32")) if v in servable), as_is)
+
+
 def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
     """``job`` with its model resolved for ``nodes``: auto's choice, or a resumed choice checked."""
     cfg = job.config
     if job.served is None:
         shape = load_spec(find_model_file(job.model_dir)).shape  # the same for every variant of a directory
-        choice = choose(auto_table(job.model_dir), nodes, servable_variants(job.model_dir, cfg.backend),
-                        graph_as_is(job.model_dir, cfg.backend), shape)
+        servable = servable_variants(job.model_dir, cfg.backend)
+        choice = choose(auto_table(job.model_dir), nodes, servable,
+                        fallback_variant(job.model_dir, cfg.backend, servable), shape, model_record(job.model_dir))
         return settle(job, choice)
     if job.served.choice.requested == PRECISION_AUTO and job.pending and not runnable(job.served.variant, nodes):
         lacking = sorted({n.cpu_class for n in nodes if not n.bf16})

@@ -291,9 +291,25 @@ def card_markdown(card: dict) -> str:
     if ir:
         lines += ["", (f"`model-int8.xml` (NNCF post-training int8, `model_type=TRANSFORMER`) is quantized "
                        f"from `{ir['from']}`, calibrated on {ir['calibration']}; {ir['check']}.")]
+    record = card.get("agreement")
+    if record:
+        sample = record["sample"]
+        lines += ["", (f"This model's agreement record, which decides what `--precision auto` may serve it in "
+                       f"(models/agreement.py; pipeline/precision.py has the rule): each variant against the "
+                       f"{record['reference']['backend']} {record['reference']['precision']} answers on "
+                       f"{sample['questions']} questions of {Path(sample['data']).name}, answered at token budgets "
+                       f"{' and '.join(map(str, sample['budgets']))}; batch changes are the answers that differ "
+                       f"between the two. {record['source']}."), "",
+                  "| backend | precision | agreement EM | agreement F1 | F1 | batch changes |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {v['backend']} | {v['precision']} | {v['agree_exact']:.2f} | {v['agree_f1']:.2f} | "
+                  f"{'' if v['f1'] is None else format(v['f1'], '.2f')} | {v['batch_changes']} |"
+                  for v in record["variants"]]
     for cls, row in sorted(card.get("auto_precision", {}).items()):
-        lines += ["", (f"`--precision auto` on CPU class `{cls}` (fp32 F1 {row['fp32_f1']:.2f}; it takes the fastest "
-                       f"variant within 0.5 F1, pipeline/precision.py). {row['source']}."), "",
+        rule = ("the fastest variant its agreement record allows" if record else
+                "the fastest variant within 0.5 F1 whose answers do not depend on batch-mates")
+        lines += ["", (f"`--precision auto` on CPU class `{cls}` (fp32 F1 {row['fp32_f1']:.2f}; it takes {rule}, "
+                       f"pipeline/precision.py). {row['source']}."), "",
                   "| backend | precision | F1 | questions/s |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {v['backend']} | {v['precision']} | {v['f1']:.2f} | {v['questions_per_s']:.1f} |"
                   for v in row["variants"]]
@@ -308,6 +324,8 @@ def card_markdown(card: dict) -> str:
     lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else []),
               *([INT8_7BIT] if seven_bit else [])]
     lines += [fig["command"] for _, fig in rows if fig]
+    if record:
+        lines.append(f"python -m models.agreement models/minilm-squad --questions {record['sample']['questions']}")
     lines += ["```", "", "Figures are written by `python -m models.card` from the reports of those commands."]
     return "\n".join(lines)
 

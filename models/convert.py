@@ -702,6 +702,25 @@ def _convert_into(src: Path, dst: Path, kind: str, options: ConvertOptions, fp32
     return report, fp32
 
 
+def write_agreement(model_dir: Path, data: str | Path | None) -> dict:
+    """The model's agreement record (models/agreement.py) on questions of the calibration data (default: SQuAD
+    train), into its card.json; a summary for the report. Without the data, no record: auto then keeps the
+    default model's measurements and says so."""
+    from models import agreement
+
+    path = Path(data).expanduser() if data else agreement.default_data()
+    if not path.is_file():
+        return {"skipped": f"{path}: no data to measure agreement on (python -m models.agreement {model_dir} "
+                           "--data FILE adds the record)"}
+    try:
+        record = agreement.measure(model_dir, path, source=f"python -m models.convert ... --quantize int8 (data {path})")
+    except agreement.NoReferenceError as exc:
+        return {"skipped": str(exc)}
+    agreement.write(model_dir, record)
+    return {v["backend"] + " " + v["precision"]: {k: v[k] for k in ("agree_f1", "f1", "batch_changes")}
+            for v in record["variants"]}
+
+
 def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
     """Write a complete model directory at ``dst`` from ``src``; returns what was checked (max logit diffs)."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -717,6 +736,8 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
             report, fp32 = _convert_into(src, dst, kind, options, Path(tmp) / FP32_EXPORT)
             if options.openvino_int8:  # last: it cuts calibration windows with the directory's tokenizer and spec
                 report.update(write_openvino_int8(dst, fp32, options.calibration, options.calibration_questions))
+            if options.quantize == "int8":  # every variant against this model's fp32: what auto reads
+                report["agreement"] = write_agreement(dst, options.calibration)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)  # never leave a half-written model directory to be served
         raise

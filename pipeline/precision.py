@@ -46,6 +46,12 @@ SPEED_NOISE = 0.05  # worst speed ratios this close count as equal (rule 2)
 # Precisions that compute in bfloat16 where the CPU has bfloat16 matmuls, and in f32 where it has not (OpenVINO's
 # hint): answers would depend on the node, so every node must have them (pipeline.backends maps them to hints).
 BF16_PRECISIONS = ("bf16", "int8-bf16")
+# Precisions whose graphs quantize activations with one scale per batch tensor (ONNX Runtime's dynamic int8): a
+# row's answer depends on the rows batched with it, so auto never serves them unless nothing else can be served.
+BATCH_DEPENDENT = ("int8-dynamic", "int8-7bit")
+# A model's own agreement record (models/agreement.py) without gold answers: the agreement F1 against the model's
+# fp32 answers a variant must reach.
+AGREEMENT_F1 = 97.0
 
 
 @dataclass(frozen=True, order=True)
@@ -134,6 +140,58 @@ class PrecisionChoice:
                 "cpu_classes": list(self.cpu_classes)}
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """One variant against the model's own fp32, on the record's sample (models/agreement.py)."""
+
+    variant: Variant
+    agree_f1: float  # the variant's answers scored against fp32's
+    f1: float | None  # against gold answers, where the sample has them
+    batch_changes: int  # answers that changed between two batchings of the same rows
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model's own agreement record (its card's ``agreement``): which variants answer its questions as its fp32
+    does. With it, eligibility comes from the model itself instead of from the default model's F1."""
+
+    reference: Variant
+    variants: tuple[Agreement, ...]
+    cpu_class: str
+    questions: int
+    source: str = ""
+
+    def verdicts(self) -> dict[Variant, str | None]:
+        """Per measured variant: None when it is eligible for this model, else why not."""
+        ref = next((a for a in self.variants if a.variant == self.reference), None)
+        out: dict[Variant, str | None] = {}
+        for a in self.variants:
+            if a.batch_changes:
+                out[a.variant] = f"{a.batch_changes} of {self.questions} answers changed with the batching"
+            elif a.f1 is not None and ref is not None and ref.f1 is not None:
+                out[a.variant] = (None if a.f1 >= ref.f1 - F1_TOLERANCE else
+                                  f"F1 {a.f1:.2f} against this model's fp32 {ref.f1:.2f}")
+            else:
+                out[a.variant] = (None if a.agree_f1 >= AGREEMENT_F1 else
+                                  f"agreement F1 {a.agree_f1:.2f} with this model's fp32 answers (< {AGREEMENT_F1})")
+        return out
+
+
+def parse_record(card: Mapping) -> ModelRecord | None:
+    """The card's ``agreement`` record, or None; raises ValueError on a malformed one."""
+    record = card.get("agreement")
+    if not record:
+        return None
+    try:
+        return ModelRecord(Variant(**record["reference"]), tuple(
+            Agreement(Variant(v["backend"], v["precision"]), float(v["agree_f1"]),
+                      None if v.get("f1") is None else float(v["f1"]), int(v["batch_changes"]))
+            for v in record["variants"]), record["cpu_class"], int(record["sample"]["questions"]),
+            record.get("source", ""))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed agreement record in the model card: {exc!r}") from exc
+
+
 def parse_table(card: Mapping) -> dict[str, ClassMeasurements]:
     """The ``auto_precision`` table of a card (``{}`` when it has none); raises ValueError on a malformed one."""
     table = card.get("auto_precision") or {}
@@ -173,21 +231,43 @@ def runnable(variant: Variant, nodes: Sequence[NodeCpu]) -> bool:
     return variant.precision not in BF16_PRECISIONS or all(n.bf16 for n in nodes)
 
 
+def eligibility(record: ModelRecord | None, servable: Iterable[Variant]) -> dict[Variant, str | None]:
+    """Per servable variant: None when the model may be served so, else why not: its own record's verdict where
+    it has one (a variant the record did not measure is not eligible), else only whether answers depend on
+    batch-mates (the class table's F1 decides the rest)."""
+    verdicts = record.verdicts() if record else {}
+    out = {}
+    for v in servable:
+        if record is not None:
+            out[v] = verdicts.get(v, "not in this model's agreement record")
+        else:
+            out[v] = "answers depend on batch-mates (per-batch activation scales)" \
+                if v.precision in BATCH_DEPENDENT else None
+    return out
+
+
 def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], servable: Iterable[Variant],
-           fallback: Variant, shape: ModelShape | None = None) -> PrecisionChoice:
-    """The one variant for a job on ``nodes`` serving a model of ``shape`` (None: unknown); the module
-    docstring has the rule."""
+           fallback: Variant, shape: ModelShape | None = None, record: ModelRecord | None = None) -> PrecisionChoice:
+    """The one variant for a job on ``nodes`` serving a model of ``shape`` (None: unknown), with the model's own
+    agreement ``record`` if it has one; the module docstring has the rule."""
     servable = frozenset(servable)
     classes = tuple(sorted({n.cpu_class for n in nodes}))
+    allowed = eligibility(record, servable)
+    basis = (f"eligibility from this model's agreement record ({record.questions} questions, CPU class "
+             f"{record.cpu_class})" if record else "no agreement record for this model (python -m models.agreement "
+             "makes one): eligibility from the default model's F1")
+    ruled_out = "; ".join(f"{v} ruled out: {why}" for v, why in sorted(allowed.items()) if why)
+    tail = f" ({basis}{'; ' + ruled_out if ruled_out else ''})"
     measured = [table[c] for c in classes if c in table]
     if not measured:
         return PrecisionChoice(fallback, AUTO, f"no measurements for CPU class {', '.join(classes) or '?'}: "
-                                               "the graph as it is", classes)
+                                               f"{_as_is(fallback)}{tail}", classes)
     speeds: list[dict[Variant, float]] = []
     ranked_on: list[ModelShape | None] = []
     for row in measured:
         eligible = {m.variant: m.questions_per_s for m in row.variants
-                    if m.f1 >= row.fp32_f1 - F1_TOLERANCE and m.variant in servable and runnable(m.variant, nodes)}
+                    if (record is not None or m.f1 >= row.fp32_f1 - F1_TOLERANCE) and m.variant in servable
+                    and allowed.get(m.variant) is None and runnable(m.variant, nodes)}
         at, there = row.speeds_for(shape)
         if eligible.keys() <= there.keys():
             eligible = {v: there[v] for v in eligible}
@@ -198,9 +278,9 @@ def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], ser
     order = [m.variant for m in measured[0].variants]
     common = [v for v in order if all(v in s for s in speeds)]
     if not common:
-        return PrecisionChoice(fallback, AUTO, "no variant within 0.5 F1 of fp32 on every CPU class "
+        return PrecisionChoice(fallback, AUTO, "no eligible variant measured on every CPU class "
                                                f"({', '.join(classes)}) that this model can be served in: "
-                                               "the graph as it is", classes)
+                                               f"{_as_is(fallback)}{tail}", classes)
 
     def ratios(v: Variant) -> list[float]:
         return [s[v] / max(s.values()) for s in speeds]
@@ -216,8 +296,13 @@ def choose(table: Mapping[str, ClassMeasurements], nodes: Sequence[NodeCpu], ser
     bf16_out = any(m.variant.precision in BF16_PRECISIONS for row in measured for m in row.variants) and \
         not runnable(Variant("openvino", "bf16"), nodes)
     why = " (bf16 ruled out: a node has no bfloat16 matmuls)" if bf16_out else ""
-    return PrecisionChoice(best, AUTO, f"fastest within {F1_TOLERANCE} F1 of fp32 on every node's CPU class{why}: "
-                                       f"{detail}{note}", classes)
+    rule = "fastest eligible variant" if record else f"fastest within {F1_TOLERANCE} F1 of fp32"
+    return PrecisionChoice(best, AUTO, f"{rule} on every node's CPU class{why}: {detail}{note}{tail}", classes)
+
+
+def _as_is(fallback: Variant) -> str:
+    return f"{fallback}, the graph as it is" if fallback.precision not in BATCH_DEPENDENT else \
+        f"{fallback}, the graph as it is (the only graph this model has; its answers depend on batch-mates)"
 
 
 def _f1(row: ClassMeasurements, variant: Variant) -> float:
