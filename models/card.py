@@ -261,6 +261,33 @@ def build_card(slice_report: dict, int8: dict | None, fp32: dict | None, trainin
     return card
 
 
+def auto_choices(card: dict) -> list[str]:
+    """What ``--precision auto`` serves this model on a cluster of each measured class (and of every pair of them),
+    computed by the rule itself (pipeline/precision.py) from this card: a table, so no choice is copied by hand."""
+    from itertools import combinations
+
+    from jobs.choose import fallback_variant
+    from pipeline.backends import servable_variants
+    from pipeline.model_dir import load_spec
+    from pipeline.precision import NodeCpu, choose, parse_record, parse_table
+
+    table, record = parse_table(card), parse_record(card)
+    if not table:
+        return []
+    servable = servable_variants(MODEL_DIR)
+    lines = [("What `--precision auto` serves this model, from this card, on a cluster of each CPU class and of "
+              "each pair of them:"), "", "| nodes' CPU classes | served | why |", "| --- | --- | --- |"]
+    classes = sorted(table)
+    for group in [(c,) for c in classes] + list(combinations(classes, 2)):
+        # a class's bfloat16 matmuls: measured rows hold bf16 variants only where the CPU has them
+        nodes = [NodeCpu(c, c, any(m.variant.precision in ("bf16", "int8-bf16") for m in table[c].variants))
+                 for c in group]
+        choice = choose(table, nodes, servable, fallback_variant(str(MODEL_DIR), "auto", servable),
+                        load_spec(MODEL_DIR).shape, record)
+        lines.append(f"| {' + '.join(group)} | {choice.variant} | {choice.reason.split(' (eligibility')[0]} |")
+    return lines
+
+
 def card_markdown(card: dict) -> str:
     t = card["training"]
     rows = [("int8 (model.onnx, served)", card["dev_int8"]), ("fp32 (model-fp32.onnx)", card["dev_fp32"]),
@@ -319,6 +346,7 @@ def card_markdown(card: dict) -> str:
                            f"default model's (F1 as above). {other['source']}."), "",
                       "| backend | precision | windows/s |", "| --- | --- | ---: |"]
             lines += [f"| {v['backend']} | {v['precision']} | {v['windows_per_s']:.1f} |" for v in other["variants"]]
+    lines += ["", *auto_choices(card)]
     seven_bit = any(v["precision"] == "int8-7bit" for row in card.get("auto_precision", {}).values()
                     for v in row["variants"])
     lines += ["", "Reproduce:", "", "```", t["command"], t["export"], *([ir["command"]] if ir else []),

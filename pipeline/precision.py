@@ -1,16 +1,21 @@
 """``--precision auto``: one variant (backend, precision) for a whole job, from measurements kept as data.
 
-A model directory can be served several ways: ONNX Runtime with its ``model.onnx`` as it is (our exports':
-dynamic int8), OpenVINO with the fp32 graph at f32 or with bfloat16 matmuls, or OpenVINO with the NNCF int8
-IR. Which is fastest depends on the CPU (VNNI, AMX, BF16), and whether a variant answers as well as fp32 is
-a measurement, not a rule. So the choice is data: per CPU class (``pipeline.cpu``), each variant's F1 on the
-default model's SQuAD dev questions and its questions/s, in the ``auto_precision`` table of a model card
-(``card.json``; ``models/README.md`` says how it was measured). The rule, applied to that data:
+A model directory can be served several ways: ONNX Runtime with its dynamic int8 ``model.onnx`` or its float
+graph, OpenVINO with the float graph at f32 or with bfloat16 matmuls, or OpenVINO with the NNCF int8 IR. Which is
+fastest depends on the CPU (VNNI, AMX, BF16), and whether a variant answers as fp32 does is a measurement, not a
+rule. So the choice is data: per CPU class (``pipeline.cpu``), each variant's F1 on the default model's SQuAD dev
+questions and its questions/s, in the ``auto_precision`` table of a model card (``card.json``;
+``models/README.md`` says how it was measured); and per model, its own agreement record (``ModelRecord``, made by
+``models/agreement.py`` and by ``models.convert --quantize int8``). The rule, applied to that data:
 
-1. A variant is eligible on a class when its F1 is within ``F1_TOLERANCE`` of that class's fp32 F1,
-   the directory has its graph (``servable``), and every node can compute it (bf16 and int8-bf16 need bfloat16
-   matmuls on every node: one node without them rules both out for all, so answers never depend on where an
-   actor lands).
+1. A variant is eligible when the directory has its graph (``servable``), every node can compute it (bf16 and
+   int8-bf16 need bfloat16 matmuls on every node: one node without them rules both out for all, so answers never
+   depend on where an actor lands), and the model answers as its fp32 does in it: with the model's own record,
+   its F1 within ``F1_TOLERANCE`` of the model's fp32 F1 where the record's sample has gold answers (else an
+   agreement F1 with the fp32 answers of at least ``AGREEMENT_F1``), and no answer that changed between two
+   batchings of the same rows; without a record, its F1 on the default model within ``F1_TOLERANCE`` of that
+   class's fp32 F1 and a precision whose answers do not depend on batch-mates (``BATCH_DEPENDENT``: ONNX
+   Runtime's dynamic int8, whose activation scales are taken per batch tensor).
 2. One choice for the job: among variants eligible on every measured class present, the one whose worst
    node class loses least against that class's own fastest eligible variant (max of the min of speed
    ratios). Worst ratios within ``SPEED_NOISE`` of the best count as equal, as two runs of one variant on one
@@ -18,15 +23,15 @@ default model's SQuAD dev questions and its questions/s, in the ``auto_precision
    one class and clearly faster on another), then the table's order. Without this, a mixed cluster's choice
    could flip between two near-equal variants on a re-measurement. A class without measurements takes what
    the measured classes choose, if it can compute it.
-3. No measured class present, or nothing common: the graph as it is (``fallback``), as before auto existed.
+3. No measured class present, or nothing common: the ``fallback`` the caller gives (the graph as it is, or the
+   float graph beside a dynamic int8 one).
 
 Speed ranks differ with the model's size (a variant fastest on the small default model may not be on a
 BERT-base-sized one: models/README.md has the measured rows), so a row may also hold speeds measured on models of
-other shapes (``ShapeSpeeds``: random weights, speed only). Eligibility always comes from the default model's
-F1; the ranking uses the speeds of the measured shape nearest the served model's (``ModelShape.distance``),
-where the row has speeds there for every eligible variant.
+other shapes (``ShapeSpeeds``: random weights, speed only). The ranking uses the speeds of the measured shape
+nearest the served model's (``ModelShape.distance``), where the row has speeds there for every eligible variant.
 
-Pure: the caller gives the table, the nodes' CPUs and the variants the directory can serve.
+Pure: the caller gives the table, the nodes' CPUs, the variants the directory can serve and the model's record.
 """
 
 from __future__ import annotations
