@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None):
                    help="';'-separated job flag sets, 'default' for none; pass as --variants='...' "
                         "(default %(default)r)")
     m.add_argument("--calibration", help="calibration data for the random models' NNCF IR (default: models.convert's)")
+    m.add_argument("--skip-peer", action="append", choices=("torch", "openvino"), default=[],
+                   help="leave out a peer: torch (the transformers pipeline on PyTorch) or openvino (the same "
+                        "pipeline on optimum-intel's OpenVINO model); repeatable")
     m.add_argument("--bound", action="store_true",
                    help="also time the job's answering stage in bare processes, one per CPU, no Ray "
                         "(benchmarks/bound.py), as the first variant served it: the job's ceiling on this machine")

@@ -1,4 +1,5 @@
-"""--mode marginal: questions/s of whole processes, our job as a user runs it against the transformers pipeline.
+"""--mode marginal: questions/s of whole processes, our job as a user runs it against the transformers pipeline
+(on PyTorch, and on optimum-intel's OpenVINO model).
 
     python -m benchmarks --data dev-v1.1.json --mode marginal \\
         --models default=1000,bert-base=150,bert-large=40 \\
@@ -15,9 +16,15 @@ sees; the fixed costs cancel.
   is one Parquet file, read in the job's default units (1024 rows; ``--rows-per-unit`` overrides): the job
   itself cuts a pass's last units into pieces that shrink towards its end (pipeline.poison.first_pass), so
   the first N <= 1024 questions, one read unit, still keep every actor busy.
-- The peer: ``python -m benchmarks.peer`` (``pipeline("question-answering", device=-1)``, PyTorch eager
-  fp32, batch 8, our window settings) on the same weights: for the default model a Hugging Face directory
-  made from its weights-bf16.safetensors (or --hf-model), for the random models their checkpoint.
+- The peers, both ``python -m benchmarks.peer`` on the same weights (for the default model a Hugging Face
+  directory made from its weights-bf16.safetensors, or --hf-model; for the random models their checkpoint),
+  batch --hf-batch-size (8), our window settings, --cpus threads, repeats interleaved with our job's:
+  "transformers pipeline" (``pipeline("question-answering", device=-1)``, PyTorch eager fp32) and
+  "optimum-intel pipeline" (``--runtime openvino``: the same pipeline on optimum-intel's
+  ``OVModelForQuestionAnswering.from_pretrained(dir, export=True)``, exported inside the timed process,
+  OpenVINO's default precision: bf16 on AMX and AVX512-BF16 CPUs). Each row has a ratio column per peer.
+  ``--skip-peer torch`` / ``--skip-peer openvino`` leaves one out; a peer whose packages are missing is left
+  out with a one-line note naming the pip command.
 - Models: "default" is --model (the job's default model); "bert-base" (12 x 768) and "bert-large" (24 x 1024)
   are random-weight BertForQuestionAnswering checkpoints (fixed seed, the default model's uncased vocabulary)
   saved with save_pretrained and converted by ``python -m models.convert`` (--optimize: fused attention like
@@ -53,7 +60,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ("default; --precision int8-dynamic; --backend openvino --precision fp32; "
                     "--precision int8")
 DEFAULT_MODELS = "default=1000,bert-base=150,bert-large=40"
-PEER_NAME = "transformers pipeline"
+PEER_NAME = "transformers pipeline"  # on PyTorch
+OV_PEER_NAME = "optimum-intel pipeline"  # the same pipeline on optimum-intel's OpenVINO model
+PEERS = {"torch": PEER_NAME, "openvino": OV_PEER_NAME}  # benchmarks.peer --runtime: the row's name
 BOUND_NAME = "bound: answering stage in bare processes"
 SEED = 0
 CALIBRATION_QUESTIONS = 64  # random weights: the IR's scales change no speed, so calibration stays short
@@ -311,13 +320,26 @@ def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, ou
 
 
 def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: int, windows: dict,
-             window_count: int) -> Run:
+             window_count: int, runtime: str = "torch") -> Run:
+    """The pipeline peer on ``runtime`` (benchmarks.peer --runtime); its stages are what the peer says ran."""
     cmd = [sys.executable, "-m", "benchmarks.peer", "--input", str(inputs), "--model", str(hf_dir),
-           "--output", str(out), "--threads", str(threads), "--batch-size", str(batch_size),
+           "--output", str(out), "--runtime", runtime, "--threads", str(threads), "--batch-size", str(batch_size),
            "--windows", json.dumps(windows)]
     seconds, cpu = timed(cmd, out.with_suffix(".log"))
     predictions = json.loads(out.read_text())
-    return Run(len(predictions), seconds, window_count, predictions, load=load_average(), cpu_seconds=cpu)
+    return Run(len(predictions), seconds, window_count, predictions, peer_said(out.with_suffix(".log")),
+               load=load_average(), cpu_seconds=cpu)
+
+
+def peer_said(log: Path) -> dict:
+    """The ``peer: {...}`` line benchmarks.peer writes to stderr (runtime, precision, threads, load seconds)."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("peer: "):
+            try:
+                return json.loads(line[len("peer: "):])
+            except ValueError:
+                break
+    return {}
 
 
 @dataclass
@@ -371,15 +393,21 @@ def header(model: str, n: int, cpus: int) -> str:
             f"{cpus} CPUs")
 
 
-def marginal_table(rows: list[Row], items_2n: list[dict], peer: str | None, with_f1: bool) -> str:
-    """Markdown: T(N), T(2N), marginal questions/s and windows/s, x the peer's marginal q/s, F1/EM on 2N."""
-    base = next((r for r in rows if r.system == peer), None)
-    lines = [("| system | T(N) s | T(2N) s | marginal questions/s | marginal windows/s | x pipeline | "
-              "CPU-s (N, 2N) | marginal questions per CPU-s | x pipeline (CPU) | F1 | EM | load avg at end (N, 2N) |"),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def marginal_table(rows: list[Row], items_2n: list[dict], peer: str | list[str] | None, with_f1: bool) -> str:
+    """Markdown: T(N), T(2N), marginal questions/s and windows/s, x each peer's marginal q/s (a column per
+    peer of ``peer`` found among ``rows``, in that order; one "x pipeline" column of "-" when none is), the same
+    per CPU-second, F1/EM on 2N."""
+    names = [peer] if isinstance(peer, str) or peer is None else list(peer)
+    bases = [b for b in (next((r for r in rows if r.system == name), None) for name in names) if b is not None]
+    heads = [f"x {b.system}" for b in bases] or ["x pipeline"]
+    lines = [("| system | T(N) s | T(2N) s | marginal questions/s | marginal windows/s | "
+              + " | ".join(heads) + " | CPU-s (N, 2N) | marginal questions per CPU-s | "
+              + " | ".join(f"{h} (CPU)" for h in heads) + " | F1 | EM | load avg at end (N, 2N) |"),
+             "| --- | ---: | ---: | ---: | ---: | " + "---: | " * len(heads) + "---: | ---: | "
+             + "---: | " * len(heads) + "---: | ---: | ---: |"]
     for r in rows:
-        ratio = f"{r.questions_per_s / base.questions_per_s:.2f}" if base else "-"
-        cpu_ratio = f"{r.questions_per_cpu_s / base.questions_per_cpu_s:.2f}" if base else "-"
+        ratio = " | ".join(f"{r.questions_per_s / b.questions_per_s:.2f}" for b in bases) or "-"
+        cpu_ratio = " | ".join(f"{r.questions_per_cpu_s / b.questions_per_cpu_s:.2f}" for b in bases) or "-"
         if with_f1:
             s = squad.score(items_2n, r.runs_2n[0].predictions)
             f1, em = f"{s['f1']:.2f}", f"{s['exact_match']:.2f}"
@@ -437,8 +465,9 @@ def default_hf_dir(model_dir: Path, hf_model: str | None, hf_weights: str | None
 
 
 def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants: list[Variant], a, work: Path,
-              peer_skip: str | None, max_answer_len: int) -> dict:
-    """Every variant of our job and the peer on N and 2N questions, repeats interleaved; the table's text."""
+              peer_skip: dict[str, str | None], max_answer_len: int) -> dict:
+    """Every variant of our job and the peers on N and 2N questions, repeats interleaved; the table's text.
+    ``peer_skip``: runtime (PEERS) -> why that peer is left out, None where it runs."""
     import pyarrow.parquet as pq
 
     from pipeline.model_dir import load_spec
@@ -454,12 +483,19 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
         pq.write_table(squad.to_table(items[:k]), path)
     windows = {**asdict(load_spec(model_dir).windows), "max_answer_len": max_answer_len}
     rows = [Row(f"our job, {v.name}", n) for v in variants]
-    peer_row = None
-    if peer_skip is None and hf_dir is not None:
+    peer_rows: dict[str, Row] = {}  # runtime -> its row, in PEERS' order
+    skipped: list[str] = []
+    for runtime, system in PEERS.items():
+        why = peer_skip.get(runtime, "not asked for")
+        if why is None and hf_dir is None:
+            why = "no Hugging Face directory for this model"
+        if why is None:
+            peer_rows[runtime] = Row(system, n)
+        else:
+            skipped.append(f"- {system}: not run ({why})")
+            print(f"skipping the {system}: {why}", file=sys.stderr, flush=True)
+    if peer_rows:  # the pipeline's windows for either runtime: same tokenizer, same settings
         counts = {k: peer_window_count(hf_dir, items[:k], windows) for k in (n, 2 * n)}
-        peer_row = Row(PEER_NAME, n)
-    else:
-        print(f"skipping the transformers pipeline: {peer_skip}", file=sys.stderr)
     bound_row = Row(BOUND_NAME, n) if a.bound else None
     # A system's N and 2N runs follow each other, so that its difference is taken under the same neighbours' load;
     # repeats alternate which size runs first.
@@ -481,18 +517,34 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
                 run = bound_run(model_dir, served, first["batch_tokens"], inputs[k], out, a.cpus, runs[0].windows)
                 (bound_row.runs_n if k == n else bound_row.runs_2n).append(run)
                 progress(name, bound_row.system, k, run)
-        if peer_row is not None:
+        for runtime, peer_row in peer_rows.items():
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
-                out = d / f"{rep}-peer-{k}.json"
-                run = peer_run(hf_dir, inputs[k], out, a.cpus, a.hf_batch_size, windows, counts[k])
+                out = d / f"{rep}-peer-{runtime}-{k}.json"
+                run = peer_run(hf_dir, inputs[k], out, a.cpus, a.hf_batch_size, windows, counts[k], runtime)
                 (peer_row.runs_n if k == n else peer_row.runs_2n).append(run)
                 progress(name, peer_row.system, k, run)
-    all_rows = rows + ([bound_row] if bound_row else []) + ([peer_row] if peer_row else [])
+    all_rows = rows + ([bound_row] if bound_row else []) + list(peer_rows.values())
     label = f"{name} ({model_dir})" if name == "default" else f"{name} (random weights, {model_dir})"
-    notes = [*filter(None, (stage_line(r) for r in rows)), *([bound_line(rows[0], bound_row)] if bound_row else [])]
+    notes = [*filter(None, (stage_line(r) for r in rows)), *([bound_line(rows[0], bound_row)] if bound_row else []),
+             *(peer_line(r) for r in peer_rows.values()), *skipped]
     text = "\n".join([header(label, n, os.cpu_count() or 1), "",
-                      marginal_table(all_rows, items, PEER_NAME, name == "default"), "", *notes])
+                      marginal_table(all_rows, items, list(PEERS.values()), name == "default"), "", *notes])
     return {"text": text, "rows_per_unit": a.rows_per_unit, "rows": [row_report(r) for r in all_rows]}
+
+
+def peer_line(row: Row) -> str:
+    """What a peer says ran in its first 2N run (benchmarks.peer's ``peer:`` line): runtime, precision, threads,
+    and the seconds its model load (export and compile, for OpenVINO) and its answering took in the process."""
+    said = row.runs_2n[0].stages
+    if not said:
+        return f"- {row.system}: (the peer wrote no peer: line)"
+    runtime = (f"OpenVINO {said.get('openvino', '?')} via optimum-intel, inference precision "
+               f"{said.get('INFERENCE_PRECISION_HINT', '?')}, INFERENCE_NUM_THREADS "
+               f"{said.get('INFERENCE_NUM_THREADS', '?')}, {said.get('PERFORMANCE_HINT', '?')} hint, "
+               f"{said.get('NUM_STREAMS', '?')} stream(s)" if said.get("runtime") == "openvino"
+               else f"PyTorch {said.get('torch', '?')} eager fp32, {said.get('threads', '?')} threads")
+    return (f"- {row.system} ({runtime}; batch {said.get('batch_size', '?')}): in its first 2N run, model load "
+            f"{said.get('load_s', math.nan):.1f} s, answering {said.get('answer_s', math.nan):.1f} s")
 
 
 def peer_window_count(hf_dir: Path, items: list[dict], windows: dict) -> int:
@@ -526,20 +578,23 @@ def row_report(r: Row) -> dict:
 
 def main(a, job_model: str, max_answer_len: int) -> dict:
     """The mode: every model of --models, each table printed as soon as it is measured."""
-    from benchmarks.systems import transformers_pipeline_available
+    from benchmarks.systems import optimum_intel_available, transformers_pipeline_available
 
     variants = parse_variants(a.variants)
     models = parse_models(a.models)
     work = Path(a.work_dir or REPO / "out" / "benchmark-marginal")
     work.mkdir(parents=True, exist_ok=True)
-    peer_skip = transformers_pipeline_available()
+    skip = set(getattr(a, "skip_peer", None) or ())
+    peer_skip = {"torch": "--skip-peer torch" if "torch" in skip else transformers_pipeline_available(),
+                 "openvino": "--skip-peer openvino" if "openvino" in skip else optimum_intel_available()}
+    need_hf = any(why is None for why in peer_skip.values())
     default_dir = Path(job_model)
     report: dict = {"cpu": cpu_name(), "variants": [v.name for v in variants], "models": {}}
     t0 = time.perf_counter()
     for name, n in models:
         if name == "default":
             model_dir = default_dir
-            hf_dir = None if peer_skip else default_hf_dir(model_dir, a.hf_model, a.hf_weights, work)
+            hf_dir = default_hf_dir(model_dir, a.hf_model, a.hf_weights, work) if need_hf else None
         else:
             model_dir, hf_dir = random_model(work, name, DEFAULT_MODEL, a.calibration)
         result = run_model(name, model_dir, hf_dir, n, variants, a, work, peer_skip, max_answer_len)

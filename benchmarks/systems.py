@@ -1,5 +1,6 @@
 """The systems compared, each a function run in a child process that returns its raw numbers as a dict:
-our job (jobs.evaluate.evaluate_model on Ray), the padded ONNX Runtime loop and the transformers pipeline."""
+our job (jobs.evaluate.evaluate_model on Ray), the padded ONNX Runtime loop and the transformers pipeline; and
+whether the pipeline's peers (PyTorch; optimum-intel's OpenVINO model) can run here."""
 
 from __future__ import annotations
 
@@ -124,6 +125,26 @@ def transformers_pipeline_available() -> str | None:
     if int(transformers.__version__.split(".")[0]) >= 5:
         return f"transformers {transformers.__version__} has no question-answering pipeline; install transformers<5"
     return None
+
+
+OPTIMUM_INTEL_PIP = ('pip install "optimum-intel[openvino]==2.2.0" torchvision==0.28.0 (or -e ".[bench]"), then '
+                     'pip uninstall torchvision unless it is a CPU build (BENCHMARKS.md, 2026-12-06)')
+
+
+def optimum_intel_available() -> str | None:
+    """None when optimum-intel's OpenVINO question-answering model can run in the transformers pipeline here
+    (benchmarks.peer --runtime openvino), else why not, naming the pip command. Looks for the package without
+    importing it (optimum.intel imports torch, transformers and OpenVINO: seconds)."""
+    import importlib.util
+
+    reason = transformers_pipeline_available()
+    if reason is not None:
+        return reason
+    try:
+        found = importlib.util.find_spec("optimum.intel") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"optimum-intel is not installed; {OPTIMUM_INTEL_PIP}"
 
 
 def _fp32_weights(path: str) -> dict:
