@@ -15,8 +15,8 @@ from jobs.config import REPO
 from jobs.plan import JobPlan, settle
 from pipeline.backends import graph_as_is, legacy_as_is, servable_variants
 from pipeline.model_dir import find_model_file, load_spec
-from pipeline.precision import AUTO as PRECISION_AUTO
 from pipeline.precision import (
+    AUTO,
     BATCH_DEPENDENT,
     VARIANT_NAMES,
     ClassMeasurements,
@@ -78,7 +78,7 @@ def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
         choice = choose(auto_table(job.model_dir), nodes, servable,
                         fallback_variant(job.model_dir, cfg.backend, servable), shape, model_record(job.model_dir))
         return settle(job, choice)
-    if job.served.choice.requested == PRECISION_AUTO and job.pending and not runnable(job.served.variant, nodes):
+    if job.served.choice.requested == AUTO and job.pending and not runnable(job.served.variant, nodes):
         lacking = sorted({n.cpu_class for n in nodes if not n.bf16})
         raise PrecisionChoiceError(
             f"output {cfg.output}: the interrupted run of this job answered with {job.served.variant}, and "

@@ -21,8 +21,7 @@ from pipeline.backends import legacy_as_is
 from pipeline.commit import OutputState, StagedPart, pending_units
 from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns
 from pipeline.formats import ReadOptions, Sink, Source, SourcePlan, open_sink, open_source
-from pipeline.precision import AUTO as PRECISION_AUTO
-from pipeline.precision import PrecisionChoice, Variant
+from pipeline.precision import AUTO, PrecisionChoice, Variant
 from pipeline.records import JobIdentity, identity_version, recorded_variant
 from pipeline.served import ServedModel, resolve, variant_for
 from pipeline.units import ReadUnit
@@ -106,7 +105,7 @@ def plan(cfg: JobConfig) -> JobPlan:
 
 def forced_choice(cfg: JobConfig, model_dir: str) -> PrecisionChoice | None:
     """The variant --precision forces (None for auto)."""
-    if cfg.precision == PRECISION_AUTO:
+    if cfg.precision == AUTO:
         return None
     return PrecisionChoice(variant_for(model_dir, cfg.backend, cfg.precision), cfg.precision,
                            "--precision on the command line")
@@ -115,11 +114,11 @@ def forced_choice(cfg: JobConfig, model_dir: str) -> PrecisionChoice | None:
 def resumed_choice(cfg: JobConfig, model_dir: str, recorded: dict | None) -> PrecisionChoice | None:
     """--precision auto on a resume: the variant the interrupted run chose (jobs.choose checks the nodes)."""
     variant = recorded_variant(recorded)
-    if cfg.precision != PRECISION_AUTO or variant is None:
+    if cfg.precision != AUTO or variant is None:
         return None
     if identity_version(recorded) == 1 and variant == Variant("onnxruntime", "fp32"):
         variant = legacy_as_is(model_dir)  # what that name meant then: the graph as it is
-    return PrecisionChoice(variant, PRECISION_AUTO, "chosen by the earlier run of this job at this output, "
+    return PrecisionChoice(variant, AUTO, "chosen by the earlier run of this job at this output, "
                                                     "kept on resume")
 
 

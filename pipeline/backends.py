@@ -40,8 +40,11 @@ from pathlib import Path
 from .cpu import KernelOptions
 from .model_dir import FP32_GRAPH, ModelDirError, find_model_file, load_spec
 from .onnx_graph import quantization
-from .precision import AUTO as PRECISION_AUTO
-from .precision import BF16_PRECISIONS, Variant
+from .precision import (
+    AUTO,  # one word for "chosen for you": the backend by the graph, the precision per job
+    BF16_PRECISIONS,
+    Variant,
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             512),
     Backend("openvino", "OpenVINO", (".onnx", ".xml"), ("fp32", "bf16", "int8", "int8-bf16"), "openvino", 2048),
 )}
-AUTO = "auto"  # OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
+# --backend auto: OpenVINO for an IR (model.xml), ONNX Runtime for ONNX, or as qa_spec.json's "backend" says
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 # fp32: a float graph; bf16: bfloat16 matmuls where the CPU has them; int8: the directory's NNCF int8 IR;
 # int8-bf16: that IR with bfloat16 for the rest; int8-dynamic / int8-static: ONNX Runtime's int8 model.onnx;
@@ -71,7 +74,7 @@ BACKEND_CHOICES = (AUTO, *BACKENDS)
 PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16", "int8-dynamic", "int8-static", "int8-7bit")
 ORT_INT8_PRECISIONS = {"dynamic": "int8-dynamic", "static": "int8-static"}  # by pipeline.onnx_graph.quantization
 # auto (the default): one of the above per job, chosen from the CPUs of the cluster's nodes (pipeline/precision.py)
-PRECISION_CHOICES = (PRECISION_AUTO, *PRECISIONS)
+PRECISION_CHOICES = (AUTO, *PRECISIONS)
 # OpenVINO's INFERENCE_PRECISION_HINT per precision: always explicit, because left alone OpenVINO runs bf16 on
 # CPUs with AMX/AVX512-BF16 and answers would then depend on which node an actor lands on. int8: the IR's
 # quantized ops run in int8, the rest (softmax, layer norms, GELU) in f32 on every CPU; int8-bf16: in bf16.
@@ -94,7 +97,7 @@ def resolve_backend(backend: str, precision: str) -> str:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
-    if precision == PRECISION_AUTO:  # chosen per job (pipeline/precision.py), among this backend's variants
+    if precision == AUTO:  # chosen per job (pipeline/precision.py), among this backend's variants
         return backend
     able = [b for b in BACKENDS.values() if precision in b.precisions]
     if backend == AUTO:
