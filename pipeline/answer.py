@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 
 from .config import BATCH_TOKENS, OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns, DecodeSettings
-from .decode import Spans, best_spans
+from .decode import CharSpans, RowSpans, Spans, best_spans
 from .model_dir import ModelSpec
 from .session import QASession
-from .windows import Windows, load_tokenizer, make_windows, padded_length
+from .windows import (
+    Windows,
+    context_room,
+    count_windows,
+    encode_questions,
+    load_tokenizer,
+    make_windows,
+    padded_length,
+    question_error,
+    stream_windows,
+)
 
 TOP_ANSWER_TYPE = pa.list_(pa.struct([
     ("answer", pa.string()), ("answer_start", pa.int64()), ("answer_end", pa.int64()),
     ("score", pa.float64()), ("probability", pa.float64()),
 ]))
+# A context longer than this is answered alone, its windows streamed through the model a piece of the context at a
+# time (pipeline.windows.stream_windows, pipeline.decode.RowSpans): memory no longer grows with the cell.
+LONG_CONTEXT_CHARS = 50_000
+# The other rows are answered together, as many at a time as hold this many characters of context in all (their
+# windows, and so memory, grow with it); a SQuAD-like read unit fits in one group.
+GROUP_CHARS = 1_000_000
+# (row id, windows done, windows in all) while a long context is answered; see Answerer.
+RowProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -68,7 +87,7 @@ def validate_texts(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[list,
     for i, v in enumerate(values):
         if v is None:
             errors[i] = f"{name} is null"
-        elif not v.strip():
+        elif not v or v.isspace():  # not v.strip(): that copies a cell that may be huge
             errors[i] = f"{name} is empty"
     return values, errors
 
@@ -84,14 +103,19 @@ class Answerer:
     """
 
     def __init__(self, spec: ModelSpec, session: QASession, columns: Columns | None = None,
-                 decode: DecodeSettings | None = None, batch_tokens: int = BATCH_TOKENS):
+                 decode: DecodeSettings | None = None, batch_tokens: int = BATCH_TOKENS,
+                 row_progress: RowProgress | None = None):
         self.spec, self.session = spec, session
         self.columns, self.decode = columns or Columns(), decode or DecodeSettings()
         self.tokenizer = load_tokenizer(spec.tokenizer_file, spec.lowercase)
         self.batch_tokens = batch_tokens
+        self.row_progress = row_progress  # told of each long context's windows as they are answered
         self.times = StageTimes()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        """The table with the answer columns added. A context over ``decode.max_context_chars`` gets an error; one
+        over LONG_CONTEXT_CHARS is answered alone, its windows streamed (``_answer_long``); the other rows in
+        groups of GROUP_CHARS characters of context."""
         missing = [c for c in (self.columns.question, self.columns.context) if c not in table.column_names]
         if missing:
             raise ColumnError(f"answer stage: input has no column {missing[0]!r} (columns: {table.column_names})")
@@ -103,8 +127,42 @@ class Answerer:
         questions, q_err = validate_texts(table.column(self.columns.question), "question")
         contexts, c_err = validate_texts(table.column(self.columns.context), "context")
         errors = {**c_err, **q_err}
-        good = np.array([i for i in range(n) if i not in errors], dtype=np.int64)
-        windows, w_err = make_windows(self.tokenizer, [questions[i] for i in good], [contexts[i] for i in good],
+        limit = self.decode.max_context_chars
+        if limit is not None:
+            for i, c in enumerate(contexts):
+                if i not in errors and len(c) > limit:
+                    errors[i] = f"context has {len(c)} characters, over --max-context-chars {limit}"
+        good = [i for i in range(n) if i not in errors]
+        long = [i for i in good if len(contexts[i]) > LONG_CONTEXT_CHARS]
+        self.times.tokenize += time.perf_counter() - t0
+        found: dict[int, list[dict]] = {}
+        for group in _groups([i for i in good if len(contexts[i]) <= LONG_CONTEXT_CHARS], contexts, GROUP_CHARS):
+            found.update(self._answer_group(group, questions, contexts, errors))
+        if long:
+            ids = table.column(self.columns.id).to_pylist() if self.columns.id in table.column_names else None
+            for i in long:
+                got = self._answer_long(questions[i], contexts[i], str(ids[i]) if ids else f"#{i}")
+                if isinstance(got, str):
+                    errors[i] = got
+                else:
+                    found[i] = _found(contexts[i], got)
+        t3 = time.perf_counter()
+        out = self._columns(n, found, errors)
+        self.times.decode += time.perf_counter() - t3
+        self.times.rows += n
+        self.times.errors.update(e.split(" (")[0] for e in errors.values())
+        for name, values in out.items():
+            table = table.append_column(name, values)
+        if table.num_rows != n:
+            raise AssertionError(f"answer stage: {n} rows in, {table.num_rows} out")
+        return table
+
+    def _answer_group(self, rows: list[int], questions: list, contexts: list,
+                      errors: dict[int, str]) -> dict[int, list[dict]]:
+        """Answers of these rows (indices into the table), all windows at once; their errors go to ``errors``."""
+        t0 = time.perf_counter()
+        good = np.asarray(rows, dtype=np.int64)
+        windows, w_err = make_windows(self.tokenizer, [questions[i] for i in rows], [contexts[i] for i in rows],
                                       self.spec.windows, pad_to=self.session.fixed_seq_len,
                                       multiple=self.session.seq_multiple)
         errors.update({int(good[i]): msg for i, msg in w_err.items()})
@@ -112,21 +170,55 @@ class Answerer:
         start, end = self.logits(windows)
         t2 = time.perf_counter()
         spans = best_spans(start, end, windows.context_mask, windows.row, len(good), self.decode, windows.offsets)
-        out = self._columns(n, good, [contexts[i] for i in good], windows, spans, errors)
+        char_start, char_end = _characters(spans, windows.offsets)
+        filled = (spans.window >= 0).sum(axis=1)  # filled slots come first
+        found = {}
+        for r, i in enumerate(rows):
+            if i not in errors:
+                k = filled[r]
+                found[i] = _found(contexts[i], CharSpans(char_start[r, :k], char_end[r, :k], spans.score[r, :k],
+                                                         spans.probability[r, :k]))
         t3 = time.perf_counter()
-
         self.times.tokenize += t1 - t0
         self.times.infer += t2 - t1
         self.times.decode += t3 - t2
-        self.times.rows += n
         self.times.windows += len(windows)
         self.times.tokens += int(windows.lengths.sum())
-        self.times.errors.update(e.split(" (")[0] for e in errors.values())
-        for name, values in out.items():
-            table = table.append_column(name, values)
-        if table.num_rows != n:
-            raise AssertionError(f"answer stage: {n} rows in, {table.num_rows} out")
-        return table
+        return found
+
+    def _answer_long(self, question: str, context: str, row_id: str) -> CharSpans | str:
+        """One long context's answers, or why it has none: its windows go through the model a piece of the context
+        at a time (``stream_windows``) and only the decoder's state (``RowSpans``) outlives a piece. With
+        ``row_progress`` set, a first pass over the context counts its windows and each piece reports."""
+        t0 = time.perf_counter()
+        w = self.spec.windows
+        q = encode_questions(self.tokenizer, [question], w)[0]
+        if (error := question_error(q, context_room(self.tokenizer, q, w), w)) is not None:
+            self.times.tokenize += time.perf_counter() - t0
+            return error
+        total = count_windows(self.tokenizer, q, context, w) if self.row_progress else 0
+        spans = RowSpans(self.decode)
+        pieces = stream_windows(self.tokenizer, q, context, w, pad_to=self.session.fixed_seq_len,
+                                multiple=self.session.seq_multiple)
+        t1 = time.perf_counter()
+        self.times.tokenize += t1 - t0
+        for windows in pieces:
+            t2 = time.perf_counter()
+            self.times.tokenize += t2 - t1
+            start, end = self.logits(windows)
+            t3 = time.perf_counter()
+            spans.add(start, end, windows.context_mask, windows.offsets)
+            t1 = time.perf_counter()
+            self.times.infer += t3 - t2
+            self.times.decode += t1 - t3
+            self.times.windows += len(windows)
+            self.times.tokens += int(windows.lengths.sum())
+            if self.row_progress:
+                self.row_progress(row_id, spans.windows, total)
+        self.times.tokenize += time.perf_counter() - t1
+        if spans.windows == 0:
+            return "context has no tokens"
+        return spans.result()
 
     def logits(self, windows: Windows) -> tuple[np.ndarray, np.ndarray]:
         """Start/end logits [W, L], batches of similar length, returned in the windows' order."""
@@ -153,33 +245,21 @@ class Answerer:
             b0 = b1
         return start, end
 
-    def _columns(self, n: int, good: np.ndarray, contexts: list[str], windows: Windows, spans: Spans,
-                 errors: dict[int, str]) -> dict[str, pa.Array]:
+    def _columns(self, n: int, found: dict[int, list[dict]], errors: dict[int, str]) -> dict[str, pa.Array]:
         answer = [None] * n
         a_start = [None] * n
         a_end = [None] * n
         score = [None] * n
         prob = [None] * n
         top: list = [None] * n
-        for r, i in enumerate(good.tolist()):
-            if i in errors:
-                continue
-            found = []
-            for k in range(spans.window.shape[1]):
-                w = spans.window[r, k]
-                if w < 0:
-                    break
-                cs = int(windows.offsets[w, spans.start_token[r, k], 0])
-                ce = int(windows.offsets[w, spans.end_token[r, k], 1])
-                found.append({"answer": contexts[r][cs:ce], "answer_start": cs, "answer_end": ce,
-                              "score": float(spans.score[r, k]), "probability": float(spans.probability[r, k])})
-            if not found:
+        for i, spans in found.items():
+            if not spans:
                 errors[i] = "no answer span found"
                 continue
-            best = found[0]
+            best = spans[0]
             answer[i], a_start[i], a_end[i] = best["answer"], best["answer_start"], best["answer_end"]
             score[i], prob[i] = best["score"], best["probability"]
-            top[i] = found
+            top[i] = spans
         err = [errors.get(i) for i in range(n)]
         out = {
             "answer": pa.array(answer, pa.string()),
@@ -192,3 +272,33 @@ class Answerer:
         if self.decode.top_k > 1:
             out[TOP_ANSWERS_COLUMN] = pa.array(top, TOP_ANSWER_TYPE)
         return out
+
+
+def _characters(spans: Spans, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and past-last characters [n_rows, top_k] of each span in its context (0 in empty slots)."""
+    filled = spans.window >= 0
+    w = np.where(filled, spans.window, 0)
+    if not len(offsets):
+        return np.zeros_like(w), np.zeros_like(w)
+    return (offsets[w, np.where(filled, spans.start_token, 0), 0],
+            offsets[w, np.where(filled, spans.end_token, 0), 1])
+
+
+def _found(context: str, spans: CharSpans) -> list[dict]:
+    """One question's answers, best first, as the output's top_answers list them."""
+    return [{"answer": context[cs:ce], "answer_start": cs, "answer_end": ce, "score": sc, "probability": p}
+            for cs, ce, sc, p in zip(spans.start.tolist(), spans.end.tolist(), spans.score.tolist(),
+                                     spans.probability.tolist())]
+
+
+def _groups(rows: list[int], contexts: list, chars: int) -> list[list[int]]:
+    """``rows`` in order, cut into runs of at most ``chars`` characters of context (a run holds at least one row)."""
+    groups: list[list[int]] = []
+    size = chars
+    for i in rows:
+        if size + len(contexts[i]) > chars:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += len(contexts[i])
+    return groups

@@ -40,16 +40,21 @@ class WindowSettings:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How answer spans are chosen from start/end logits."""
+    """How answer spans are chosen from start/end logits, and which rows get none."""
 
     max_answer_len: int = field(default=30, metadata={"help": "longest answer, in tokens"})
     top_k: int = field(default=1, metadata={"help": "answers kept per question (a top_answers column if > 1)"})
+    max_context_chars: int | None = field(default=None, metadata={
+        "help": "a row whose context has more characters gets an error and no answer (default: no limit; a huge "
+                "context is answered, slowly, by one actor: README, Huge contexts)"})
 
     def __post_init__(self) -> None:
         if self.max_answer_len < 1:
             raise ValueError(f"max_answer_len must be >= 1, got {self.max_answer_len}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.max_context_chars is not None and self.max_context_chars < 1:
+            raise ValueError(f"--max-context-chars must be >= 1, got {self.max_context_chars}")
 
 
 @dataclass(frozen=True)

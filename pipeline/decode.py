@@ -61,26 +61,17 @@ def span_logsumexp(start: np.ndarray, padded_end: np.ndarray, max_answer_len: in
         return np.where(finite, top + np.log(total) + shift, -np.inf)
 
 
-def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
-               row: np.ndarray, n_rows: int, settings: DecodeSettings,
-               offsets: np.ndarray | None = None) -> Spans:
-    """Best ``settings.top_k`` spans per question.
+def window_candidates(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
+                      settings: DecodeSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each window's own part of the decoding: (log-sum-exp of its candidates' scores [W] (-inf: none), its best
+    candidates [W, P] as band indices start_token * max_answer_len + (end_token - start_token), their scores
+    [W, P] (-inf: no candidate)). P is 1 for top-k 1, else 2 x top-k: a window's own best suffice for its
+    question's, de-duplicated by characters.
 
-    start_logits, end_logits: float [W, L]; context_mask: bool [W, L]; row: int [W] in [0, n_rows).
-    ``offsets`` (int [W, L, 2]) lets top-k drop a span already listed from another window.
-
-    The softmax normaliser never builds the W x L x max_answer_len band of exponentials (span_logsumexp),
-    and the best span of a window is its best start with the best end in reach (a running maximum); only
-    top-k > 1 scores the whole band. Same spans, in a fraction of the time (BENCHMARKS.md, "Tokenizing and
-    decoding per question").
+    start_logits, end_logits: float [W, L]; context_mask: bool [W, L].
     """
     k_top, max_len = settings.top_k, settings.max_answer_len
     n_win, seq = start_logits.shape
-    spans = Spans(*(np.full((n_rows, k_top), -1, dtype=np.int64) for _ in range(3)),
-                  np.full((n_rows, k_top), -np.inf), np.zeros((n_rows, k_top)))
-    if n_win == 0:
-        return spans
-    # Per window its own top-k candidates suffice for the question's top-k (more if de-duplicating).
     per_window = min(seq * max_len, k_top if k_top == 1 else 2 * k_top)
     win_lse, cand, cand_score = [], [], []
     for c0 in range(0, n_win, _CHUNK):  # bounded memory: a band is W x L x max_answer_len
@@ -101,9 +92,32 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: n
             top = np.argpartition(-band, per_window - 1, axis=1)[:, :per_window]
             cand.append(top)
             cand_score.append(np.take_along_axis(band, top, axis=1))
-    win_lse = np.concatenate(win_lse)
-    cand = np.concatenate(cand)
-    cand_score = np.concatenate(cand_score).ravel()
+    if not win_lse:
+        return np.empty(0), np.empty((0, per_window), dtype=np.int64), np.empty((0, per_window))
+    return np.concatenate(win_lse), np.concatenate(cand), np.concatenate(cand_score)
+
+
+def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
+               row: np.ndarray, n_rows: int, settings: DecodeSettings,
+               offsets: np.ndarray | None = None) -> Spans:
+    """Best ``settings.top_k`` spans per question.
+
+    start_logits, end_logits: float [W, L]; context_mask: bool [W, L]; row: int [W] in [0, n_rows).
+    ``offsets`` (int [W, L, 2]) lets top-k drop a span already listed from another window.
+
+    The softmax normaliser never builds the W x L x max_answer_len band of exponentials (span_logsumexp),
+    and the best span of a window is its best start with the best end in reach (a running maximum); only
+    top-k > 1 scores the whole band. Same spans, in a fraction of the time (BENCHMARKS.md, "Tokenizing and
+    decoding per question").
+    """
+    k_top, max_len = settings.top_k, settings.max_answer_len
+    n_win = len(start_logits)
+    spans = Spans(*(np.full((n_rows, k_top), -1, dtype=np.int64) for _ in range(3)),
+                  np.full((n_rows, k_top), -np.inf), np.zeros((n_rows, k_top)))
+    if n_win == 0:
+        return spans
+    win_lse, cand, cand_score = window_candidates(start_logits, end_logits, context_mask, settings)
+    cand_score = cand_score.ravel()
 
     # Softmax normaliser per question over every candidate of every window.
     row_max = np.full(n_rows, -np.inf)
@@ -142,3 +156,72 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: n
     spans.score[r, k] = cand_score[sel]
     spans.probability[r, k] = np.exp(cand_score[sel] - row_lse[r])
     return spans
+
+
+@dataclass(frozen=True)
+class CharSpans:
+    """One question's best answers, best first, as character spans of its context.
+
+    start, end: int64 [k]; score, probability: float64 [k], k <= top_k (0: no candidate in any window)
+    """
+
+    start: np.ndarray
+    end: np.ndarray
+    score: np.ndarray
+    probability: np.ndarray
+
+
+class RowSpans:
+    """``best_spans`` for one question whose windows come a batch at a time, in their order (a context too long to
+    hold all its windows' logits at once).
+
+    Between batches it keeps what the answer needs and no more: the best ``top_k`` candidates so far (one per
+    character span when top-k > 1, as ``best_spans`` de-duplicates them) with their characters, and the running
+    maximum and sum of exp(score - maximum) over every candidate of every window (the softmax normaliser). The
+    spans are ``best_spans``' for the same windows, ties going to the earlier window as there; the normaliser is
+    the same sum taken in another order.
+    """
+
+    def __init__(self, settings: DecodeSettings):
+        self.settings = settings
+        self.windows = 0  # seen so far
+        self._max, self._sum = -np.inf, 0.0
+        self._start = self._end = np.empty(0, dtype=np.int64)
+        self._score = np.empty(0)
+
+    def add(self, start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
+            offsets: np.ndarray) -> None:
+        """The next windows' logits: start_logits, end_logits float [W, L]; context_mask bool [W, L]; offsets int
+        [W, L, 2] (characters of the context)."""
+        if len(start_logits) == 0:
+            return
+        max_len = self.settings.max_answer_len
+        win_lse, cand, cand_score = window_candidates(start_logits, end_logits, context_mask, self.settings)
+        self.windows += len(start_logits)
+        finite = win_lse[np.isfinite(win_lse)]
+        if len(finite):
+            top = max(self._max, float(finite.max()))
+            self._sum = self._sum * np.exp(self._max - top) + float(np.exp(finite - top).sum())
+            self._max = top
+        window = np.repeat(np.arange(len(cand)), cand.shape[1])
+        first = cand.ravel() // max_len
+        last = first + cand.ravel() % max_len
+        score = cand_score.ravel()
+        keep = np.isfinite(score)
+        window, first, last, score = window[keep], first[keep], last[keep], score[keep]
+        # Kept candidates first: they come from earlier windows, and a stable sort keeps ties in window order.
+        start = np.concatenate([self._start, offsets[window, first, 0].astype(np.int64)])
+        end = np.concatenate([self._end, offsets[window, last, 1].astype(np.int64)])
+        score = np.concatenate([self._score, score])
+        order = np.argsort(-score, kind="stable")
+        start, end, score = start[order], end[order], score[order]
+        if self.settings.top_k > 1:
+            _, once = np.unique(np.stack([start, end], axis=1), axis=0, return_index=True)
+            once.sort()  # the first (best) of each span, best first again
+            start, end, score = start[once], end[once], score[once]
+        k = self.settings.top_k
+        self._start, self._end, self._score = start[:k], end[:k], score[:k]
+
+    def result(self) -> CharSpans:
+        lse = self._max + np.log(self._sum if self._sum > 0 else 1.0)
+        return CharSpans(self._start, self._end, self._score, np.exp(self._score - lse))

@@ -10,8 +10,12 @@ until a window reaches the end of the context.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +92,45 @@ class WindowError(str):
     """Why a question got no windows."""
 
 
+@contextmanager
+def _bare(tok: Tokenizer) -> Iterator[Tokenizer]:
+    """The tokenizer without its post-processor, which post_process applies once per window (a second pass would
+    trim RoBERTa's offsets twice)."""
+    processor, tok.post_processor = tok.post_processor, None
+    try:
+        yield tok
+    finally:
+        tok.post_processor = processor
+
+
+def encode_questions(tok: Tokenizer, questions: list[str], settings: WindowSettings) -> list[Encoding]:
+    """Each question encoded without special tokens (sequence id 0), cut to ``settings.max_query_len`` tokens."""
+    with _bare(tok):
+        q_enc = tok.encode_batch(questions, add_special_tokens=False)
+        cut = [i for i, e in enumerate(q_enc) if len(e.ids) > settings.max_query_len]
+        if cut:  # cut the text, not the tokens, and encode it again: as a pair would see that question
+            texts = [questions[i][: q_enc[i].offsets[settings.max_query_len - 1][1]] for i in cut]
+            for i, e in zip(cut, tok.encode_batch(texts, add_special_tokens=False)):
+                q_enc[i] = e
+    for e in q_enc:
+        e.set_sequence_id(0)
+    return q_enc
+
+
+def context_room(tok: Tokenizer, question: Encoding, settings: WindowSettings) -> int:
+    """Context tokens a window holds beside this (encoded, cut) question and the special tokens."""
+    return settings.max_seq_len - len(question.ids) - tok.num_special_tokens_to_add(True)
+
+
+def question_error(question: Encoding, room: int, settings: WindowSettings) -> str | None:
+    """Why this question gets no windows (None: it gets some)."""
+    if not question.ids:
+        return "question has no tokens"
+    if room < 1:
+        return f"question of {len(question.ids)} tokens leaves no room for context in {settings.max_seq_len}"
+    return None
+
+
 def make_windows(
     tok: Tokenizer, questions: list[str], contexts: list[str], settings: WindowSettings,
     pad_to: int | None = None, multiple: int = 1,
@@ -109,21 +152,9 @@ def make_windows(
     errors: dict[int, str] = {}
     distinct: dict[str, int] = {}
     context_of = [distinct.setdefault(c, len(distinct)) for c in contexts]
-    # Encoded without the post-processor, which post_process applies once per window below (a second pass
-    # would trim RoBERTa's offsets twice).
-    processor, tok.post_processor = tok.post_processor, None
-    try:
-        q_enc = tok.encode_batch(questions, add_special_tokens=False)
-        cut = [i for i, e in enumerate(q_enc) if len(e.ids) > settings.max_query_len]
-        if cut:  # cut the text, not the tokens, and encode it again: as a pair would see that question
-            texts = [questions[i][: q_enc[i].offsets[settings.max_query_len - 1][1]] for i in cut]
-            for i, e in zip(cut, tok.encode_batch(texts, add_special_tokens=False)):
-                q_enc[i] = e
+    q_enc = encode_questions(tok, questions, settings)
+    with _bare(tok):
         c_enc = tok.encode_batch(list(distinct), add_special_tokens=False)
-    finally:
-        tok.post_processor = processor
-    for e in q_enc:
-        e.set_sequence_id(0)
     for e in c_enc:
         e.set_sequence_id(1)
 
@@ -133,11 +164,8 @@ def make_windows(
     for i in sorted(range(len(q_enc)), key=lambda i: len(q_enc[i].ids)):
         q, c = q_enc[i], c_enc[context_of[i]]
         room = settings.max_seq_len - len(q.ids) - specials
-        if not q.ids:
-            errors[i] = "question has no tokens"
-            continue
-        if room < 1:
-            errors[i] = f"question of {len(q.ids)} tokens leaves no room for context in {settings.max_seq_len}"
+        if (error := question_error(q, room, settings)) is not None:
+            errors[i] = error
             continue
         if len(c.ids) <= room:
             parts = [c]
@@ -189,3 +217,143 @@ def _to_arrays(encodings: list, row: np.ndarray, pad: int, width: int) -> Window
     context[real] = np.fromiter((s == 1 for s in chain.from_iterable(e.sequence_ids for e in encodings)),
                                 dtype=bool, count=total)
     return Windows(input_ids, types, real.astype(np.int64), offsets, context, row, lengths)
+
+
+# ------------------------------------------------------------------------------ one long context, piece by piece
+
+PIECE_CHARS = 1 << 15  # characters of a long context tokenized at once (stream_windows)
+_PIECES_PER_CALL = 4  # pieces per encode_batch call (`tokenizers` encodes a batch's items in parallel)
+# A cut: a space between two printable ASCII characters. The piece before ends with a character every tokenizer
+# below keeps, so its last token ends exactly there; the piece after starts with the space.
+_SEAM = re.compile(r"[!-~] (?=[!-~])")
+# Normalizers that map characters one by one, and pre-tokenizers that split at every space: with these, the
+# tokens of two texts cut at a seam, end to end, are the tokens of the whole (tests/test_huge_rows.py holds it).
+_CHAR_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"}
+_SPACE_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace",
+                         "Punctuation", "Digits"}
+
+
+def _component_ok(component, allowed: set[str], members: str) -> bool:
+    if component is None:
+        return True
+
+    def ok(spec: dict) -> bool:
+        if spec["type"] == "Sequence":
+            return all(ok(m) for m in spec[members])
+        if spec["type"] == "ByteLevel" and not spec.get("use_regex", True):
+            return False  # no regex split: the whole text is one word for BPE's merges
+        if spec["type"] == "Metaspace" and not spec.get("split", True):
+            return False
+        return spec["type"] in allowed
+
+    return ok(json.loads(component.__getstate__()))
+
+
+def cuts_at_spaces(tok: Tokenizer) -> bool:
+    """Whether this tokenizer's tokens of a text cut at seams (``context_pieces``) are those of the whole: its
+    normalizer maps characters one by one, its pre-tokenizer splits at spaces, and it has no added tokens of its
+    own besides special ones (an added token may hold a space, or strip the spaces beside it)."""
+    return (_component_ok(tok.normalizer, _CHAR_NORMALIZERS, "normalizers")
+            and _component_ok(tok.pre_tokenizer, _SPACE_PRE_TOKENIZERS, "pretokenizers")
+            and all(t.special for t in tok.get_added_tokens_decoder().values()))
+
+
+def context_pieces(tok: Tokenizer, context: str, piece_chars: int = PIECE_CHARS) -> list[tuple[int, int]]:
+    """(start, end) character ranges cutting ``context`` into pieces of at least ``piece_chars`` (the last may be
+    shorter) at seams: a space between two printable ASCII characters, which begins the next piece. One piece, the
+    whole context, for a tokenizer not known to tokenize pieces as the whole (``cuts_at_spaces``) or a text
+    without seams."""
+    cuts = [0]
+    if cuts_at_spaces(tok):
+        pos = piece_chars
+        while pos < len(context) and (m := _SEAM.search(context, pos)) is not None:
+            cuts.append(m.start() + 1)
+            pos = cuts[-1] + piece_chars
+    cuts.append(len(context))
+    return list(pairwise(cuts))
+
+
+def _encoded_pieces(tok: Tokenizer, context: str, pieces: list[tuple[int, int]]) -> Iterator[tuple[int, Encoding]]:
+    """(first character, encoding with offsets inside the piece) of each piece, in order, as make_windows encodes
+    a context (no special tokens, sequence id 1)."""
+    for g in range(0, len(pieces), _PIECES_PER_CALL):
+        group = pieces[g:g + _PIECES_PER_CALL]
+        with _bare(tok):
+            encoded = tok.encode_batch([context[a:b] for a, b in group], add_special_tokens=False)
+        for (a, _), e in zip(group, encoded):
+            e.set_sequence_id(1)
+            yield a, e
+
+
+def window_count(tokens: int, room: int, doc_stride: int) -> int:
+    """Windows a context of ``tokens`` tokens is cut into (0 for none): starts 0, step, 2 step, ... until a
+    window reaches its end, step being doc_stride (or ``room`` when doc_stride is larger)."""
+    if tokens == 0:
+        return 0
+    return 1 if tokens <= room else 1 + -(-(tokens - room) // min(doc_stride, room))
+
+
+def count_windows(tok: Tokenizer, question: Encoding, context: str, settings: WindowSettings,
+                  piece_chars: int = PIECE_CHARS) -> int:
+    """How many windows ``stream_windows`` yields for this (encoded) question and context: a pass over the
+    context's pieces that keeps only their lengths."""
+    tokens = sum(len(e) for _, e in _encoded_pieces(tok, context, context_pieces(tok, context, piece_chars)))
+    return window_count(tokens, context_room(tok, question, settings), settings.doc_stride)
+
+
+def stream_windows(tok: Tokenizer, question: Encoding, context: str, settings: WindowSettings,
+                   pad_to: int | None = None, multiple: int = 1,
+                   piece_chars: int = PIECE_CHARS) -> Iterator[Windows]:
+    """The windows ``make_windows`` cuts for one question (encoded by ``encode_questions``, with no
+    ``question_error``) and one context, in the same order, a few at a time (``Windows.row`` is 0): memory holds
+    one piece of the context's tokens and its windows, not all of them.
+
+    The context is encoded a piece at a time (``context_pieces``). A piece's encoding is appended to the tokens
+    not yet windowed with `tokenizers`' own ``Encoding.merge``, whose growing offsets shift the piece's by the
+    end of the last token before it, the piece's first character (a seam's property); the same truncation with
+    overflow as make_windows then cuts every window that ends before the last token (a later piece may extend
+    the others), and the rest waits for the next piece. Each batch is as wide as ``make_windows`` would make it
+    for its windows alone. A context with no tokens yields nothing.
+    """
+    room = context_room(tok, question, settings)
+    overlap = max(0, room - settings.doc_stride)
+    pad = pad_id(tok)
+    pending: Encoding | None = None  # tokens from the next window's first on, offsets into the whole context
+    for start, piece in _encoded_pieces(tok, context, context_pieces(tok, context, piece_chars)):
+        if pending is None:
+            pending = piece
+        else:
+            end = pending.offsets[-1][1] if len(pending) else 0
+            if end != start:
+                raise AssertionError(f"a piece starting at character {start} follows a token ending at {end}")
+            pending = Encoding.merge([pending, piece], growing_offsets=True)
+        if len(pending) > room:
+            parts = _cut(pending, room, overlap)
+            pending = parts.pop()  # reaches the last token: complete only once no piece follows
+            yield _window_batch(tok, question, parts, pad, settings, pad_to, multiple)
+    if pending is not None and len(pending):
+        if len(pending) > room:
+            parts = _cut(pending, room, overlap)
+        else:
+            parts = [pending]
+        yield _window_batch(tok, question, parts, pad, settings, pad_to, multiple)
+
+
+def _window_batch(tok: Tokenizer, question: Encoding, parts: list[Encoding], pad: int, settings: WindowSettings,
+                  pad_to: int | None, multiple: int) -> Windows:
+    encodings = [tok.post_process(question, part, add_special_tokens=True) for part in parts]
+    longest = max(len(e.ids) for e in encodings)
+    width = pad_to or int(padded_length(longest, multiple, settings.max_seq_len))
+    return _to_arrays(encodings, np.zeros(len(encodings), dtype=np.int64), pad, width)
+
+
+def _cut(pending: Encoding, room: int, overlap: int) -> list[Encoding]:
+    """make_windows' truncation of ``pending`` (more than ``room`` tokens) into its parts, in order. The first part
+    truncate leaves holds every other part as its overflow, which post_process would process again; it is taken
+    instead from a copy truncated twice, a truncation replacing the overflow of the one before: one token of
+    overflow."""
+    first = Encoding.merge([pending], growing_offsets=False)
+    first.truncate(room + 1)
+    first.truncate(room)
+    pending.truncate(room, stride=overlap)
+    return [first, *pending.overflowing]
