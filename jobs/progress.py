@@ -61,18 +61,24 @@ class ProgressReporter(Ticker):
         import ray
 
         try:
-            totals = ray.get(self.stats.totals.remote(), timeout=10)
+            totals, long_rows = ray.get([self.stats.totals.remote(), self.stats.long_rows.remote()], timeout=10)
         except Exception:  # noqa: BLE001 - progress must never fail the job; the next tick retries
             return
-        done = totals.input_rows
-        elapsed = time.time() - self._t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
         alive = answering_actors()
         actors = f"{totals.actors} actors started" if alive is None else \
             f"{alive[0]} actors on {alive[1]} nodes ({totals.actors} started)"
-        print(f"progress: {done}/{self.total} rows ({100 * done / max(self.total, 1):.1f}%), "
-              f"{rate:.1f} rows/s, ETA {_clock(eta)}, {actors}", flush=True)
+        print(progress_line(totals.input_rows, self.total, time.time() - self._t0, actors, long_rows), flush=True)
+
+
+def progress_line(done: int, total: int, elapsed_s: float, actors: str, long_rows: list = ()) -> str:
+    """``progress: 40/101 rows (39.6%), 2.1 rows/s, ETA 0:00:29, 2 actors on 1 nodes (2 started)``, then
+    ``; row ID: DONE/TOTAL windows`` for each long row an actor is working through (jobs.ray_stage.LongRow): the
+    rows one actor answers alone while the rate says nothing of them."""
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    line = (f"progress: {done}/{total} rows ({100 * done / max(total, 1):.1f}%), {rate:.1f} rows/s, "
+            f"ETA {_clock(eta)}, {actors}")
+    return line + "".join(f"; row {r.row}: {r.done}/{r.total} windows" for r in long_rows)
 
 
 def answering_actors() -> tuple[int, int] | None:

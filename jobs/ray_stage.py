@@ -47,6 +47,43 @@ class ActorReport:
 
 
 @dataclass(frozen=True)
+class LongRow:
+    """A long context an answering actor is working through (pipeline.answer.Answerer.row_progress): its row id
+    and its windows answered so far, of all its windows."""
+
+    row: str
+    done: int
+    total: int
+
+
+LONG_ROW_REPORT_S = 2.0  # an actor reports a long row's progress at most this often, and only past this long
+
+
+class LongRowReporter:
+    """The actor's ``row_progress``: tells the stats actor (fire and forget) of a long row that has kept it busy
+    for LONG_ROW_REPORT_S, then at most every LONG_ROW_REPORT_S, and once more when it is done (clearing it); a
+    row done sooner is never reported."""
+
+    def __init__(self, stats: ray.actor.ActorHandle, actor: str, clock: Callable[[], float] = time.monotonic):
+        self.stats, self.actor, self.clock = stats, actor, clock
+        self.row: str | None = None
+        self.last = 0.0  # when this row began, then when it was last reported
+        self.reported = False
+
+    def __call__(self, row: str, done: int, total: int) -> None:
+        now = self.clock()
+        if row != self.row:
+            self.row, self.last, self.reported = row, now, False
+        if done >= total:
+            if self.reported:
+                self.stats.long_row.remote(self.actor, LongRow(row, done, total))
+            self.row = None
+        elif now - self.last >= LONG_ROW_REPORT_S:
+            self.stats.long_row.remote(self.actor, LongRow(row, done, total))
+            self.last, self.reported = now, True
+
+
+@dataclass(frozen=True)
 class NodeReport:
     """What one node's answering actors did (the manifest's ``ray.nodes``), from the actors' own reports."""
 
@@ -81,6 +118,7 @@ class StageBook:
         self.restarts = 0  # in this run
         self.pass_restarts, self.pass_budget = 0, 0
         self.failures: list[tuple[str, Exception]] = []
+        self.long: dict[str, LongRow] = {}  # actor process -> the long row it is answering
 
     def begin_pass(self, restart_budget: int) -> None:
         self.pass_restarts, self.pass_budget = 0, restart_budget
@@ -113,6 +151,18 @@ class StageBook:
     def report(self, report: ActorReport) -> None:
         self.reports[report.actor] = report
         self.first_report_at.setdefault(report.actor, time.time())
+        self.long.pop(report.actor, None)  # its units are answered: no long row left in them
+
+    def long_row(self, actor: str, row: LongRow) -> None:
+        """An actor's progress through a long row (its last report: the row is done)."""
+        if row.done >= row.total:
+            self.long.pop(actor, None)
+        else:
+            self.long[actor] = row
+
+    def long_rows(self) -> list[LongRow]:
+        """The long rows actors are answering now, most windows left first."""
+        return sorted(self.long.values(), key=lambda r: (r.done - r.total, r.row))
 
     def ready(self, actor: str, at: float, node: str = "", cpu: str = "", actor_id: str = "") -> None:
         """An actor process on ``node`` (whose CPU class is ``cpu``) finished loading its model at wall-clock
@@ -199,7 +249,8 @@ class AnswerActor:
         t0 = time.perf_counter()
         served = settings.served
         session = served.open(settings.threads)  # refuses a graph that changed since the job planned it
-        self.answerer = Answerer(served.spec, session, settings.columns, settings.decode, served.batch_tokens)
+        self.answerer = Answerer(served.spec, session, settings.columns, settings.decode, served.batch_tokens,
+                                 LongRowReporter(stats, self.name) if stats is not None else None)
         self.answerer.times.model_load = time.perf_counter() - t0
         if stats is not None:
             # Not awaited: bookkeeping never holds up answers.
