@@ -24,6 +24,9 @@ IDENTITY_VERSION = 2  # 1: the flat dict of releases before typed identities (no
 MANIFEST_VERSION = 2
 
 
+V1_DECODE = ("max_answer_len", "top_k")  # the decode settings version 1 recorded
+
+
 class IdentityVersionError(ValueError):
     """An identity written by a release whose form this one cannot compare with its own."""
 
@@ -84,8 +87,12 @@ class JobIdentity:
             inputs = {"input_table": source}
         else:  # formats added after version 1 have no version-1 form
             return None
+        decode = asdict(self.decode)
+        later = {k: v for k, v in decode.items() if k not in V1_DECODE}
+        if any(v != getattr(DecodeSettings(), k) for k, v in later.items()):
+            return None  # a setting version 1 did not have, set: no version-1 job had it
         return {"questions": self.questions, "wide": self.wide, **inputs, "columns": asdict(self.columns),
-                "decode": asdict(self.decode), "windows": asdict(self.windows),
+                "decode": {k: decode[k] for k in V1_DECODE}, "windows": asdict(self.windows),
                 "model_sha256": self.model.graph_sha256, "weights_sha256": self.model.weights_sha256,
                 "tokenizer_sha256": self.model.tokenizer_sha256, "spec_sha256": self.model.spec_sha256,
                 "precision_choice": _v1_variant(self.variant), "rows_per_unit": self.rows_per_unit}

@@ -181,6 +181,7 @@ def test_identity_forms():
     keys follow the form; a recorded identity of another version compares in that version's form."""
     from conftest import identity_for
 
+    from pipeline.config import DecodeSettings
     from pipeline.records import IDENTITY_VERSION, JobIdentity
 
     ident = identity_for("a")
@@ -190,6 +191,9 @@ def test_identity_forms():
     assert JobIdentity.from_json(ident.to_json()) == ident
     assert set(ident.keys()) == {1, IDENTITY_VERSION} and ident.keys()[1] != ident.keys()[IDENTITY_VERSION]
     assert ident.compare(v1).same and not identity_for("b").compare(v1).same
+    assert v1["decode"] == {"max_answer_len": 30, "top_k": 1}  # as version 1 wrote it, settings added since left out
+    limited = type(ident)(**{**vars(ident), "decode": DecodeSettings(max_context_chars=1000)})
+    assert limited.as_version(1) is None  # a job version 1 could not have run
     other = JobIdentity({"format": "delta", "table": "t", "version": 3}, *list(vars(ident).values())[1:])
     assert other.as_version(1) is None and set(other.keys()) == {IDENTITY_VERSION}
     assert not ident.compare({"version": 99}).comparable
