@@ -72,10 +72,12 @@ class ProgressReporter(Ticker):
 
 def progress_line(done: int, total: int, elapsed_s: float, actors: str, long_rows: list = ()) -> str:
     """``progress: 40/101 rows (39.6%), 2.1 rows/s, ETA 0:00:29, 2 actors on 1 nodes (2 started)``, then
-    ``; row ID: DONE/TOTAL windows`` for each long row an actor is working through (jobs.ray_stage.LongRow): the
-    rows one actor answers alone while the rate says nothing of them."""
+    ``; row ID: DONE/TOTAL windows`` for each long row an actor is working through (jobs.ray_stage.LongRow): rows
+    one actor answers alone, whose rows are counted only once they are done. The ETA is the later of the rows' and
+    the long rows' own (their windows left at their rate so far)."""
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else float("nan")
+    eta = max([eta, *(r.eta_s() for r in long_rows)], key=lambda s: -1 if math.isnan(s) else s)
     line = (f"progress: {done}/{total} rows ({100 * done / max(total, 1):.1f}%), {rate:.1f} rows/s, "
             f"ETA {_clock(eta)}, {actors}")
     return line + "".join(f"; row {r.row}: {r.done}/{r.total} windows" for r in long_rows)

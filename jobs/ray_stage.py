@@ -48,12 +48,17 @@ class ActorReport:
 
 @dataclass(frozen=True)
 class LongRow:
-    """A long context an answering actor is working through (pipeline.answer.Answerer.row_progress): its row id
-    and its windows answered so far, of all its windows."""
+    """A long context an answering actor is working through (pipeline.answer.Answerer.row_progress): its row id,
+    its windows answered so far, of all its windows, and the seconds the actor has spent on it."""
 
     row: str
     done: int
     total: int
+    seconds: float = 0.0
+
+    def eta_s(self) -> float:
+        """Seconds left at the rate so far (nan before a rate)."""
+        return (self.total - self.done) * self.seconds / self.done if self.done and self.seconds else float("nan")
 
 
 LONG_ROW_REPORT_S = 2.0  # an actor reports a long row's progress at most this often, and only past this long
@@ -67,19 +72,19 @@ class LongRowReporter:
     def __init__(self, stats: ray.actor.ActorHandle, actor: str, clock: Callable[[], float] = time.monotonic):
         self.stats, self.actor, self.clock = stats, actor, clock
         self.row: str | None = None
-        self.last = 0.0  # when this row began, then when it was last reported
+        self.began = self.last = 0.0  # when this row began; when it was last reported (or began)
         self.reported = False
 
     def __call__(self, row: str, done: int, total: int) -> None:
         now = self.clock()
         if row != self.row:
-            self.row, self.last, self.reported = row, now, False
+            self.row, self.began, self.last, self.reported = row, now, now, False
         if done >= total:
             if self.reported:
-                self.stats.long_row.remote(self.actor, LongRow(row, done, total))
+                self.stats.long_row.remote(self.actor, LongRow(row, done, total, now - self.began))
             self.row = None
         elif now - self.last >= LONG_ROW_REPORT_S:
-            self.stats.long_row.remote(self.actor, LongRow(row, done, total))
+            self.stats.long_row.remote(self.actor, LongRow(row, done, total, now - self.began))
             self.last, self.reported = now, True
 
 

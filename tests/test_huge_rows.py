@@ -248,18 +248,21 @@ def test_long_row_reports_and_progress_line():
     assert book.long_rows() == []
     now[0] = LONG_ROW_REPORT_S
     report("r123", 4100, 25000)
-    now[0] += 0.1
+    now[0] += 0.5
     report("r123", 4200, 25000)  # too soon: not sent
     other = LongRowReporter(FakeStats(book), "a2", clock=lambda: now[0])
     other("r9", 1, 10)
     now[0] += LONG_ROW_REPORT_S + 1
     other("r9", 5, 10)
-    assert book.long_rows() == [LongRow("r123", 4100, 25000), LongRow("r9", 5, 10)]
+    assert book.long_rows() == [LongRow("r123", 4100, 25000, LONG_ROW_REPORT_S),
+                                LongRow("r9", 5, 10, LONG_ROW_REPORT_S + 1)]
     line = progress_line(40, 101, 20.0, "2 actors on 1 nodes (2 started)", book.long_rows())
     assert line == ("progress: 40/101 rows (39.6%), 2.0 rows/s, ETA 0:00:30, 2 actors on 1 nodes (2 started); "
                     "row r123: 4100/25000 windows; row r9: 5/10 windows")
+    slow = [LongRow("huge", 1000, 8000, 100.0)]  # 700 s left at its rate: later than the rows' 30 s
+    assert "ETA 0:11:40" in progress_line(40, 101, 20.0, "", slow)
     report("r123", 25000, 25000)
-    assert book.long_rows() == [LongRow("r9", 5, 10)]
+    assert [r.row for r in book.long_rows()] == ["r9"]
     from jobs.ray_stage import ActorReport
     from pipeline.answer import StageTimes
 
