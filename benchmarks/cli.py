@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None):
     m.add_argument("--skip-peer", action="append", choices=("torch", "openvino"), default=[],
                    help="leave out a peer: torch (the transformers pipeline on PyTorch) or openvino (the same "
                         "pipeline on optimum-intel's OpenVINO model); repeatable")
+    m.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
+                   help="before each system's N and 2N runs, wait up to SECONDS until the rest of the machine uses "
+                        "under 0.25 cores (a machine shared with other work); default 0: no wait")
     m.add_argument("--bound", action="store_true",
                    help="also time the job's answering stage in bare processes, one per CPU, no Ray "
                         "(benchmarks/bound.py), as the first variant served it: the job's ceiling on this machine")

@@ -199,10 +199,40 @@ class Run:
     stages: dict = field(default_factory=dict)
     load: float = math.nan  # the machine's 1-minute load average as the run ended: neighbours' work shows here
     cpu_seconds: float = math.nan  # user + system of its whole process tree (TreeCpu)
+    other_cpu_seconds: float = math.nan  # the machine's busy CPU-s during the run outside that tree (neighbours)
 
 
 RAY_START_TIMEOUT = "timed out during startup"  # Ray's raylet on an overloaded machine: not the job's failure
 START_ATTEMPTS = 3
+
+
+QUIET_CORES = 0.25  # --quiet-wait: the rest of the machine is quiet below this many busy cores
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU-seconds of the whole machine since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        return sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def wait_for_quiet(max_s: float, window_s: float = 3.0) -> float:
+    """Waits until the machine's busy cores over ``window_s`` fall under QUIET_CORES (nothing of ours runs between
+    runs, so this is the neighbours), at most ``max_s`` seconds; returns the seconds waited."""
+    t0 = time.perf_counter()
+    while max_s > 0:
+        b0 = machine_busy_seconds()
+        time.sleep(window_s)
+        busy = (machine_busy_seconds() - b0) / window_s
+        waited = time.perf_counter() - t0
+        if not busy >= QUIET_CORES or waited >= max_s:
+            if waited > 2 * window_s:
+                print(f"  waited {waited:.0f} s for a quiet machine (now {busy:.2f} busy cores)", file=sys.stderr,
+                      flush=True)
+            return waited
+    return 0.0
 
 
 def load_average() -> float:
@@ -266,9 +296,10 @@ class TreeCpu:
         return sum(self.ticks.values()) / self._tick
 
 
-def timed(cmd: list[str], log: Path, clean: Path | None = None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of its process tree) of ``cmd`` as a fresh process, start to exit; raises with
-    the log's tail if it fails.
+def timed(cmd: list[str], log: Path, clean: Path | None = None) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of its process tree, the machine's other busy CPU seconds meanwhile) of ``cmd``
+    as a fresh process, start to exit; raises with the log's tail if it fails. The third is what ran beside it:
+    neighbours on a shared machine (and this process's own polling, TreeCpu: a few percent of a core).
     A run whose local Ray did not start in time (an overloaded machine) is run again, up to START_ATTEMPTS
     in all, ``clean`` (its output) removed first; only the run that finished is timed."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -277,13 +308,15 @@ def timed(cmd: list[str], log: Path, clean: Path | None = None) -> tuple[float, 
         if clean is not None:
             shutil.rmtree(clean, ignore_errors=True)
         with open(log, "w") as out:
+            busy0 = machine_busy_seconds()
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             with TreeCpu(proc.pid) as cpu:
                 rc = proc.wait()
             seconds = time.perf_counter() - t0
+            other = max(0.0, machine_busy_seconds() - busy0 - cpu.seconds)
         if rc == 0:
-            return seconds, cpu.seconds
+            return seconds, cpu.seconds, other
         text = log.read_text(errors="replace")
         if RAY_START_TIMEOUT not in text or attempt == START_ATTEMPTS:
             raise RuntimeError(f"{' '.join(cmd)} failed (exit {rc}); {log}:\n{text[-2000:]}")
@@ -299,13 +332,14 @@ def job_run(model_dir: Path, variant: Variant, inputs: Path, out: Path, rows_per
     units = ["--rows-per-unit", str(rows_per_unit)] if rows_per_unit else []
     cmd = [sys.executable, "-m", "jobs.answer", "--input", str(inputs), "--output", str(out), "--model",
            str(model_dir), "--address", "local", *units, *variant.flags]
-    seconds, cpu = timed(cmd, out.with_suffix(".log"), clean=out)
+    seconds, cpu, other = timed(cmd, out.with_suffix(".log"), clean=out)
     manifest = json.loads((out / "_manifest.json").read_text())
     stages = manifest["stages"]
     table = pq.read_table(out, columns=["id", "answer"])
     served = manifest.get("precision") or {k: manifest["config"].get(k) for k in ("backend", "precision")}
     return Run(table.num_rows, seconds, int(stages["windows"]), squad.predictions(table),
-               {**stages, "served": served, "batch_tokens": manifest.get("batch_tokens")}, load_average(), cpu)
+               {**stages, "served": served, "batch_tokens": manifest.get("batch_tokens")}, load_average(), cpu,
+               other)
 
 
 def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, out: Path, processes: int,
@@ -314,9 +348,10 @@ def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, ou
     cmd = [sys.executable, "-m", "benchmarks.bound", "--input", str(inputs), "--model", str(model_dir),
            "--output", str(out), "--backend", served["backend"], "--precision", served["precision"],
            "--processes", str(processes), "--batch-tokens", str(batch_tokens)]
-    seconds, cpu = timed(cmd, out.with_suffix(".log"))
+    seconds, cpu, other = timed(cmd, out.with_suffix(".log"))
     predictions = json.loads(out.read_text())
-    return Run(len(predictions), seconds, windows, predictions, load=load_average(), cpu_seconds=cpu)
+    return Run(len(predictions), seconds, windows, predictions, load=load_average(), cpu_seconds=cpu,
+               other_cpu_seconds=other)
 
 
 def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: int, windows: dict,
@@ -325,10 +360,10 @@ def peer_run(hf_dir: Path, inputs: Path, out: Path, threads: int, batch_size: in
     cmd = [sys.executable, "-m", "benchmarks.peer", "--input", str(inputs), "--model", str(hf_dir),
            "--output", str(out), "--runtime", runtime, "--threads", str(threads), "--batch-size", str(batch_size),
            "--windows", json.dumps(windows)]
-    seconds, cpu = timed(cmd, out.with_suffix(".log"))
+    seconds, cpu, other = timed(cmd, out.with_suffix(".log"))
     predictions = json.loads(out.read_text())
     return Run(len(predictions), seconds, window_count, predictions, peer_said(out.with_suffix(".log")),
-               load=load_average(), cpu_seconds=cpu)
+               load=load_average(), cpu_seconds=cpu, other_cpu_seconds=other)
 
 
 def peer_said(log: Path) -> dict:
@@ -497,10 +532,12 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
     if peer_rows:  # the pipeline's windows for either runtime: same tokenizer, same settings
         counts = {k: peer_window_count(hf_dir, items[:k], windows) for k in (n, 2 * n)}
     bound_row = Row(BOUND_NAME, n) if a.bound else None
+    quiet_s = getattr(a, "quiet_wait", 0) or 0
     # A system's N and 2N runs follow each other, so that its difference is taken under the same neighbours' load;
     # repeats alternate which size runs first.
     for rep in range(a.repeats):
         for v, row in zip(variants, rows):
+            wait_for_quiet(quiet_s)
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-{slug(v.name)}-{k}"
                 run = job_run(model_dir, v, inputs[k], out, a.rows_per_unit)
@@ -511,6 +548,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
             first = rows[0].runs_n[0].stages
             served = first["served"].get("variant") or first["served"]
             bound_row.system = f"{BOUND_NAME} ({served['backend']} {served['precision']})"
+            wait_for_quiet(quiet_s)
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-bound-{k}.json"
                 runs = rows[0].runs_n if k == n else rows[0].runs_2n
@@ -518,6 +556,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
                 (bound_row.runs_n if k == n else bound_row.runs_2n).append(run)
                 progress(name, bound_row.system, k, run)
         for runtime, peer_row in peer_rows.items():
+            wait_for_quiet(quiet_s)
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-peer-{runtime}-{k}.json"
                 run = peer_run(hf_dir, inputs[k], out, a.cpus, a.hf_batch_size, windows, counts[k], runtime)
@@ -526,10 +565,21 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
     all_rows = rows + ([bound_row] if bound_row else []) + list(peer_rows.values())
     label = f"{name} ({model_dir})" if name == "default" else f"{name} (random weights, {model_dir})"
     notes = [*filter(None, (stage_line(r) for r in rows)), *([bound_line(rows[0], bound_row)] if bound_row else []),
-             *(peer_line(r) for r in peer_rows.values()), *skipped]
+             *(peer_line(r) for r in peer_rows.values()), *skipped, neighbours_line(all_rows)]
     text = "\n".join([header(label, n, os.cpu_count() or 1), "",
                       marginal_table(all_rows, items, list(PEERS.values()), name == "default"), "", *notes])
     return {"text": text, "rows_per_unit": a.rows_per_unit, "rows": [row_report(r) for r in all_rows]}
+
+
+def neighbours_line(rows: list[Row]) -> str:
+    """The machine's busy CPU-seconds outside each system's process tree during its runs (Run.other_cpu_seconds):
+    near 0 on a quiet machine; where a system's runs had neighbours, its times (wall and CPU) are suspect."""
+    parts = []
+    for r in rows:
+        others = [x.other_cpu_seconds for x in r.runs_n + r.runs_2n]
+        parts.append(f"{r.system} {statistics.median(others):.1f} / {max(others):.1f}")
+    return ("- CPU-s outside the measured process trees per run (neighbours, and this benchmark's own polling), "
+            "median / max: " + "; ".join(parts))
 
 
 def peer_line(row: Row) -> str:
@@ -572,6 +622,8 @@ def row_report(r: Row) -> dict:
             "seconds_2n": [x.seconds for x in r.runs_2n], "cpu_seconds_n": [x.cpu_seconds for x in r.runs_n],
             "cpu_seconds_2n": [x.cpu_seconds for x in r.runs_2n], "questions_per_cpu_s": r.questions_per_cpu_s,
             "load_n": [x.load for x in r.runs_n],
+            "other_cpu_seconds_n": [x.other_cpu_seconds for x in r.runs_n],
+            "other_cpu_seconds_2n": [x.other_cpu_seconds for x in r.runs_2n],
             "load_2n": [x.load for x in r.runs_2n], "windows": [r.runs_n[0].windows, r.runs_2n[0].windows],
             "stages_2n": r.runs_2n[0].stages}
 

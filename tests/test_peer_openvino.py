@@ -98,3 +98,17 @@ def test_openvino_peer_answers_every_row(tiny_model, tmp_path):
 def peer_said_text(stderr: str) -> dict:
     line = next(x for x in reversed(stderr.splitlines()) if x.startswith("peer: "))
     return json.loads(line[len("peer: "):])
+
+
+def test_runs_record_the_cpu_their_neighbours_used(tmp_path):
+    """timed's third number is the machine's busy CPU-s outside the run's tree; the table's notes give it per row."""
+    import sys
+
+    from benchmarks.marginal import neighbours_line, timed, wait_for_quiet
+
+    seconds, cpu, other = timed([sys.executable, "-c", "pass"], tmp_path / "run.log")
+    assert seconds > 0 and cpu >= 0 and 0 <= other < 10 * seconds + 1
+    assert wait_for_quiet(0) == 0.0
+    row = _row(OV_PEER_NAME, 1.0, 2.0, 1.0, 2.0)
+    row.runs_n[0].other_cpu_seconds, row.runs_2n[0].other_cpu_seconds = 0.5, 4.0
+    assert neighbours_line([row]).endswith(f"median / max: {OV_PEER_NAME} 2.2 / 4.0")
