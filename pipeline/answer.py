@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -74,6 +75,12 @@ class StageTotals:
     def manifest_stages(self) -> dict:
         times = {k: v for k, v in asdict(self.times).items() if k != "errors"}
         return {**times, "actors": self.actors, "input_rows": self.input_rows}
+
+
+def error_kind(message: str) -> str:
+    """A row error's kind, for the manifest's counts: the message before any detail in brackets, its numbers as N
+    (a context's length, a limit), so that rows refused for one reason count together."""
+    return re.sub(r"\d+", "N", message.split(" (")[0])
 
 
 def validate_texts(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[list, dict[int, str]]:
@@ -150,7 +157,7 @@ class Answerer:
         out = self._columns(n, found, errors)
         self.times.decode += time.perf_counter() - t3
         self.times.rows += n
-        self.times.errors.update(e.split(" (")[0] for e in errors.values())
+        self.times.errors.update(error_kind(e) for e in errors.values())
         for name, values in out.items():
             table = table.append_column(name, values)
         if table.num_rows != n:

@@ -291,4 +291,5 @@ def test_job_refuses_contexts_over_the_limit_and_shows_a_long_row(tiny_model, tm
     for name in ("short", "long", "edge"):
         assert got[name]["error"] is None and got[name]["answer"], name
     assert manifest["job"]["decode"]["max_context_chars"] == 1_000_000
+    assert manifest["errors_by_kind_this_run"] == {"context has N characters, over --max-context-chars N": 1}
     assert "; row long: " in text or "; row edge: " in text, text[-3000:]
