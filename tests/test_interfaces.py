@@ -14,7 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-from test_exactly_once import ANSWER_COLUMNS, N_ROWS, assert_exactly_once, committed, job, run_job, write_input
+from test_exactly_once import (  # noqa: F401 - clean_run: the module's clean run, a fixture
+    ANSWER_COLUMNS,
+    N_ROWS,
+    assert_exactly_once,
+    clean_run,
+    committed,
+    job,
+    run_job,
+    write_input,
+)
 
 pytestmark = pytest.mark.usefixtures("joined_ray")  # jobs join the suite's Ray node (conftest)
 
@@ -64,7 +73,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def test_a_sink_from_outside_plugs_in_through_the_table(clean_run, tiny_model, tmp_path):
+def test_a_sink_from_outside_plugs_in_through_the_table(clean_run, tiny_model, tmp_path):  # noqa: F811
     """The one-file sink commits a whole job: every row once, the folder sink's answers, its own last line."""
     src, reference = clean_run
     target = tmp_path / "answers.parquet"
@@ -79,14 +88,6 @@ def test_a_sink_from_outside_plugs_in_through_the_table(clean_run, tiny_model, t
     assert_exactly_once(result)
     assert result.select(ANSWER_COLUMNS).equals(reference.select(ANSWER_COLUMNS))
     assert not (tmp_path / "answers.parquet.qa").exists()  # its staging went with the commit
-
-
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory, tiny_model):
-    base = tmp_path_factory.mktemp("clean")
-    src = write_input(base / "in")
-    run_job(["--input", str(src), "--output", str(base / "out"), "--model", str(tiny_model), "--rows-per-unit", "4"])
-    return src, committed(base / "out")
 
 
 def test_actor_refuses_a_graph_changed_after_planning(tiny_model, tmp_path):

@@ -23,9 +23,9 @@ def _row(system: str, t_n: float, t_2n: float, c_n: float, c_2n: float, stages: 
 
 
 def test_each_peer_gets_its_own_ratio_columns():
-    ours = _row("our job, default", 12.0, 17.0, 20.0, 30.0)  # 10 q/s, 5 q per CPU-s
-    torch_peer = _row(PEER_NAME, 8.0, 18.0, 10.0, 35.0)  # 5 q/s, 2 q per CPU-s
-    ov_peer = _row(OV_PEER_NAME, 9.0, 13.0, 11.0, 21.0)  # 12.5 q/s, 5 q per CPU-s
+    ours = _row("our job, default", 12.0, 17.0, 20.0, 30.0)  # N / (T(2N) - T(N)) = 50 / 5; per CPU-s 50 / 10
+    torch_peer = _row(PEER_NAME, 8.0, 18.0, 10.0, 35.0)  # 50 / 10; per CPU-s 50 / 25
+    ov_peer = _row(OV_PEER_NAME, 9.0, 13.0, 11.0, 21.0)  # 50 / 4; per CPU-s 50 / 10
     lines = marginal_table([ours, torch_peer, ov_peer], [], list(PEERS.values()), with_f1=False).splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert head[5:7] == [f"x {PEER_NAME}", f"x {OV_PEER_NAME}"]
