@@ -168,10 +168,26 @@ def _builtin() -> None:
 
         return IcebergSink(uri, rows_per_input_row, partition_fields=getattr(source, "partition_fields", ()))
 
+    def delta_claims(uri: str) -> bool:  # a folder holding _delta_log/ (pyarrow only: deltalake is not imported)
+        from .delta import claims
+
+        return claims(uri)
+
+    def delta_source(uri: str, options: ReadOptions) -> Source:
+        from .delta import DeltaSource
+
+        return DeltaSource.open(uri, options)
+
+    def delta_sink(uri: str, rows_per_input_row: int, source: Source | None) -> Sink:
+        from .delta import DeltaSink
+
+        return DeltaSink(uri, rows_per_input_row, partition_fields=getattr(source, "partition_fields", ()))
+
     from .parquet import FolderSink, ParquetSource
 
     register(Format("parquet", lambda uri: True, ParquetSource.open, FolderSink.open))
     register(Format("iceberg", lambda uri: uri.startswith("iceberg://"), iceberg_source, iceberg_sink, "iceberg"))
+    register(Format("delta", delta_claims, delta_source, delta_sink, "delta"))
 
 
 _builtin()
