@@ -27,6 +27,8 @@ from jobs.config import JobConfig, add_flags, from_args
 from jobs.connect import Cluster, NoWorkersError, connect, ray_lines_to_file
 from jobs.execute import Execution, execute
 from jobs.plan import ColumnError, JobPlan, plan
+from jobs.progress import LeaseKeeper
+from jobs.reuse import recorded_plan, reuse
 from models.registry import ModelNotFoundError
 from pipeline.commit import OutputExistsError
 from pipeline.extras import exits_on_missing_extra
@@ -66,7 +68,16 @@ def run(cfg: JobConfig) -> Manifest:
                 print(f"output {cfg.output} already holds this job's committed answers "
                       f"({job.state.committed.committed_to()}); nothing to do", flush=True)
                 return job.state.committed
-            done = execute(job, cluster)
+            # the lease: a second run refuses from here on
+            stager = job.sink.begin(job.begin_mode or cfg.mode, job.identity, job.stale)
+            if job.refresh is not None:
+                print(job.refresh.line(cfg.output), flush=True)
+                if job.refresh.pass_pending:
+                    with LeaseKeeper(job.sink):
+                        job = reuse(job, stager)
+                else:
+                    job = recorded_plan(job, stager)
+            done = execute(job, cluster, stager)
         return commit(job, done, started)
     except BaseException:
         job.sink.release_lease()  # this process may run again on the same output (a retry, a notebook)
@@ -99,6 +110,7 @@ def commit(job: JobPlan, done: Execution, started: float) -> Manifest:
         "stages": done.totals.manifest_stages() if done.layout else {},
         "durations_s": durations,
         "questions_per_s": round(answered_rows / max(seconds, 1e-9), 3),
+        "refresh": job.refresh.report() if job.refresh is not None else {},
     }
     manifest = job.sink.commit(list(job.units), job.identity, report, job.adopted, job.state.commit_list)
     expected = job.rows_in * job.rows_per_input_row

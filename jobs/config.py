@@ -83,7 +83,9 @@ class JobConfig:
         "dynamic int8 model.onnx (our exports'; called fp32 before); int8-static: a statically quantized "
         "model.onnx; int8-7bit: ONNX Runtime serves model-int8-7bit.onnx", choices=PRECISION_CHOICES))
     mode: str = field(default="error", metadata=flag(
-        "when the output exists: fail (error), replace it (overwrite), or finish an interrupted run (resume)",
+        "when the output exists: fail (error), replace it (overwrite), finish an interrupted run (resume), or "
+        "answer only the rows whose question or context changed and keep every other committed answer "
+        "(refresh: the nightly mode; a full run where nothing is committed yet)",
         choices=MODES))
     skip_bad_files: bool = field(default=False, metadata=flag(
         "skip unreadable input files (listed in the manifest) instead of failing"))

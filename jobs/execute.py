@@ -78,10 +78,9 @@ class Execution:
     restarts_after_node_loss: int = 0  # actor restarts because the actor's node died (not charged as crashes)
 
 
-def execute(job: JobPlan, cluster: Cluster) -> Execution:
-    """Stage every pending unit's answers through the sink's stager (``job.sink`` commits them afterwards)."""
+def execute(job: JobPlan, cluster: Cluster, stager) -> Execution:
+    """Stage every pending unit's answers through ``stager``, the sink's (``job.sink`` commits them afterwards)."""
     started = time.time()
-    stager = job.sink.begin(job.config.mode, job.identity, job.stale)  # the lease: a second run refuses
     if not job.pending:
         return Execution(started_at=started, finished_at=started)
     with LeaseKeeper(job.sink):

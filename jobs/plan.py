@@ -23,6 +23,7 @@ from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Col
 from pipeline.formats import ReadOptions, Sink, Source, SourcePlan, open_sink, open_source
 from pipeline.precision import AUTO, PrecisionChoice, Variant
 from pipeline.records import JobIdentity, identity_version, recorded_variant
+from pipeline.refresh import CommittedOutput, RefreshPlan, input_key, settings_of, why_not_reused
 from pipeline.served import ServedModel, resolve, variant_for
 from pipeline.units import ReadUnit
 
@@ -50,6 +51,9 @@ class JobPlan:
     staged_rows: int = 0  # input rows already staged by an interrupted run of this job
     adopted: tuple[StagedPart, ...] = ()  # complete units staged by an earlier (dead) run of this job: kept
     stale: tuple[StagedPart, ...] = ()  # staged parts of incomplete units, removed before answering
+    recorded: dict | None = None  # --mode resume: the identity the interrupted (else committed) run recorded
+    begin_mode: str = ""  # the mode the sink begins the run with ("": the config's)
+    refresh: Refresh | None = None  # --mode refresh (or the resume of one): what it reuses
 
     @property
     def units(self) -> tuple[ReadUnit, ...]:
@@ -62,7 +66,39 @@ class JobPlan:
     @property
     def needs_cluster(self) -> bool:
         """Whether the cluster decides anything: the variant (auto), a resumed auto variant's check, or answers."""
-        return self.served is None or bool(self.pending)
+        return self.served is None or bool(self.pending) or (self.refresh is not None and self.refresh.pass_pending)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What a refresh reuses: the committed output, and whether its answers hold for this run's settings."""
+
+    committed: CommittedOutput | None
+    reuse: bool  # the committed answers were made with this run's settings: rows with unchanged texts take them
+    reason: str  # why every row is answered (reuse False), in words
+    pass_pending: bool = False  # the reuse pass is still to run (jobs/reuse.py)
+    plan: RefreshPlan | None = None  # what the reuse pass left in staging
+
+    def line(self, output: str) -> str:
+        if not self.reuse:
+            return f"refresh: every row is answered: {self.reason}"
+        return (f"refresh: rows whose question and context are unchanged take the committed answers of "
+                f"{output} ({self.committed.rows} rows, {_ref(self.committed.ref)})")
+
+    def report(self) -> dict:
+        """The manifest's ``refresh``."""
+        if self.plan is None:
+            rows = None if self.committed is None else self.committed.rows
+            return {"replaces": None if self.committed is None else self.committed.ref, "rows_reused": 0,
+                    "answered_because": {self.reason: "every row"}, "committed_rows_before": rows}
+        return {"replaces": self.committed.ref, "rows_reused": self.plan.rows_reused,
+                "rows_answered": self.plan.rows_in - self.plan.rows_reused,
+                "answered_because": self.plan.answered_because, "committed_rows_before": self.committed.rows,
+                "buckets": self.plan.buckets}
+
+
+def _ref(ref: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in ref.items() if k != "job_sha256")
 
 
 def plan(cfg: JobConfig) -> JobPlan:
@@ -80,6 +116,7 @@ def plan(cfg: JobConfig) -> JobPlan:
     source = open_source(cfg.input, ReadOptions(cfg.where, select, cfg.skip_bad_files), cfg.input_format)
     sink = open_sink(cfg.output, rows_per_input_row, source, cfg.output_format)
     recorded = sink.recorded_job() if cfg.mode == "resume" else None
+    committed = sink.committed_output() if cfg.mode == "refresh" else None
     source = source.pinned(recorded)  # a resume reads what the interrupted run read, even if the table moved on
     read = source.plan(cfg.rows_per_unit, needed)
     if read.skipped_files:  # the manifest lists them too; the log is where a nightly job's owner looks first
@@ -98,8 +135,9 @@ def plan(cfg: JobConfig) -> JobPlan:
                           f"choose columns with --id-column/--question-column/--context-column")
     if questions is None:  # fan-out's columns: checked at commit
         sink.check_columns(names + list(OUTPUT_COLUMNS) + ([TOP_ANSWERS_COLUMN] if cfg.decode.top_k > 1 else []))
-    job = JobPlan(cfg, model_dir, source, read, sink, columns, questions, rows_per_input_row)
-    choice = forced_choice(cfg, model_dir) or resumed_choice(cfg, model_dir, recorded)
+    job = JobPlan(cfg, model_dir, source, read, sink, columns, questions, rows_per_input_row, recorded=recorded)
+    choice = forced_choice(cfg, model_dir) or resumed_choice(cfg, model_dir, recorded) or \
+        kept_choice(cfg, model_dir, committed)
     return settle(job, choice) if choice is not None else job
 
 
@@ -122,22 +160,81 @@ def resumed_choice(cfg: JobConfig, model_dir: str, recorded: dict | None) -> Pre
                                                     "kept on resume")
 
 
+def kept_choice(cfg: JobConfig, model_dir: str, committed: CommittedOutput | None) -> PrecisionChoice | None:
+    """--precision auto on a refresh: the committed run's variant, where the model directory still serves it, so
+    that a nightly job does not answer every row again for a near-equal variant (jobs.choose checks the nodes)."""
+    settings = None if committed is None or committed.settings is None else {"version": 2, **committed.settings}
+    variant = recorded_variant(settings)
+    if cfg.precision != AUTO or variant is None:
+        return None
+    try:
+        variant_for(model_dir, variant.backend, variant.precision)
+    except (ValueError, OSError):  # the directory no longer has that graph: auto chooses again
+        return None
+    return PrecisionChoice(variant, AUTO, "the committed run's variant, kept by --mode refresh (another variant "
+                                          "would answer every row again)")
+
+
 def settle(job: JobPlan, choice: PrecisionChoice) -> JobPlan:
     """``job`` serving ``choice``: the model resolved, the identity, what the output holds, the units left."""
     cfg = job.config
     served = resolve(job.model_dir, choice, cfg.windows.as_dict(), cfg.batch_tokens)
     identity = JobIdentity(job.read.identity, served.hashes, served.variant, cfg.columns, cfg.decode,
                            served.spec.windows, cfg.rows_per_unit,
-                           None if job.questions is None else job.questions.to_pydict(), cfg.wide)
-    state = job.sink.inspect(cfg.mode, identity)
+                           None if job.questions is None else job.questions.to_pydict(), cfg.wide,
+                           (job.recorded or {}).get("replaces"))
+    mode, refresh = cfg.mode, None
+    if cfg.mode == "refresh":
+        identity, mode = refreshed(job, identity)
+    if identity.replaces is not None or cfg.mode == "refresh":
+        refresh = refresh_decision(job.sink.committed_output(), identity)
+    state = job.sink.inspect(mode, identity)
+    if cfg.mode == "refresh" and mode == "refresh" and unchanged(refresh, identity):
+        state = replace(state, committed=refresh.committed.manifest)
     # Committed already, or everything staged (the commit only has to roll forward): nothing to answer, so no Ray
     # to start either (a re-run of a finished nightly job returns at once).
-    if state.committed is not None or state.commit_list is not None:
+    finishing = state.committed is not None or state.commit_list is not None
+    if finishing:
         pending, staged_rows, adopted, stale = [], job.rows_in, (), ()
+    elif refresh is not None and refresh.reuse:  # the reuse pass plans the units (jobs/reuse.py)
+        pending, staged_rows, adopted, stale = [], 0, (), ()
+        refresh = replace(refresh, pass_pending=True)
     else:
         pending, staged_rows, adopted, stale = pending_units(list(job.units), state.staged, job.rows_per_input_row)
     return replace(job, served=served, identity=identity, state=state, pending=tuple(pending),
-                   staged_rows=staged_rows, adopted=adopted, stale=stale)
+                   staged_rows=staged_rows, adopted=adopted, stale=stale,
+                   begin_mode="overwrite" if mode == "refresh" else mode, refresh=refresh)
+
+
+def refreshed(job: JobPlan, identity: JobIdentity) -> tuple[JobIdentity, str]:
+    """A refresh's identity (``replaces``: the committed output) and how to take the output: "resume" when the
+    staging holds an interrupted run of this very refresh (it is finished), else "refresh" (staging cleared)."""
+    committed = job.sink.committed_output()
+    staged = job.sink.staged_job()
+    if staged is not None:
+        for ref in (staged.get("replaces"), None if committed is None else committed.ref, None):
+            candidate = replace(identity, replaces=ref)
+            if candidate.compare(staged).same:
+                return candidate, "resume"
+    return replace(identity, replaces=None if committed is None else committed.ref), "refresh"
+
+
+def refresh_decision(committed: CommittedOutput | None, identity: JobIdentity) -> Refresh:
+    if committed is None:
+        return Refresh(None, False, "no committed output yet")
+    if identity.replaces != committed.ref:
+        return Refresh(committed, False, "the output was committed again since this refresh began")
+    why = why_not_reused(committed.settings, settings_of(identity.to_json()), committed.unknown_because)
+    if why is None and identity.wide:
+        why = "--wide outputs are answered whole (refresh reuses the long form's rows)"
+    return Refresh(committed, why is None, why or "")
+
+
+def unchanged(refresh: Refresh, identity: JobIdentity) -> bool:
+    """The committed output already answers exactly this input with these settings: nothing to do."""
+    c = refresh.committed
+    return (c is not None and refresh.reuse and c.manifest is not None
+            and c.input_key == input_key(identity.to_json()))
 
 
 def load_questions(uri: str) -> pa.Table:

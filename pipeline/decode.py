@@ -57,7 +57,9 @@ def span_logsumexp(start: np.ndarray, padded_end: np.ndarray, max_answer_len: in
         per_start = start + np.log(ends)  # log sum over the spans starting at i, less shift
         top = per_start.max(axis=1)
         finite = np.isfinite(top)
-        total = np.exp(per_start - np.where(finite, top, 0.0)[:, None]).sum(axis=1)
+        # A running sum, not .sum(): numpy's pairwise summation groups terms by the row's padded length, which
+        # the batch decides, and a row's probability would move in its last bits with its batch-mates.
+        total = np.cumsum(np.exp(per_start - np.where(finite, top, 0.0)[:, None]), axis=1)[:, -1]
         return np.where(finite, top + np.log(total) + shift, -np.inf)
 
 

@@ -54,12 +54,17 @@ class JobIdentity:
     rows_per_unit: int
     questions: dict | None = None  # fan-out questions, column -> values
     wide: bool = False
+    # --mode refresh: the committed output this run replaces (its sink's reference: a folder's run, a table's
+    # snapshot); None for every other run. Written only when set, so that other jobs keep the form (and the hash)
+    # earlier releases of this version wrote.
+    replaces: dict | None = None
 
     def to_json(self) -> dict:
         return {"version": IDENTITY_VERSION, "input": self.input, "model": asdict(self.model),
                 "variant": asdict(self.variant), "columns": asdict(self.columns), "decode": asdict(self.decode),
                 "windows": asdict(self.windows), "rows_per_unit": self.rows_per_unit,
-                "questions": self.questions, "wide": self.wide}
+                "questions": self.questions, "wide": self.wide,
+                **({"replaces": self.replaces} if self.replaces is not None else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> JobIdentity:
@@ -68,7 +73,7 @@ class JobIdentity:
             raise IdentityVersionError(f"job identity version {version}, not {IDENTITY_VERSION}")
         return cls(d["input"], ModelHashes(**d["model"]), Variant(**d["variant"]), Columns(**d["columns"]),
                    DecodeSettings(**d["decode"]), WindowSettings(**d["windows"]), d["rows_per_unit"],
-                   d.get("questions"), d.get("wide", False))
+                   d.get("questions"), d.get("wide", False), d.get("replaces"))
 
     def as_version(self, version: int) -> dict | None:
         """This identity as release ``version`` wrote identities; None where that form cannot hold it."""
@@ -79,6 +84,8 @@ class JobIdentity:
         return None
 
     def _v1(self) -> dict | None:
+        if self.replaces is not None:  # no version-1 job was a refresh
+            return None
         source = dict(self.input)
         kind = source.pop("format", None)
         if kind == "parquet":
@@ -186,6 +193,7 @@ class Manifest:
     stages: dict = field(default_factory=dict)
     durations_s: dict = field(default_factory=dict)
     questions_per_s: float = 0.0
+    refresh: dict = field(default_factory=dict)  # --mode refresh: rows reused and answered, and why (pipeline/refresh.py)
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> dict:

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 
 from ..commit import OutputState, StagedPart
 from ..records import JobIdentity, Manifest
+from ..refresh import CommittedOutput
 from ..units import ReadUnit
 
 
@@ -75,6 +76,15 @@ class Stager(Protocol):
         """Remove a file this run staged."""
         ...
 
+    # --mode refresh writes its scratch files below ``staging`` on ``fs``, reads back ``staged_parts``, and sets
+    # ``rows_per_input_row`` to 1 (its units count output rows); pipeline.commit.OutputCommitter has all four,
+    # and the sink's commit checks units with its stager's ``rows_per_input_row``.
+    fs: pafs.FileSystem
+    staging: str
+    rows_per_input_row: int
+
+    def staged_parts(self) -> list[StagedPart]: ...
+
 
 @runtime_checkable
 class Sink(Protocol):
@@ -90,6 +100,15 @@ class Sink(Protocol):
 
     def recorded_job(self) -> dict | None:
         """The identity of the job staged (else committed) here, as written, if the output keeps it."""
+        ...
+
+    def staged_job(self) -> dict | None:
+        """The identity of the job staged here, as written, if any."""
+        ...
+
+    def committed_output(self) -> CommittedOutput | None:
+        """What ``--mode refresh`` reuses: the committed rows' files and the settings they were answered with;
+        None when nothing is committed. A commit of a job whose identity has ``replaces`` replaces those rows."""
         ...
 
     def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> Stager:

@@ -21,6 +21,7 @@ snapshot's ancestors) is searched for a snapshot with this job's hash: found, no
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from ..extras import require
 from ..faults import crash_point
 from ..lake import TableError, filesystem_and_path
 from ..records import IDENTITY_VERSION, JobIdentity, Manifest
+from ..refresh import CommittedOutput, input_key, settings_of
 from ..units import ReadUnit, plan_units
 from . import ReadOptions, SourcePlan
 
@@ -50,6 +52,10 @@ JOB_KEY = "qa_batch.job"  # snapshot summary: sha256 of the job identity, in the
 IDENTITY_KEY = "qa_batch.identity_version"  # absent: version 1
 RUN_KEY = "qa_batch.run"
 ERRORS_KEY = "qa_batch.errors"
+# --mode refresh: a snapshot that leaves the table holding exactly one job's rows (it created the table, or
+# replaced the rows a refresh read) records the settings they were answered with and what their input was
+SETTINGS_KEY = "qa_batch.settings"  # pipeline.refresh.settings_of, as JSON
+INPUT_KEY = "qa_batch.input"  # pipeline.refresh.input_key
 STAGING_DIR = "_qa_staging"
 COMMIT_ATTEMPTS = 8  # our commit, each attempt after re-reading the table and re-checking the job's hash
 RACE_HOOK = "QA_FAULT_ICEBERG_RACE"  # tests: a Parquet file another writer appends right before our commit
@@ -334,6 +340,25 @@ class IcebergSink:
         ``--precision auto`` re-run finds it after choosing the same variant again."""
         return self.staged.staged_job()
 
+    def committed_output(self) -> CommittedOutput | None:
+        """The current snapshot's data files; its settings only where the snapshot says the table's rows are all
+        one job's (pipeline.refresh: a refresh reuses nothing else)."""
+        table = self.ref.load()
+        snapshot = None if table is None else table.current_snapshot()
+        if snapshot is None:
+            return None
+        tasks = list(table.scan(snapshot_id=snapshot.snapshot_id).plan_files())
+        summary = snapshot.summary
+        settings, why = summary.get(SETTINGS_KEY), ""
+        if any(t.delete_files for t in tasks):
+            settings, why = None, "the table has row-level delete files"
+        elif settings is None:
+            why = "the table's current rows were not all written by one qa-batch run that recorded its settings"
+        return CommittedOutput(self.fs, tuple(filesystem_and_path(t.file.file_path)[1] for t in tasks),
+                               sum(t.file.record_count for t in tasks), {"snapshot_id": snapshot.snapshot_id},
+                               json.loads(settings) if settings else None, summary.get(INPUT_KEY),
+                               _manifest_of(self.root, snapshot, {}, []), why)
+
     def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> IcebergStager:
         return self.staged.begin(mode, identity, stale)
 
@@ -398,6 +423,8 @@ class IcebergSink:
         props = {JOB_KEY: identity.key(version), RUN_KEY: self.run,
                  ERRORS_KEY: str(sum(f.get("errors", 0) for f in files)),
                  **({IDENTITY_KEY: str(version)} if version > 1 else {})}  # version 1 wrote none
+        whole = {SETTINGS_KEY: json.dumps(settings_of(identity.to_json()), sort_keys=True),
+                 INPUT_KEY: input_key(identity.to_json())}
         uris = [self._uri(f["path"]) for f in files]
         for attempt in range(COMMIT_ATTEMPTS):
             catalog = self.ref.connect()
@@ -411,9 +438,13 @@ class IcebergSink:
                     schema = self._schema(files[0]["path"])
                     tx = catalog.create_table_transaction(self.ref.identifier, schema, location=self.location,
                                                           partition_spec=self._spec(schema))
+                    tx.add_files(uris, snapshot_properties={**props, **whole})
+                elif identity.replaces is not None:
+                    tx = _one_attempt(table).transaction()
+                    _replace_files(tx, table, identity.replaces["snapshot_id"], uris, {**props, **whole})
                 else:
                     tx = _one_attempt(table).transaction()
-                tx.add_files(uris, snapshot_properties=props)
+                    tx.add_files(uris, snapshot_properties=props)
                 tx.commit_transaction()
             except (CommitFailedException, TableAlreadyExistsError) as exc:
                 print(f"commit to {self.root}: another writer committed first ({exc}); retrying", flush=True)
@@ -447,6 +478,28 @@ class IcebergSink:
         fields = [PartitionField(schema.find_field(src).field_id, 1000 + i, parse_transform(transform), name)
                   for i, (src, transform, name) in enumerate(self.partition_fields) if src in names]
         return PartitionSpec(*fields) if fields else UNPARTITIONED_PARTITION_SPEC
+
+
+def _replace_files(tx, table: Table, snapshot_id: int, uris: list[str], props: dict) -> None:
+    """One overwrite snapshot in ``tx``: the data files of snapshot ``snapshot_id`` (what the refresh read)
+    that the table still has are removed, ``uris`` added; files another writer added since stay."""
+    from pyiceberg.table import _parquet_files_to_data_files
+
+    if tx.table_metadata.name_mapping() is None:  # add_files sets it too: our files carry no field ids
+        from pyiceberg.table import TableProperties
+
+        tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING:
+                             tx.table_metadata.schema().name_mapping.model_dump_json()})
+    if table.snapshot_by_id(snapshot_id) is None:
+        raise TableError(f"{table.name()}: snapshot {snapshot_id}, which this refresh read, is gone (expired?); "
+                         "run --mode refresh again")
+    live = {t.file.file_path for t in table.scan().plan_files()}
+    with tx.update_snapshot(snapshot_properties=props).overwrite() as update:
+        for t in table.scan(snapshot_id=snapshot_id).plan_files():
+            if t.file.file_path in live:
+                update.delete_data_file(t.file)
+        for data_file in _parquet_files_to_data_files(tx.table_metadata, uris, table.io):
+            update.append_data_file(data_file)
 
 
 def _one_attempt(table: Table) -> Table:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..commit import OutputCommitter
-from ..lake import expand_input, filesystem_and_path, input_base, stat_files
+from ..commit import MANIFEST, OutputCommitter
+from ..lake import expand_input, filesystem_and_path, input_base, read_json, stat_files
+from ..records import IDENTITY_VERSION, Manifest, identity_version, json_key
+from ..refresh import CommittedOutput, input_key, settings_of
 from ..units import plan_units
 from . import ReadOptions, Source, SourcePlan
 
@@ -56,3 +58,18 @@ class FolderSink(OutputCommitter):
 
     def check_columns(self, names: Sequence[str]) -> None:
         """A folder's commit replaces what it held: any columns fit."""
+
+    def committed_output(self) -> CommittedOutput | None:
+        """The committed run's files (found next to the manifest, wherever the folder was moved) and settings."""
+        path = f"{self.root}/{MANIFEST}"
+        if not self._exists(path):
+            return None
+        manifest = Manifest.from_json(read_json(self.fs, path))
+        job = manifest.job
+        version = identity_version(job)
+        known = version == IDENTITY_VERSION
+        return CommittedOutput(
+            self.fs, tuple(f"{self.root}/{f['path'].rsplit('/', 1)[-1]}" for f in manifest.output_files),
+            manifest.rows_out, {"run": manifest.run, "job_sha256": json_key(job)},
+            settings_of(job) if known else None, input_key(job) if known else None, manifest,
+            "" if known else f"the committed run was made by a release with job identity version {version}")
