@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from jobs.config import REPO
@@ -72,6 +73,9 @@ def fallback_variant(model_dir: str, backend: str, servable: frozenset[Variant])
 def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
     """``job`` with its model resolved for ``nodes``: auto's choice, or a resumed choice checked."""
     cfg = job.config
+    if job.served is not None and job.refresh is not None and job.served.choice.requested == AUTO \
+            and not runnable(job.served.variant, nodes):
+        job = replace(job, served=None)  # the committed run's variant, kept by refresh, is not computed here alike
     if job.served is None:
         shape = load_spec(find_model_file(job.model_dir)).shape  # the same for every variant of a directory
         servable = servable_variants(job.model_dir, cfg.backend)

@@ -99,6 +99,7 @@ def test_refresh_answers_exactly_the_changed_rows(nights, tiny_model, tmp_path):
     assert manifest["refresh"]["rows_answered"] == changed
     assert manifest["refresh"]["answered_because"] == {"new or edited question or context": changed}
     assert manifest["stages"]["input_rows"] == changed  # what the model was given: the changed rows only
+    assert "kept by --mode refresh" in manifest["precision"]["reason"]  # auto keeps the committed variant
     after = rows_of(out)
     # The same rows, answers and current passthrough values as a full run on the new input.
     assert after.equals(full.select(after.column_names)) and after.schema.names == full.schema.names
