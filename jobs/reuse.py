@@ -6,8 +6,9 @@ in ``<staging>/_refresh`` (pipeline/refresh.py has the rule and the join):
 1. map: each task reads whole read units of the input (fan-out: expanded to one row per question) or whole
    committed files, keys every row by its texts, and writes its rows split by the key's bucket;
 2. reduce: one task per bucket joins its input rows with its committed rows; rows that match are staged as
-   read unit ``bucket`` of the new output, with their committed answers (the stager's own ``write_block``,
-   so a crash point ``stage:<k>`` falls here too); the others go to ``miss-<bucket>.parquet``.
+   read unit ``bucket * GROUPS + k`` of the new output, with their committed answers (the stager's own
+   ``write_block``, so a crash point ``stage:<k>`` falls here too); the others go to ``miss-<bucket>-<k>.parquet``.
+   ``k`` numbers the partitions of a partitioned table output (each staged file goes into one partition).
 
 The driver only sends file names and receives counts, so its memory does not grow with the rows reused.
 Once every reduce is done it writes ``_plan.json``; the answering passes then answer the miss files' rows as
@@ -32,6 +33,7 @@ from pipeline.formats import SourcePlan
 from pipeline.lake import read_json
 from pipeline.refresh import (
     CRASHED_BEFORE,
+    GROUPS,
     KEY,
     MAP_ROWS,
     NEW_CONTENT,
@@ -42,6 +44,7 @@ from pipeline.refresh import (
     buckets_of,
     content_keys,
     join,
+    partition_groups,
     reusable,
     split,
 )
@@ -61,11 +64,11 @@ def reuse(job: JobPlan, stager) -> JobPlan:
         _clear(fs, scratch, stager)
         plan = _run(job, stager, fs, scratch)
         write_json_atomic(fs, plan_path, plan.to_json())
-    units = [ReadUnit(b, "", 0, 0, rows) for b, rows in sorted(plan.reused.items()) if rows]
+    units = [ReadUnit(u, "", 0, 0, rows) for u, rows in sorted(plan.reused.items()) if rows]
     schema = job.read.schema
     if plan.missing_files:
         missing, schema, _ = plan_units(fs, plan.missing_files, job.config.rows_per_unit)
-        units += [replace(u, index=plan.buckets + u.index) for u in missing]
+        units += [replace(u, index=plan.buckets * GROUPS + u.index) for u in missing]
     stager.rows_per_input_row = 1  # the units hold output rows now (fan-out: one per document and question)
     pending, staged_rows, adopted, stale = pending_units(units, tuple(stager.staged_parts()), 1)
     for p in stale:
@@ -115,13 +118,13 @@ def _run(job: JobPlan, stager, fs: pafs.FileSystem, scratch: str) -> RefreshPlan
     for written in ray.get(maps):
         for side, b, path in written:
             (inputs if side == "in" else olds).setdefault(b, []).append(path)
-    reduces = [_reduce.remote(fs, b, inputs[b], olds.get(b, []), stager, f"{scratch}/miss-{b:05d}.parquet")
+    partition_by = [src for src, _, _ in getattr(job.sink, "partition_fields", ())]
+    reduces = [_reduce.remote(fs, b, inputs[b], olds.get(b, []), stager, f"{scratch}/miss-{b:05d}", partition_by)
                for b in sorted(inputs)]
     reused, missing_files, new, crashed = {}, [], 0, 0
-    for b, staged, miss_path, missed, crashed_here in ray.get(reduces):
-        reused[b] = staged
-        if miss_path:
-            missing_files.append(miss_path)
+    for staged, miss_paths, missed, crashed_here in ray.get(reduces):
+        reused.update(staged)
+        missing_files += miss_paths
         new += missed - crashed_here
         crashed += crashed_here
     because = {k: v for k, v in ((NEW_CONTENT, new), (CRASHED_BEFORE, crashed)) if v}
@@ -175,9 +178,11 @@ def _map_committed_fn(old_fs, files: list[str], columns: Columns, fan: bool, n: 
     return _write_buckets(pa.concat_tables(parts, promote_options="default"), n, fs, prefix, "old") if parts else []
 
 
-def _reduce_fn(fs: pafs.FileSystem, b: int, inputs: list[str], olds: list[str], stager, miss_path: str):
-    """Join one bucket: stage the rows that keep their answers as unit ``b``, write the rest to ``miss_path``.
-    Returns (bucket, rows staged, the miss file or None, rows missed, of which crashed before)."""
+def _reduce_fn(fs: pafs.FileSystem, b: int, inputs: list[str], olds: list[str], stager, miss_prefix: str,
+               partition_by: list[str]):
+    """Join one bucket: stage the rows that keep their answers as units ``b * GROUPS + k`` (one per partition of
+    a partitioned output), write the rest to ``miss_prefix-<k>.parquet``. Returns ({unit: rows staged}, the miss
+    files, rows missed, of which crashed before)."""
     rows = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in inputs], promote_options="default")
     if olds:
         cache = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in olds], promote_options="default")
@@ -185,10 +190,16 @@ def _reduce_fn(fs: pafs.FileSystem, b: int, inputs: list[str], olds: list[str], 
         reused, missing, crashed = joined.reused, joined.missing, joined.crashed_before
     else:
         reused, missing, crashed = rows.slice(0, 0), rows.sort_by(ORDER).drop_columns([KEY, ORDER]), 0
-    if reused.num_rows:
-        reused = reused.append_column(UNIT_COLUMN, pa.array(np.full(reused.num_rows, b, np.int64)))
-        stager.write_block(reused.append_column(ROW_COLUMN, pa.array(np.arange(reused.num_rows, dtype=np.int64))))
-    if missing.num_rows:
-        pq.write_table(missing, miss_path, filesystem=fs)
-    return b, reused.num_rows, miss_path if missing.num_rows else None, missing.num_rows, crashed
+    where = f"output {stager.staging}"
+    staged = {}
+    for k, group in enumerate(partition_groups(reused, partition_by, where)):
+        unit = b * GROUPS + k
+        group = group.append_column(UNIT_COLUMN, pa.array(np.full(group.num_rows, unit, np.int64)))
+        stager.write_block(group.append_column(ROW_COLUMN, pa.array(np.arange(group.num_rows, dtype=np.int64))))
+        staged[unit] = group.num_rows
+    miss_paths = []
+    for k, group in enumerate(partition_groups(missing, partition_by, where)):
+        miss_paths.append(f"{miss_prefix}-{k:04d}.parquet")
+        pq.write_table(group, miss_paths[-1], filesystem=fs)
+    return staged, miss_paths, missing.num_rows, crashed
 

@@ -41,6 +41,7 @@ WHY = {"model": "the model's files changed", "variant": "the served variant chan
        "windows": "the window settings changed", "wide": "--wide changed", "fanout": "--questions was added or removed"}
 NEW_CONTENT = "new or edited question or context"
 CRASHED_BEFORE = "crashed the model process in the committed run"
+GROUPS = 4096  # per bucket, partitions of a partitioned table output at most: unit b * GROUPS + k holds group k
 PLAN_FILE = "_plan.json"  # written last by the reuse pass: the buckets' reused rows and the files left to answer
 
 
@@ -136,6 +137,20 @@ def split(table: pa.Table, buckets: np.ndarray, n: int) -> dict[int, pa.Table]:
     return out
 
 
+def partition_groups(table: pa.Table, columns: list[str], where: str) -> list[pa.Table]:
+    """``table``'s rows grouped by the values of ``columns`` (a partitioned output's source columns: a table
+    sink commits each file into one partition), in order of first appearance, each group in table order."""
+    if not columns or table.num_rows == 0:
+        return [table] if table.num_rows else []
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in columns))):
+        groups.setdefault(key, []).append(i)
+    if len(groups) > GROUPS:
+        raise ValueError(f"{where}: {len(groups)} distinct values of the partition columns {columns} in one "
+                         f"bucket, more than {GROUPS}; refresh this output with --mode overwrite")
+    return [table.take(pa.array(rows)) for rows in groups.values()]
+
+
 def answer_columns(schema: pa.Schema) -> list[str]:
     """The columns a job adds to its input's, in the order it adds them, as a committed output has them."""
     return [c for c in (*OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN) if c in schema.names]
@@ -182,11 +197,11 @@ def join(rows: pa.Table, cache: pa.Table) -> Joined:
 
 @dataclass(frozen=True)
 class RefreshPlan:
-    """What the reuse pass left in staging (``PLAN_FILE``): per bucket, the rows staged with committed answers
-    (as read unit ``bucket``), and the files of rows left to answer."""
+    """What the reuse pass left in staging (``PLAN_FILE``): the read units staged with committed answers (per
+    bucket, one per partition of a partitioned output), and the files of rows left to answer."""
 
     buckets: int
-    reused: dict[int, int]  # bucket -> rows staged with their committed answers (a staged part of unit ``bucket``)
+    reused: dict[int, int]  # read unit (bucket * GROUPS + partition group) -> rows staged with committed answers
     missing_files: list[str]
     rows_in: int  # output rows the input yields
     answered_because: dict[str, int] = field(default_factory=dict)

@@ -78,7 +78,7 @@ def nights(tmp_path_factory, tiny_model):
     return src, first, rows_of(first), rows_of(base / "full"), changes
 
 
-def args(src: Path, out: Path, model: Path, mode: str = "refresh", *more: str) -> list[str]:
+def args(src: Path | str, out: Path | str, model: Path, mode: str = "refresh", *more: str) -> list[str]:
     return ["--input", str(src), "--output", str(out), "--model", str(model), "--rows-per-unit", "8",
             "--mode", mode, *more]
 
@@ -181,27 +181,39 @@ def test_fan_out_refresh_answers_only_the_added_question(tiny_model, tmp_path):
 
 
 def test_refresh_of_an_iceberg_table(nights, tiny_model, tmp_path):
-    """Parquet files in, an Iceberg table (SQLite catalog) out: night one creates it, night two's refresh is one
-    overwrite snapshot holding exactly the current rows, with the full run's answers."""
+    """An Iceberg table partitioned by a column in, one partitioned like it out (SQLite catalog): night one creates
+    the output; night two (the input table overwritten with night two's rows) is one overwrite snapshot holding
+    exactly the current rows, each data file in one partition, with the full run's answers."""
     pytest.importorskip("pyiceberg", reason="needs the iceberg extra")
     from test_iceberg import sql_catalog
 
     from pipeline.formats.iceberg import JOB_KEY
 
     cat, env = sql_catalog("qa", tmp_path, f"file://{tmp_path}/warehouse")
-    src = night_one(tmp_path / "in")
+    files = night_one(tmp_path / "in")
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted(files.glob("*.parquet"))])
+    cat.create_namespace("src")
+    source = cat.create_table("src.docs", schema=rows.schema)
+    with source.update_spec() as spec:
+        spec.add_identity("shelf")
+    source.append(rows)
     table_uri = "iceberg://qa/out.answers"
-    run_job(args(src, table_uri, tiny_model), env)
+    run_job(args("iceberg://qa/src.docs", table_uri, tiny_model), env)
     first = cat.load_table("out.answers").current_snapshot()
-    changes = night_two(src)
-    log = run_job(args(src, table_uri, tiny_model), env)
+    changes = night_two(files)
+    source.overwrite(pa.concat_tables([pq.read_table(f) for f in sorted(files.glob("*.parquet"))]))
+    log = run_job(args("iceberg://qa/src.docs", table_uri, tiny_model), env)
     assert "take the committed answers" in log
     table = cat.load_table("out.answers")
     snapshot = table.current_snapshot()
     assert snapshot.parent_snapshot_id == first.snapshot_id and snapshot.summary.operation.value == "overwrite"
     assert snapshot.summary.get(JOB_KEY) and int(snapshot.summary["added-records"]) == changes["rows"]
-    rows = table.scan().to_arrow().sort_by("id")
+    assert [str(f.transform) for f in table.spec().fields] == ["identity"]
+    for task in table.scan().plan_files():  # one partition per file, the file's rows all of it
+        shelves = pq.read_table(task.file.file_path.removeprefix("file://"), columns=["shelf"]).column("shelf")
+        assert set(shelves.to_pylist()) == {task.file.partition[0]}
+    got = table.scan().to_arrow().sort_by("id")
     _, _, _, full, _ = nights
-    assert rows.equals(full.select(rows.column_names))
-    assert "nothing to do" in run_job(args(src, table_uri, tiny_model), env)
+    assert got.equals(full.select(got.column_names).cast(got.schema))
+    assert "nothing to do" in run_job(args("iceberg://qa/src.docs", table_uri, tiny_model), env)
     assert cat.load_table("out.answers").current_snapshot().snapshot_id == snapshot.snapshot_id
