@@ -110,7 +110,7 @@ def storage_options(uri: str) -> dict[str, str]:
     return options
 
 
-def deltalake(what: str) -> ModuleType:
+def require_deltalake(what: str) -> ModuleType:
     """The deltalake module, or the one line naming the extra (``pipeline.extras``; its table of pip commands
     may not know the ``delta`` extra yet)."""
     if "delta" in PIP_COMMANDS:
@@ -124,7 +124,7 @@ def deltalake(what: str) -> ModuleType:
 
 def load(uri: str, version: int | None = None) -> DeltaTable | None:
     """The table at ``uri`` (at ``version``, default the latest), None if there is none."""
-    dl = deltalake(f"{uri} (a Delta table)")
+    dl = require_deltalake(f"{uri} (a Delta table)")
     from deltalake.exceptions import DeltaError, TableNotFoundError
 
     try:
@@ -584,7 +584,7 @@ class DeltaSink:
     def __init__(self, uri: str, rows_per_input_row: int = 1, run: str | None = None,
                  partition_fields: tuple[tuple[str, str, str], ...] = ()):
         self.uri = self.root = table_uri(uri)
-        deltalake(f"{self.uri} (a Delta table)")  # without it, the one-line error naming the extra, before any work
+        require_deltalake(f"{self.uri} (a Delta table)")  # without it: the line naming the extra, before any work
         self.fs, self.path = filesystem_and_path(self.uri)
         self.staged = DeltaStager(self.fs, f"{self.path}/{STAGING_DIR}", rows_per_input_row, run)
         self.run = self.staged.run
@@ -699,7 +699,7 @@ class DeltaSink:
     def _append(self, files: list[dict], identity: JobIdentity, staged: pa.Schema, facts: list[dict]) -> dict:
         """One commit adding ``files``, carrying the job's transaction; retried on a concurrent commit after
         re-reading the table and checking that no other attempt committed this job meanwhile."""
-        dl = deltalake(f"{self.uri} (a Delta table)")
+        dl = require_deltalake(f"{self.uri} (a Delta table)")
         from deltalake import CommitProperties, Transaction
         from deltalake.exceptions import CommitFailedError, DeltaError
         from deltalake.transaction import create_table_with_add_actions
@@ -795,7 +795,8 @@ class DeltaSink:
             if info.type == pafs.FileType.NotFound:
                 raise RuntimeError(f"cannot commit {self.uri}: {f['path']} vanished before the commit")
             mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
-            stats = {"numRecords": fact["rows"], "nullCount": fact["nulls"]}
+            nulls = {c: n for c, n in fact["nulls"].items() if c not in partition_by}  # data columns only
+            stats = {"numRecords": fact["rows"], "nullCount": nulls}
             actions.append(AddAction(f["path"].rsplit("/", 1)[-1], info.size,
                                      self._partition_values(f, fact, partition_by), int(mtime * 1000), True,
                                      json.dumps(stats)))
@@ -818,7 +819,7 @@ class DeltaSink:
 
     def _check_fits(self, table: DeltaTable, staged: pa.Schema, facts: list[dict]) -> None:
         """Refuse, naming the column, rows whose types differ from the table's or nulls in a non-null column."""
-        dl = deltalake(self.uri)
+        dl = require_deltalake(self.uri)
         ours = {f["name"]: f for f in _fields(dl.Schema.from_arrow(staged))}
         for column in _fields(table.schema()):
             name, mine = column["name"], ours.get(column["name"])
@@ -882,5 +883,5 @@ def _race_hook(uri: str) -> None:
     if not path or _raced:
         return
     _raced = True
-    deltalake(uri).write_deltalake(uri, pq.read_table(path), mode="append",
+    require_deltalake(uri).write_deltalake(uri, pq.read_table(path), mode="append",
                                    storage_options=storage_options(uri) or None)
