@@ -164,6 +164,41 @@ def test_deletion_vectors_where_and_select(tmp_path, tiny_model):
     assert answered.column_names == ["id", "question", "context", *ANSWERS]
 
 
+WHERE = pa.table({"id": ["a", "b", "c", "d"], "n": [1, 2, None, 4], "day": pa.array([0, 1, 2, 3], pa.date32()),
+                  "ts": pa.array([0, 10**15, None, 2 * 10**15], pa.timestamp("us", tz="UTC")),
+                  "ok": [True, False, True, None], "s": ["x", "it's", None, "y"]})
+
+
+@pytest.mark.parametrize(("where", "ids"), [
+    ("n >= 2 AND n < 4", ["b"]),
+    ("n BETWEEN 2 AND 4 OR id = 'a'", ["a", "b", "d"]),
+    ("n NOT BETWEEN 2 AND 4", ["a"]),  # SQL: a null n matches neither
+    ("NOT (n = 1) AND n IS NOT NULL", ["b", "d"]),
+    ("n IS NULL", ["c"]),
+    ("id NOT IN ('a', 'c')", ["b", "d"]),
+    ("day >= '1970-01-03'", ["c", "d"]),
+    ("ts > '2000-01-01 00:00:00'", ["b", "d"]),  # Delta timestamps are UTC
+    ("ok", ["a", "c"]),
+    ("NOT ok OR s = 'it''s'", ["b"]),
+    ('"s" <> \'x\'', ["b", "d"]),
+])
+def test_where_predicates(where, ids):
+    """--where's SQL predicates, with SQL's nulls, literals of the compared column's type."""
+    from pipeline.formats.delta import parse_where
+
+    expression, _ = parse_where(where, WHERE.schema)
+    assert WHERE.filter(expression).column("id").to_pylist() == ids
+
+
+@pytest.mark.parametrize(("where", "why"), [("n = ", "ends too early"), ("m = 1", "no column 'm'"),
+                                            ("n = 'one'", "'one' is not a int64"), ("(n = 1", "expected \\)")])
+def test_where_refused(where, why):
+    from pipeline.formats.delta import parse_where
+
+    with pytest.raises(TableError, match=why):
+        parse_where(where, WHERE.schema)
+
+
 def test_unreadable_tables_are_refused(tmp_path):
     """Column mapping (data files name columns col-<uuid>: deltalake's own pyarrow reader returns nulls) is
     refused, naming the feature; so is a reader feature this reader does not know."""

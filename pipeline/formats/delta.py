@@ -552,7 +552,12 @@ class _Where:
             return pa.scalar(operand[1])
         kind = self.schema.field(column[1]).type
         try:
-            return pa.scalar(operand[1]).cast(kind) if operand[1] is not None else pa.scalar(None, kind)
+            if operand[1] is None:
+                return pa.scalar(None, kind)
+            if pa.types.is_timestamp(kind) and kind.tz is not None and isinstance(operand[1], str) \
+                    and not re.search(r"(Z|[+-]\d\d:?\d\d)$", operand[1]):
+                return pa.scalar(operand[1]).cast(pa.timestamp(kind.unit)).cast(kind)  # Delta's timestamps: UTC
+            return pa.scalar(operand[1]).cast(kind)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             self.fail(f"{operand[1]!r} is not a {kind} (column {column[1]!r})")
 
