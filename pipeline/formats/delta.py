@@ -615,6 +615,9 @@ class DeltaSink:
                                  f"{others[0]}); write the table to a new path")
             return
         _check_writable(table, self.uri)
+        self._check_names(table, names)
+
+    def _check_names(self, table: DeltaTable, names: Sequence[str]) -> None:
         have = [f["name"] for f in _fields(table.schema())]
         missing = [n for n in names if n not in have]
         extra = [n for n in have if n not in names]
@@ -651,6 +654,12 @@ class DeltaSink:
         """The staged job's identity; a committed one is known only by its hash (its transaction), so a
         ``--precision auto`` re-run finds it after choosing the same variant again."""
         return self.staged.staged_job()
+
+    def committed_output(self):
+        """What ``--mode refresh`` would reuse: not implemented for Delta tables, refused in one line (a refresh
+        that found nothing would append the whole job again beside the rows it should replace)."""
+        raise TableError(f"output table {self.uri}: --mode refresh is not implemented for Delta tables; a re-run "
+                         "of the same job finds its commit and does nothing, a changed job appends its own answers")
 
     def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> DeltaStager:
         return self.staged.begin(mode, identity, stale)
@@ -824,12 +833,11 @@ class DeltaSink:
 
     def _check_fits(self, table: DeltaTable, staged: pa.Schema, facts: list[dict]) -> None:
         """Refuse, naming the column, rows whose types differ from the table's or nulls in a non-null column."""
+        self._check_names(table, staged.names)  # again: a fan-out job's columns are known only now
         dl = require_deltalake(self.uri)
         ours = {f["name"]: f for f in _fields(dl.Schema.from_arrow(staged))}
         for column in _fields(table.schema()):
-            name, mine = column["name"], ours.get(column["name"])
-            if mine is None:
-                continue  # check_columns refused missing columns before the run
+            name, mine = column["name"], ours[column["name"]]
             if mine["type"] != column["type"]:
                 raise TableError(f"output table {self.uri}: column {name!r} is {json.dumps(column['type'])} in the "
                                  f"table but {json.dumps(mine['type'])} in the job's rows; write to a new table")
