@@ -75,12 +75,15 @@ _raced = False
 
 
 def claims(uri: str) -> bool:
-    """Whether ``uri`` is a folder holding ``_delta_log/``: one stat through pyarrow, without deltalake."""
+    """Whether ``uri`` is a folder holding ``_delta_log/``, or the staging of a first run into a new table that
+    died before its commit (so that ``--mode resume`` finishes it without ``--output-format delta``): a stat or
+    two through pyarrow, without deltalake."""
     if not isinstance(uri, str) or uri.startswith("iceberg://") or any(c in uri for c in "*?["):
         return False
     try:
         fs, path = filesystem_and_path(uri)
-        return fs.get_file_info(f"{path.rstrip('/')}/{LOG_DIR}").type == pafs.FileType.Directory
+        return any(fs.get_file_info(f"{path.rstrip('/')}/{name}").type == pafs.FileType.Directory
+                   for name in (LOG_DIR, STAGING_DIR))
     except Exception:  # noqa: BLE001 - not a URI pyarrow reaches: not ours (the Parquet reader says why)
         return False
 
