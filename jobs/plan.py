@@ -225,8 +225,6 @@ def refresh_decision(committed: CommittedOutput | None, identity: JobIdentity) -
     if identity.replaces != committed.ref:
         return Refresh(committed, False, "the output was committed again since this refresh began")
     why = why_not_reused(committed.settings, settings_of(identity.to_json()), committed.unknown_because)
-    if why is None and identity.wide:
-        why = "--wide outputs are answered whole (refresh reuses the long form's rows)"
     return Refresh(committed, why is None, why or "")
 
 

@@ -47,6 +47,7 @@ from pipeline.refresh import (
     partition_groups,
     reusable,
     split,
+    wide_columns,
 )
 from pipeline.units import ReadUnit, UnitReader, plan_units
 
@@ -74,7 +75,9 @@ def reuse(job: JobPlan, stager) -> JobPlan:
     for p in stale:
         fs.delete_file(p.path)
     read = SourcePlan(fs, tuple(plan.missing_files), (), tuple(units), schema, job.read.identity)
-    return replace(job, read=read, questions=None, rows_per_input_row=1, pending=tuple(pending),
+    # long-form fan-out's rows were expanded by the map step: answered as plain rows; wide rows are documents
+    questions = job.questions if job.config.wide else None
+    return replace(job, read=read, questions=questions, rows_per_input_row=1, pending=tuple(pending),
                    staged_rows=staged_rows, adopted=adopted, stale=(),
                    refresh=replace(job.refresh, plan=plan, pass_pending=False))
 
@@ -105,14 +108,17 @@ def _run(job: JobPlan, stager, fs: pafs.FileSystem, scratch: str) -> RefreshPlan
     per_row = job.rows_per_input_row
     rows_in = job.rows_in * per_row
     n = bucket_count(max(rows_in, committed.rows))
-    fan = job.questions is not None
+    fan, wide = job.questions is not None, job.config.wide
+    added = wide_columns(job.questions.column(fanout.QUESTION_ID).to_pylist()) if wide else None
     maps = []
     for k, group in enumerate(_groups(list(job.units), lambda u: u.length * per_row)):
-        maps.append(_map_input.remote(job.read.fs, group, job.questions, job.columns, n, fs, f"{scratch}/in-{k:05d}"))
+        maps.append(_map_input.remote(job.read.fs, group, job.questions, job.columns, n, fs, f"{scratch}/in-{k:05d}",
+                                      wide))
     files = list(committed.files)
     per_file = max(1, committed.rows // max(1, len(files)))
     for k, group in enumerate(_groups(files, lambda f: per_file)):
-        maps.append(_map_committed.remote(committed.fs, group, job.columns, fan, n, fs, f"{scratch}/old-{k:05d}"))
+        maps.append(_map_committed.remote(committed.fs, group, job.columns, fan, n, fs, f"{scratch}/old-{k:05d}",
+                                          added))
     inputs: dict[int, list[str]] = {}
     olds: dict[int, list[str]] = {}
     for written in ray.get(maps):
@@ -154,27 +160,28 @@ def _write_buckets(table: pa.Table, n: int, fs: pafs.FileSystem, prefix: str, si
 
 
 def _map_input_fn(src_fs, units: list[ReadUnit], questions: pa.Table | None, columns: Columns, n: int,
-                  fs: pafs.FileSystem, prefix: str) -> list:
-    """Read units (fan-out: one row per question), keyed and split by bucket, with their place in the input."""
+                  fs: pafs.FileSystem, prefix: str, wide: bool = False) -> list:
+    """Read units (fan-out, long form: one row per question), keyed and split by bucket, with their place in the
+    input."""
     reader, parts = UnitReader(src_fs), []
     for u in units:
         rows = reader.read(u)
-        if questions is not None:
+        if questions is not None and not wide:
             rows = fanout.expand(rows, questions)
         order = (np.int64(u.index) << 32) + np.arange(rows.num_rows, dtype=np.int64)
-        rows = rows.append_column(KEY, content_keys(rows, columns, questions is not None))
+        rows = rows.append_column(KEY, content_keys(rows, columns, questions is not None, wide))
         parts.append(rows.append_column(ORDER, pa.array(order)))
     return _write_buckets(pa.concat_tables(parts), n, fs, prefix, "in")
 
 
 def _map_committed_fn(old_fs, files: list[str], columns: Columns, fan: bool, n: int, fs: pafs.FileSystem,
-                      prefix: str) -> list:
+                      prefix: str, wide: list[str] | None = None) -> list:
     """Committed files' rows as cached answers (pipeline.refresh.reusable), split by bucket."""
     parts = []
     for path in files:
         with old_fs.open_input_file(path) as f:
             table = pq.read_table(f)
-        parts.append(reusable(table, columns, fan))
+        parts.append(reusable(table, columns, fan, wide))
     return _write_buckets(pa.concat_tables(parts, promote_options="default"), n, fs, prefix, "old") if parts else []
 
 

@@ -65,7 +65,7 @@ def settings_of(identity: dict) -> dict:
     answers are the same. Fan-out's question texts are not in it: they are in each row's key."""
     out = {k: identity.get(k) for k in SETTINGS if k != "fanout"}
     out["fanout"] = identity.get("questions") is not None
-    if identity.get("wide"):  # a wide row holds every question's answer: the question set is the row's key
+    if identity.get("wide"):  # a wide row holds every question's answer: it holds for the same question set only
         out["questions"] = identity.get("questions")
     return out
 
@@ -86,7 +86,8 @@ def why_not_reused(committed: dict | None, current: dict, unknown_because: str =
                 a, b = committed.get(k) or {}, current.get(k) or {}
                 return (f"the served variant changed ({a.get('backend')} {a.get('precision')} -> "
                         f"{b.get('backend')} {b.get('precision')})")
-            return WHY.get(k, "the fan-out questions changed")
+            return WHY.get(k, "the fan-out questions changed (a --wide row holds every question's answer: it is "
+                              "answered again whole)")
     return None
 
 
@@ -94,11 +95,15 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def content_keys(table: pa.Table, columns: Columns, fanout: bool) -> pa.Array:
-    """A 16-byte key per row from its question and context texts (and question id with fan-out); a null and an
-    empty text differ, and a text that is not a string keys by its repr."""
-    parts = ([table.column(QUESTION_ID)] if fanout else []) + [table.column(columns.question),
-                                                               table.column(columns.context)]
+def content_keys(table: pa.Table, columns: Columns, fanout: bool, wide: bool = False) -> pa.Array:
+    """A 16-byte key per row from its question and context texts (and question id with fan-out; the context
+    alone for a wide row, whose questions are the job's); a null and an empty text differ, and a text that is not
+    a string keys by its repr."""
+    if wide:
+        parts = [table.column(columns.context)]
+    else:
+        parts = ([table.column(QUESTION_ID)] if fanout else []) + [table.column(columns.question),
+                                                                   table.column(columns.context)]
     values = [p.to_pylist() for p in parts]
     keys = []
     for row in zip(*values):
@@ -156,13 +161,19 @@ def answer_columns(schema: pa.Schema) -> list[str]:
     return [c for c in (*OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN) if c in schema.names]
 
 
-def reusable(committed: pa.Table, columns: Columns, fanout: bool) -> pa.Table:
-    """A committed output's rows as a cache: their key, their answer columns, and whether the row crashed the
-    model process (not reused)."""
-    keys = content_keys(committed, columns, fanout)
-    cache = committed.select(answer_columns(committed.schema)).append_column(KEY, keys)
+def wide_columns(question_ids: list[str]) -> list[str]:
+    """The columns a wide fan-out adds to its documents' (pipeline.fanout.to_wide), in order."""
+    return [c for q in question_ids for c in (f"answer_{q}", f"score_{q}")] + ["error"]
+
+
+def reusable(committed: pa.Table, columns: Columns, fanout: bool, wide: list[str] | None = None) -> pa.Table:
+    """A committed output's rows as a cache: their key, their answer columns (``wide``: those of a wide output),
+    and whether the row crashed the model process (not reused)."""
+    keys = content_keys(committed, columns, fanout, wide is not None)
+    cache = committed.select(wide or answer_columns(committed.schema)).append_column(KEY, keys)
     error = cache.column("error") if "error" in cache.column_names else pa.nulls(cache.num_rows, pa.string())
-    return cache.append_column(CRASHED_FLAG, pc.fill_null(pc.equal(error, CRASHED), False))
+    crashed = pc.match_substring(error, CRASHED) if wide else pc.equal(error, CRASHED)
+    return cache.append_column(CRASHED_FLAG, pc.fill_null(crashed, False))
 
 
 @dataclass(frozen=True)

@@ -217,3 +217,34 @@ def test_refresh_of_an_iceberg_table(nights, tiny_model, tmp_path):
     assert got.equals(full.select(got.column_names).cast(got.schema))
     assert "nothing to do" in run_job(args("iceberg://qa/src.docs", table_uri, tiny_model), env)
     assert cat.load_table("out.answers").current_snapshot().snapshot_id == snapshot.snapshot_id
+
+
+def test_wide_refresh_answers_the_edited_documents(tiny_model, tmp_path):
+    """--wide: a document keeps its row of answers while its context and the question set are unchanged; a new
+    question answers every document again, and says why."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    table = pa.table({"id": [f"d{i}" for i in range(10)], "context": [CONTEXTS[i % 3] for i in range(10)]})
+    pq.write_table(table, docs / "d.parquet")
+    questions = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"question_id": ["who", "when"], "question": ["who is the king?", "when was he born?"]}),
+                   questions)
+    out = tmp_path / "out"
+    common = ["--input", str(docs), "--output", str(out), "--model", str(tiny_model), "--questions", str(questions),
+              "--wide", "--rows-per-unit", "4", "--mode", "refresh"]
+    run_job(common)
+    contexts = table.column("context").to_pylist()
+    contexts[3] += " The war was long."
+    pq.write_table(table.set_column(1, "context", pa.array(contexts)), docs / "d.parquet")
+    run_job(common)
+    manifest = manifest_of(out)
+    assert (manifest["refresh"]["rows_reused"], manifest["refresh"]["rows_answered"]) == (9, 1)
+    full = tmp_path / "full"
+    run_job([*common[:-2], "--output", str(full)])
+    assert rows_of(out).equals(rows_of(full))
+    pq.write_table(pa.table({"question_id": ["who", "when", "where"],
+                             "question": ["who is the king?", "when was he born?", "where is the river?"]}), questions)
+    log = run_job(common)
+    assert "every row is answered: the fan-out questions changed" in log
+    assert rows_of(out).column_names[-7:] == ["answer_who", "score_who", "answer_when", "score_when", "answer_where",
+                                              "score_where", "error"]
