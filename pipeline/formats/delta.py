@@ -270,8 +270,8 @@ class DeltaSource:
             f = by_path[u.path]
             if f.keep is not None:
                 first = group_start[key] + u.offset
-                deleted = ~f.keep[first:first + u.length]
-                keep[:deleted.size] &= ~deleted
+                kept = f.keep[first:first + u.length]
+                keep[:kept.size] &= kept
             if expression is not None:
                 if cache is None or cache[0] != key:
                     cache = (key, self._matches(u, f, expression, columns))
@@ -286,6 +286,11 @@ class DeltaSource:
         data = [c for c in columns if c not in self.partition_columns]
         with self.fs.open_input_file(unit.path) as fh:
             rows = pq.ParquetFile(fh).read_row_group(unit.row_group, columns=data)
+        try:  # the filter's literals have the table's types; a writer's file may store a column differently
+            rows = rows.cast(pa.schema([pa.field(c, self.schema.field(c).type) for c in data]))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise TableError(f"{self.uri}: --where {self.where!r}: {unit.path} holds its columns as "
+                             f"{rows.schema.types}, not as the table's types ({exc})") from exc
         for c in columns:
             if c in self.partition_columns:
                 rows = rows.append_column(c, pa.array([f.typed.get(c)] * rows.num_rows, self.schema.field(c).type))
