@@ -1,8 +1,8 @@
 """Delta Lake tables in and out (a local or ``s3://`` folder that holds ``_delta_log/``), through deltalake (delta-rs).
 
 Imported to tell a URI's format (``claims``: a stat of ``<uri>/_delta_log``, and of ``<uri>/_qa_staging``, through
-pyarrow); deltalake itself, from the ``delta`` extra, only once a Delta table is read or written. On S3 it takes the endpoint, region and
-credentials from the same AWS variables as pyarrow (``storage_options``).
+pyarrow); deltalake itself, from the ``delta`` extra, only once a Delta table is read or written. On S3 it takes the
+endpoint, region and credentials from the same AWS variables as pyarrow (``storage_options``).
 
 Input: one table version (the current one at plan time, or the one an interrupted run of the same job pinned),
 its data files as read units (row-group slices, as for Parquet folders), in path order. Partition columns, which
