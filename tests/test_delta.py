@@ -316,6 +316,39 @@ def test_concurrent_writer_between_plan_and_commit(lake, tiny_model, tmp_path):
     assert assert_one_job_commit(table)["version"] == 2
 
 
+def test_refresh_is_one_commit_replacing_the_rows_it_read(tmp_path, tiny_model):
+    """--mode refresh into a Delta table: night one creates it; night two (the input table overwritten: contexts
+    edited, rows deleted and added) is one commit that removes night one's files and adds exactly the current
+    rows, the unchanged ones with night one's answers; the same night again adds no version."""
+    contexts = ["The king of France was born in Paris in 1789.", "The river runs by the city in the year one."]
+    rows = pa.table({"id": [f"n{i:02d}" for i in range(24)], "question": [f"who is the king {i}?" for i in range(24)],
+                     "context": [contexts[i % 2] for i in range(24)], "shelf": [f"s{i % 3}" for i in range(24)]})
+    write_deltalake(tmp_path / "docs", rows, partition_by=["shelf"])
+    out = tmp_path / "answers"
+    common = args(tiny_model, tmp_path / "docs", out, "--mode", "refresh", "--output-format", "delta")
+    assert "refresh: every row is answered: no committed output yet" in run_job(common)
+    before = DeltaTable(out).to_pyarrow_table()
+    night_one = {a["path"] for a in pa.table(DeltaTable(out).get_add_actions()).to_pylist()}
+
+    edited = rows.to_pylist()
+    for r in edited[:2]:
+        r["context"] += " It was rebuilt in the year two."
+    new = [{"id": f"new{i}", "question": "where is the river?", "context": contexts[1], "shelf": "s0"} for i in range(3)]
+    write_deltalake(tmp_path / "docs", pa.Table.from_pylist(edited[:-2] + new, schema=rows.schema), mode="overwrite")
+    log = run_job(common)
+    assert "take the committed answers" in log and "5 rows in" in log  # 2 edited + 3 new answered
+    table = DeltaTable(out)
+    assert table.version() == 1 and len(job_commits(table)) == 2
+    after = table.to_pyarrow_table()
+    assert_once(after, [r["id"] for r in edited[:-2] + new])
+    assert not night_one & {a["path"] for a in pa.table(table.get_add_actions()).to_pylist()}  # all replaced
+    kept = pa.array([f"n{i:02d}" for i in range(2, 22)])
+    assert after.filter(pc.is_in(after["id"], kept)).sort_by("id").select(["id", *ANSWERS]).equals(
+        before.filter(pc.is_in(before["id"], kept)).sort_by("id").select(["id", *ANSWERS]))
+    assert "nothing to do" in run_job(common)
+    assert DeltaTable(out).version() == 1
+
+
 def test_tables_on_s3(s3_env, tiny_model, tmp_path):  # noqa: F811
     """Input and output tables on moto's S3: delta-rs commits with a conditional put (If-None-Match), which
     moto honours."""

@@ -47,6 +47,7 @@ from ..extras import PIP_COMMANDS, MissingExtraError, require
 from ..faults import crash_point, written_identity_version
 from ..lake import TableError, filesystem_and_path, read_json
 from ..records import IDENTITY_VERSION, JobIdentity, Manifest
+from ..refresh import CommittedOutput, input_key, settings_of
 from ..units import InputFileError, ReadUnit, plan_units
 from . import ReadOptions, SourcePlan
 
@@ -63,6 +64,10 @@ IDENTITY_KEY = "qa_batch.identity_version"
 RUN_KEY = "qa_batch.run"
 ROWS_KEY = "qa_batch.rows"
 ERRORS_KEY = "qa_batch.errors"
+# --mode refresh: a commit that leaves the table holding exactly one job's rows (it created the table, or replaced
+# the rows a refresh read) records the settings they were answered with and what their input was
+SETTINGS_KEY = "qa_batch.settings"  # pipeline.refresh.settings_of
+INPUT_KEY = "qa_batch.input"  # pipeline.refresh.input_key
 STAGING_DIR = "_qa_staging"
 COMMIT_ATTEMPTS = 8  # our commit, each attempt after re-reading the table and re-checking the job's transaction
 RACE_HOOK = "QA_FAULT_DELTA_RACE"  # tests: a Parquet file another writer appends right before our commit
@@ -663,11 +668,26 @@ class DeltaSink:
         ``--precision auto`` re-run finds it after choosing the same variant again."""
         return self.staged.staged_job()
 
-    def committed_output(self):
-        """What ``--mode refresh`` would reuse: not implemented for Delta tables, refused in one line (a refresh
-        that found nothing would append the whole job again beside the rows it should replace)."""
-        raise TableError(f"output table {self.uri}: --mode refresh is not implemented for Delta tables; a re-run "
-                         "of the same job finds its commit and does nothing, a changed job appends its own answers")
+    def committed_output(self) -> CommittedOutput | None:
+        """The latest version's data files; their settings only where that version's commit says the table's rows
+        are all one job's (pipeline.refresh: a refresh reuses nothing else)."""
+        table = load(self.uri)
+        if table is None:
+            return None
+        rows = pa.table(table.get_add_actions(flatten=False)).select(["path", "num_records"]).to_pylist()
+        info = next(iter(table.history(1)), {})
+        settings, why = info.get(SETTINGS_KEY), ""
+        if _column_mapping(table) is not None or any("://" in r["path"] for r in rows):
+            settings, why = None, "the table's data files are not plain files of its folder (column mapping?)"
+        elif "deletionVectors" in _reader_features(table) and table.deletion_vectors().read_all().num_rows:
+            settings, why = None, "the table has deletion vectors"
+        elif settings is None:
+            why = "the table's current rows were not all written by one qa-batch run that recorded its settings"
+        files = tuple(f"{self.path}/{unquote(r['path'])}" for r in rows)
+        counted = sum(r["num_records"] or 0 for r in rows) if all(r["num_records"] is not None for r in rows) \
+            else sum(pq.ParquetFile(self.fs.open_input_file(f)).metadata.num_rows for f in files)
+        return CommittedOutput(self.fs, files, counted, {"table_version": table.version()}, settings,
+                               info.get(INPUT_KEY), _manifest_of(self.uri, info, {}, []), why)
 
     def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> DeltaStager:
         return self.staged.begin(mode, identity, stale)
@@ -730,6 +750,7 @@ class DeltaSink:
         key = identity.key(version)
         info = {JOB_KEY: key, IDENTITY_KEY: version, RUN_KEY: self.run, ROWS_KEY: sum(f["rows"] for f in files),
                 ERRORS_KEY: sum(f.get("errors", 0) for f in files)}
+        whole = {**info, SETTINGS_KEY: settings_of(identity.to_json()), INPUT_KEY: input_key(identity.to_json())}
         for attempt in range(COMMIT_ATTEMPTS):
             table = load(self.uri)
             found = committed(table, identity)
@@ -737,10 +758,14 @@ class DeltaSink:
                 return found
             _race_hook(self.uri)
             # delta-rs's own retries would rebase our commit without our transaction check: our loop retries.
-            props = CommitProperties(custom_metadata=info, max_commit_retries=0,
+            replaces = identity.replaces is not None and table is not None
+            props = CommitProperties(custom_metadata=whole if table is None or replaces else info,
+                                     max_commit_retries=0,
                                      app_transactions=[Transaction(APP_PREFIX + key, TXN_VERSION)])
             try:
                 actions = self._actions(files, facts, self._check_table(table, staged, facts, files))
+                if replaces:  # --mode refresh: the rows it read go, in the same commit
+                    actions += _removals(table, self.uri, identity.replaces["table_version"])
                 if table is None:
                     create_table_with_add_actions(self.uri, dl.Schema.from_arrow(staged), actions, mode="error",
                                                   partition_by=self._partition_by(staged) or None,
@@ -852,6 +877,24 @@ class DeltaSink:
             if not column["nullable"] and any(fact["nulls"].get(name, 1) for fact in facts):
                 raise TableError(f"output table {self.uri}: column {name!r} is NOT NULL in the table, and the job's "
                                  "rows hold nulls in it (rows with an error have no answer); write to a new table")
+
+
+def _removals(table: DeltaTable, uri: str, version: int) -> list:
+    """Remove actions for the data files of ``version`` (what a refresh read) that the table still has; files
+    another writer added since stay."""
+    from deltalake.transaction import RemoveAction
+
+    read = load(uri, version)
+    if read is None:
+        raise TableError(f"{uri}: version {version}, which this refresh read, is gone; run --mode refresh again")
+    live = {r["path"] for r in pa.table(table.get_add_actions(flatten=False)).select(["path"]).to_pylist()}
+    now = int(time.time() * 1000)
+    removals = []
+    for r in pa.table(read.get_add_actions(flatten=False)).to_pylist():
+        if r["path"] in live:
+            values = {k: _partition_text(v) for k, v in (r.get("partition") or {}).items()}
+            removals.append(RemoveAction(unquote(r["path"]), True, now, r["size_bytes"], values))
+    return removals
 
 
 def _check_writable(table: DeltaTable, uri: str) -> None:
