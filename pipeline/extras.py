@@ -34,6 +34,7 @@ PIP_COMMANDS = {
     "convert": 'pip install torch==2.13.0 -e ".[convert]"',
     "openvino": 'pip install -e ".[openvino]"',
     "iceberg": 'pip install -e ".[iceberg]"',
+    "delta": 'pip install -e ".[delta]"',
     "test": 'pip install -e ".[test]"',
 }
 EXIT_MISSING_EXTRA = 2  # what argparse uses for a command that cannot run as given

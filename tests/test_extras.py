@@ -65,7 +65,7 @@ def test_require_returns_the_module_or_names_the_extra():
         require("no_such_module_qa_batch", "openvino", "--backend openvino")
     assert str(err.value) == '--backend openvino needs no_such_module_qa_batch: pip install -e ".[openvino]"'
     assert isinstance(err.value, ImportError) and err.value.name == "no_such_module_qa_batch"
-    with pytest.raises(ValueError, match="unknown extra 'gpu'; known extras: convert, iceberg, openvino, test, train"):
+    with pytest.raises(ValueError, match="unknown extra 'gpu'; known extras: convert, delta, iceberg, openvino, test, train"):
         pip_command("gpu")
 
 

@@ -43,7 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..commit import COMMIT_LIST, MODES, OutputBusyError, OutputCommitter, OutputExistsError, OutputState, StagedPart
-from ..extras import PIP_COMMANDS, MissingExtraError, require
+from ..extras import require
 from ..faults import crash_point, written_identity_version
 from ..lake import TableError, filesystem_and_path, read_json
 from ..records import IDENTITY_VERSION, JobIdentity, Manifest
@@ -119,15 +119,8 @@ def storage_options(uri: str) -> dict[str, str]:
 
 
 def require_deltalake(what: str) -> ModuleType:
-    """The deltalake module, or the one line naming the extra (``pipeline.extras``; its table of pip commands
-    may not know the ``delta`` extra yet)."""
-    if "delta" in PIP_COMMANDS:
-        return require("deltalake", "delta", what)
-    try:
-        import deltalake as module
-    except ImportError as exc:
-        raise MissingExtraError(f"{what} needs deltalake: {PIP}", name="deltalake") from exc
-    return module
+    """The deltalake module, or the one line naming the extra (``pipeline.extras``)."""
+    return require("deltalake", "delta", what)
 
 
 def load(uri: str, version: int | None = None) -> DeltaTable | None:
