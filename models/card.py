@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -358,6 +359,48 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+README_START = "<!-- results: python -m models.card --readme (from models/minilm-squad/card.json) -->"
+README_END = "<!-- /results -->"
+
+
+def readme_results(card: dict) -> list[str]:
+    """README's current-results table: per measured CPU class, the variant ``--precision auto`` serves the default
+    model there (the rule itself, as ``auto_choices``), its SQuAD dev F1 and whole-job questions/s, from the card's
+    measurements; the card (``models/README.md``) has every variant and the commands."""
+    from jobs.choose import fallback_variant
+    from pipeline.backends import servable_variants
+    from pipeline.model_dir import load_spec
+    from pipeline.precision import NodeCpu, choose, parse_record, parse_table
+
+    table, record = parse_table(card), parse_record(card)
+    servable = servable_variants(MODEL_DIR)
+    header = "| CPU class (2 cores) | served by `--precision auto` | SQuAD dev F1 (fp32's) | questions/s, whole job |"
+    lines = [header + " measured |", "| --- | --- | --- | --- | --- |"]
+    for cls in sorted(table):
+        bf16 = any(m.variant.precision in ("bf16", "int8-bf16") for m in table[cls].variants)
+        choice = choose(table, [NodeCpu(cls, cls, bf16)], servable,
+                        fallback_variant(str(MODEL_DIR), "auto", servable), load_spec(MODEL_DIR).shape, record)
+        row = card["auto_precision"][cls]
+        got = next(v for v in row["variants"] if (v["backend"], v["precision"]) == (choice.variant.backend,
+                                                                                  choice.variant.precision))
+        when = re.search(r"\d{4}-\d{2}-\d{2}", row.get("source", ""))
+        lines.append(f"| `{cls}` | {choice.variant} | {got['f1']:.2f} ({row['fp32_f1']:.2f}) | "
+                     f"{got['questions_per_s']:.1f} | {when.group(0) if when else ''} |")
+    return [README_START, *lines, README_END]
+
+
+def update_readme(card: dict, readme: Path) -> bool:
+    """Rewrite README's results block from the card; True if it changed."""
+    text = readme.read_text()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    new = text[:start] + "\n".join(readme_results(card)) + text[end:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slice", help="report of jobs.evaluate --limit 200 on the int8 model (omit to update the "
@@ -391,7 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"),
                    help="when the reports given were made (default: today)")
     p.add_argument("--train-config", default=str(Path("~/.cache/qa-train/minilm/train_config.json").expanduser()))
+    p.add_argument("--readme", action="store_true",
+                   help="rewrite only README.md's current-results table from the card, and exit")
     a = p.parse_args(argv)
+    if a.readme:
+        update_readme(json.loads((MODEL_DIR / "card.json").read_text()), REPO_ROOT / "README.md")
+        return
+
     def load(path):
         return json.loads(Path(path).read_text()) if path else None
 

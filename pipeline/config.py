@@ -46,7 +46,7 @@ class DecodeSettings:
     top_k: int = field(default=1, metadata={"help": "answers kept per question (a top_answers column if > 1)"})
     max_context_chars: int | None = field(default=None, metadata={
         "help": "a row whose context has more characters gets an error and no answer (default: no limit; a huge "
-                "context is answered, slowly, by one actor: README, Huge contexts)"})
+                "context is answered, slowly, by one actor: docs/concepts/windows-and-long-contexts.md)"})
 
     def __post_init__(self) -> None:
         if self.max_answer_len < 1:
