@@ -79,3 +79,15 @@ def test_readme_first_run_prints_what_it_shows(tmp_path, joined_ray):
     answer = re.compile(r"^(q\d+) \| .* -> (.*) [0-9.]+ ?$")
     same = sum(answer.match(a).groups() == answer.match(b).groups() for a, b in zip(printed[:10], shown[:10]))
     assert same >= 9, "\n".join(printed)
+
+
+def test_results_pages_are_generated_from_the_card(tmp_path):
+    import json
+
+    from models.card import MODEL_DIR, write_results_pages
+
+    card = json.loads((MODEL_DIR / "card.json").read_text())
+    for page in write_results_pages(card, tmp_path):
+        kept = REPO / "docs" / "results" / page.name
+        assert kept.exists() and kept.read_text() == page.read_text(), \
+            f"{kept} is stale: python -m models.card --results-pages docs/results"
