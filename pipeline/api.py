@@ -1,0 +1,135 @@
+"""Answer a pyarrow Table or a pandas DataFrame in this process, with one call: no Ray, no files.
+
+    from pipeline.api import answer
+    out = answer(df)                      # df: question and context columns; out: df plus the answer columns
+
+    from pipeline.api import QA
+    qa = QA(precision="auto")             # a service: the model is opened once, then answers table after table
+    out = qa(table)
+
+What comes back is what was given, one row per input row in the input's order: a Table gets the answer columns
+appended (``answer``, ``answer_start``, ``answer_end``, ``score``, ``probability``, ``error``, and ``top_answers``
+with ``top_k`` > 1), as a job's output rows have them; a DataFrame comes back as a new DataFrame with the same
+index and columns plus those, typed as pandas reads a job's output (``pd.read_parquet``). A bad row gets an
+``error`` and no answer, as in a job; a missing column raises ColumnError.
+
+The model and its variant are resolved as a job resolves them (``--model``: a directory, a graph file inside one,
+a registry name, else ``QA_MODEL`` or the default model; ``--precision``/``--backend``), and ``precision="auto"``
+chooses with the job's rule (``pipeline.precision.choose``) for this machine's CPU, as a job does for a one-node
+cluster of it. The answering is the job's own stage (``pipeline.answer.Answerer``) over the one session this object
+holds. pandas is imported only when a DataFrame is given. docs/guides/python-api.md has examples, and says when a
+job (``jobs.answer.run``) is the better tool.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from .answer import Answerer
+from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns, DecodeSettings, WindowOverrides
+from .precision import AUTO, NodeCpu, PrecisionChoice
+from .served import ServedModel, resolve, variant_for
+
+Data = TypeVar("Data")  # a pyarrow Table or a pandas DataFrame: what comes back is what was given
+
+
+class QA:
+    """One model session, opened once, answering tables and DataFrames in this process (``qa(data)``).
+
+    ``model``: a model directory, a graph file inside one, or a registry name (None: ``QA_MODEL``, else the
+    default model). ``precision``/``backend``: as the job's flags (``"auto"``: the job's choice for this machine's
+    CPU; ``served.choice`` says what was chosen and why). ``columns``: a ``Columns`` or a mapping such as
+    ``{"question": "q", "context": "ctx"}``. ``top_k``, ``max_answer_len``, ``max_context_chars``: span decoding, as
+    the job's ``--top-k`` etc. ``windows``: window overrides (``WindowOverrides`` or a mapping). ``batch_tokens``:
+    tokens per inference call (None: the backend's default, as in a job). ``threads``: the runtime's threads (None:
+    the CPUs this process may run on; a job's actors run one each). Not thread-safe: one call at a time.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, precision: str = AUTO, backend: str = AUTO,
+                 columns: Columns | Mapping[str, str] | None = None, top_k: int = 1, max_answer_len: int = 30,
+                 max_context_chars: int | None = None, windows: WindowOverrides | Mapping[str, int] | None = None,
+                 batch_tokens: int | None = None, threads: int | None = None):
+        self.columns = columns if isinstance(columns, Columns) else Columns(**(columns or {}))
+        self.decode = DecodeSettings(max_answer_len, top_k, max_context_chars)
+        overrides = windows if isinstance(windows, WindowOverrides) else WindowOverrides(**(windows or {}))
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        self.threads = threads or _cpus()
+        model_dir = _model_dir(model)
+        self.served: ServedModel = resolve(model_dir, _choice(model_dir, backend, precision), overrides.as_dict(),
+                                           batch_tokens)
+        self.answerer = Answerer(self.served.spec, self.served.open(self.threads), self.columns, self.decode,
+                                 self.served.batch_tokens)
+
+    def __call__(self, data: Data) -> Data:
+        """``data`` with the answer columns added, one row per input row (the module docstring)."""
+        pd = sys.modules.get("pandas")  # a DataFrame can only exist once pandas is imported
+        if pd is not None and isinstance(data, pd.DataFrame):
+            return self._frame(data, pd)
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if not isinstance(data, pa.Table):
+            raise TypeError(f"answer: expected a pyarrow Table or a pandas DataFrame, got {type(data).__name__}")
+        return self.answerer(data)
+
+    @property
+    def output_columns(self) -> tuple[str, ...]:
+        """The columns each call adds, in order."""
+        return OUTPUT_COLUMNS + ((TOP_ANSWERS_COLUMN,) if self.decode.top_k > 1 else ())
+
+    def _frame(self, df, pd):
+        """A DataFrame's answers: only its question and context columns go through Arrow, so its other columns and
+        its index come back untouched; the answer columns as ``Table.to_pandas`` (and so ``pd.read_parquet`` on a
+        job's output) types them."""
+        names = [str(c) for c in df.columns]
+        clash = [c for c in self.output_columns if c in names]
+        if clash:
+            raise ColumnError(f"answer stage: input already has output column {clash[0]!r}; rename it first")
+        texts = {c: pa.array(df[c], from_pandas=True)
+                 for c in (self.columns.question, self.columns.context) if c in df.columns}
+        answered = self.answerer(pa.table(texts) if texts else pa.table({"_": pa.nulls(len(df))}))
+        found = answered.select(list(self.output_columns)).to_pandas()
+        return df.assign(**{c: found[c].array for c in self.output_columns})
+
+
+def answer(data: Data, model: str | os.PathLike | None = None, **settings: Any) -> Data:
+    """``data`` (a pyarrow Table or a pandas DataFrame) answered in this process: ``QA(model, **settings)(data)``.
+    Opens the model for this one call; a service that answers again and again keeps a ``QA``."""
+    return QA(model, **settings)(data)
+
+
+def _model_dir(model: str | os.PathLike | None) -> str:
+    """What ``--model`` resolves to in a job: a path as is, a registry name under the zoo, None the default."""
+    from jobs.config import default_model
+    from jobs.plan import MODEL_ZOO
+    from models.registry import resolve_model
+
+    return str(resolve_model(str(model) if model is not None else default_model(), MODEL_ZOO))
+
+
+def _choice(model_dir: str, backend: str, precision: str) -> PrecisionChoice:
+    """The variant served: a forced precision as the job's plan resolves it (``jobs.plan.forced_choice``), or auto's
+    choice for this machine's CPU, by the rule ``jobs.choose.choose_variant`` applies to a cluster's nodes."""
+    from jobs.choose import auto_table, fallback_variant, model_record
+    from pipeline.backends import resolve_backend, servable_variants
+    from pipeline.model_dir import find_model_file, load_spec
+    from pipeline.precision import choose
+
+    resolve_backend(backend, precision)  # the job's one check of the pair: raises ValueError on a bad one
+    if precision != AUTO:
+        return PrecisionChoice(variant_for(model_dir, backend, precision), precision, "asked for")
+    servable = servable_variants(model_dir, backend)
+    return choose(auto_table(model_dir), [NodeCpu.here()], servable, fallback_variant(model_dir, backend, servable),
+                  load_spec(find_model_file(model_dir)).shape, model_record(model_dir))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
