@@ -71,7 +71,7 @@ class QA:
         pd = sys.modules.get("pandas")  # a DataFrame can only exist once pandas is imported
         if pd is not None and isinstance(data, pd.DataFrame):
             return self._frame(data, pd)
-        if isinstance(data, pa.RecordBatch):
+        if isinstance(data, pa.RecordBatch):  # comes back as a Table
             data = pa.Table.from_batches([data])
         if not isinstance(data, pa.Table):
             raise TypeError(f"answer: expected a pyarrow Table or a pandas DataFrame, got {type(data).__name__}")
@@ -90,8 +90,7 @@ class QA:
         clash = [c for c in self.output_columns if c in names]
         if clash:
             raise ColumnError(f"answer stage: input already has output column {clash[0]!r}; rename it first")
-        texts = {c: pa.array(df[c], from_pandas=True)
-                 for c in (self.columns.question, self.columns.context) if c in df.columns}
+        texts = {c: _texts(df[c], c) for c in (self.columns.question, self.columns.context) if c in df.columns}
         answered = self.answerer(pa.table(texts) if texts else pa.table({"_": pa.nulls(len(df))}))
         found = answered.select(list(self.output_columns)).to_pandas()
         return df.assign(**{c: found[c].array for c in self.output_columns})
@@ -126,6 +125,19 @@ def _choice(model_dir: str, backend: str, precision: str) -> PrecisionChoice:
     servable = servable_variants(model_dir, backend)
     return choose(auto_table(model_dir), [NodeCpu.here()], servable, fallback_variant(model_dir, backend, servable),
                   load_spec(find_model_file(model_dir)).shape, model_record(model_dir))
+
+
+def _texts(column, name: str) -> pa.Array:
+    """A DataFrame column as Arrow (None and NaN: null). A column of strings and numbers, which no Parquet column
+    can be, is refused with its first non-text cell named, rather than answered as text it may not be."""
+    try:
+        return pa.array(column, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        position, bad = next(((i, v) for i, (v, present) in enumerate(zip(column.tolist(), column.notna().tolist()))
+                              if present and not isinstance(v, str)), (None, None))
+        where = "" if position is None else f": row {position} holds {type(bad).__name__} {bad!r}"
+        raise ColumnError(f"answer: column {name!r} mixes text with other values{where}; convert it first "
+                          f"(e.g. df[{name!r}].astype('string'))") from exc
 
 
 def _cpus() -> int:

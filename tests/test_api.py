@@ -39,6 +39,9 @@ def test_a_dataframe_is_answered_as_the_job_answers_it(job_output, tiny_model):
     expected = pd.read_parquet(job_output).sort_values("id", ignore_index=True)
     pd.testing.assert_frame_equal(got.sort_values("id", ignore_index=True), expected, check_exact=True)
     assert got["error"].notna().sum() == 2
+    mixed = df.assign(context=[*df["context"][:-1], 3])  # no Parquet column holds this: refused, not guessed at
+    with pytest.raises(ColumnError, match="column 'context' mixes text with other values: row 11 holds int 3"):
+        answer(mixed, tiny_model, precision="fp32")
 
 
 def test_an_arrow_table_is_answered_as_the_job_answers_it(job_output, tiny_model):
