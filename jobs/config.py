@@ -1,8 +1,9 @@
 """The job's configuration, and the command-line flags made from it.
 
-``JobConfig`` is the one place for every setting's default and help text: ``add_flags`` turns its fields
-(and those of the settings dataclasses it nests) into argparse flags, ``from_args`` turns parsed flags back
-into a validated config. ``jobs.answer``, ``jobs.evaluate`` and the benchmarks (benchmarks/, not installed) build their flags here.
+``JobConfig`` is the one place for every setting's default, help text and heading: ``add_flags`` turns its
+fields (and those of the settings dataclasses it nests) into argparse flags grouped under GROUPS, ``from_args``
+turns parsed flags back into a validated config. ``jobs.answer``, ``jobs.evaluate`` and the benchmarks
+(benchmarks/, not installed) build their flags here; docs/reference/cli.md is generated from them (jobs.reference).
 """
 
 from __future__ import annotations
@@ -26,12 +27,26 @@ def default_model() -> str:
     return os.environ.get("QA_MODEL") or str(DEFAULT_MODEL)
 
 
-def flag(help: str, *, name: str | None = None, choices: tuple | None = None, required: bool = False,
-         prefix: str = "", suffix: str = "") -> dict:
-    """Field metadata for ``add_flags``: the flag is ``--<name>`` (default: the field's name with dashes).
-    On a nested settings field, ``prefix``/``suffix`` name its members' flags (``--id-column``)."""
-    return {"flag": {"help": help, "name": name, "choices": choices, "required": required,
-                     "prefix": prefix, "suffix": suffix}}
+# The headings of a command's --help, in this order: every JobConfig field names one (``flag(group=...)``).
+GROUPS = ("input and output", "columns", "model and precision", "cluster", "tuning", "advanced")
+
+
+def flag(help: str, *, group: str, name: str | None = None, choices: tuple | None = None, required: bool = False,
+         metavar: str | None = None, shown_default: str | None = None, prefix: str = "", suffix: str = "",
+         helps: dict[str, str] | None = None) -> dict:
+    """Field metadata for ``add_flags``: the flag is ``--<name>`` (default: the field's name with dashes), under the
+    heading ``group`` (one of GROUPS). ``metavar`` names its value (default: N for numbers, else the flag's name);
+    ``shown_default`` is what help says the default is where the value itself depends on the machine. On a nested
+    settings field, ``prefix``/``suffix`` name its members' flags (``--id-column``), ``metavar`` their values, and
+    ``helps`` replaces members' help texts."""
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    return {"flag": {"help": help, "group": group, "name": name, "choices": choices, "required": required,
+                     "metavar": metavar, "shown_default": shown_default, "prefix": prefix, "suffix": suffix,
+                     "helps": helps or {}}}
+
+
+IO, COLUMNS, MODEL, CLUSTER, TUNING, ADVANCED = GROUPS
 
 
 @dataclass(frozen=True)
@@ -39,64 +54,72 @@ class JobConfig:
     """Everything a run needs; validated here, printed into the manifest."""
 
     input: str = field(metadata=flag(
-        "Parquet file, directory, glob, s3:// URI, or iceberg://CATALOG/NAMESPACE.TABLE", required=True))
-    output: str = field(metadata=flag("output directory, s3:// URI, or iceberg://CATALOG/NAMESPACE.TABLE",
-                                      required=True))
+        "Parquet (file, folder or glob; local or s3://), iceberg://CATALOG/NS.TABLE, or a Delta table's folder",
+        group=IO, required=True))
+    output: str = field(metadata=flag(
+        "where the answers go: a folder (local or s3://), iceberg://CATALOG/NS.TABLE, or a Delta table's folder",
+        group=IO, required=True))
     input_format: str | None = field(default=None, metadata=flag(
-        "read --input as this format (pipeline.formats: parquet, iceberg, ...) instead of telling it from the URI"))
+        "read --input as this format (parquet, iceberg, delta) instead of telling it from the URI", group=IO,
+        metavar="FORMAT"))
     output_format: str | None = field(default=None, metadata=flag(
-        "write --output as this format instead of telling it from the URI"))
+        "write --output as this format instead of telling it from the URI", group=IO, metavar="FORMAT"))
     where: str | None = field(default=None, metadata=flag(
-        "iceberg:// input: a pyiceberg row filter, e.g. \"lang = 'en' and day >= '2024-01-01'\""))
+        "lake-table input (Iceberg, Delta): read only the rows that match, e.g. \"lang = 'en'\"", group=IO,
+        metavar="FILTER"))
     select: str | None = field(default=None, metadata=flag(
-        "iceberg:// input: comma-separated columns to read (the id, question and context columns always are)"))
+        "lake-table input: comma-separated columns to read (the id, question and context columns always are)",
+        group=IO, metavar="COLUMNS"))
     model: str = field(default_factory=default_model, metadata=flag(
-        "model directory, a graph file inside one, or a registry name (models/registry.py)"))
-    columns: Columns = field(default_factory=Columns, metadata=flag("input columns", suffix="-column"))
-    decode: DecodeSettings = field(default_factory=DecodeSettings, metadata=flag("span decoding"))
-    windows: WindowOverrides = field(default_factory=WindowOverrides, metadata=flag("window settings"))
+        "model directory, graph file, or models/registry.py name", group=MODEL,
+        shown_default="$QA_MODEL or models/minilm-squad"))
+    columns: Columns = field(default_factory=Columns, metadata=flag(
+        "input columns", group=COLUMNS, suffix="-column", metavar="NAME"))
+    decode: DecodeSettings = field(default_factory=DecodeSettings, metadata=flag(
+        "span decoding", group=MODEL, helps={
+            "top_k": "answers kept per question; more than 1 adds a top_answers column",
+            "max_context_chars": "a row whose context is longer gets an error and no answer (default: no limit)"}))
+    windows: WindowOverrides = field(default_factory=WindowOverrides, metadata=flag("window settings", group=ADVANCED))
     concurrency: int | None = field(default=None, metadata=flag(
-        "a fixed pool of N answering actors (default: a pool that grows and shrinks between --min-actors and "
-        "--max-actors)"))
+        "a fixed pool of N answering actors (default: a pool between --min-actors and --max-actors)",
+        group=CLUSTER))
     min_actors: int = field(default=1, metadata=flag(
-        "fewest answering actors: the job waits (up to --wait-for-workers) for CPUs for this many before it starts"))
+        "fewest answering actors: the job waits for CPUs for this many before it starts", group=CLUSTER))
     max_actors: int | None = field(default=None, metadata=flag(
-        "most answering actors (default: the cluster's autoscaling bound in CPUs / CPUs per actor; without "
-        "one, the read units: the pool grows onto every node that joins)"))
+        "most answering actors (default: the cluster's autoscaling bound in CPUs, else one per read unit)",
+        group=CLUSTER))
     wait_for_workers_s: float = field(default=600.0, metadata=flag(
-        "seconds to wait for worker CPUs for --min-actors actors before failing", name="wait-for-workers"))
+        "seconds to wait for the CPUs of --min-actors actors before failing", group=CLUSTER,
+        name="wait-for-workers", metavar="SECONDS"))
     cpus_per_actor: int | None = field(default=None, metadata=flag(
-        "CPUs (= runtime threads) per actor (default: 1; 4 for graphs of 256 MB and more)"))
-    rows_per_unit: int = field(default=1024, metadata=flag("rows per read unit: one actor call, one output file"))
+        "CPUs (runtime threads) per actor (default: 1; 4 for graphs of 256 MB and more)", group=TUNING))
+    rows_per_unit: int = field(default=1024, metadata=flag(
+        "rows per read unit: one actor call, one output file", group=TUNING))
     batch_tokens: int | None = field(default=None, metadata=flag(
-        "tokens (padding included) per inference call (default: the backend's, ONNX Runtime 512, OpenVINO 2048; "
-        "BENCHMARKS.md: token budget)"))
-    address: str | None = field(default=None, metadata=flag("Ray cluster address (default: RAY_ADDRESS, else local)"))
+        "tokens (padding included) per inference call (default: the backend's: ONNX Runtime 512, OpenVINO 2048)",
+        group=TUNING))
+    address: str | None = field(default=None, metadata=flag(
+        "Ray cluster address (default: RAY_ADDRESS, else a local Ray)", group=CLUSTER))
     backend: str = field(default=AUTO, metadata=flag(
-        "auto: OpenVINO for model.xml, ONNX Runtime for model.onnx", choices=BACKEND_CHOICES))
+        "default auto: the one --precision needs, else OpenVINO for model.xml, ONNX Runtime for model.onnx",
+        group=MODEL, choices=BACKEND_CHOICES))
     precision: str = field(default="auto", metadata=flag(
-        "auto: per job, the fastest variant within 0.5 SQuAD F1 of fp32 on the CPU classes of the cluster's nodes, "
-        "from the model card's measurements (README: Precision); fp32: the float graph (model-fp32.onnx where "
-        "model.onnx is int8); bf16: OpenVINO runs the float graph with bfloat16 matmuls on CPUs that have them "
-        "(AMX, AVX512-BF16), f32 elsewhere; int8: OpenVINO serves the directory's NNCF int8 IR (model-int8.xml); "
-        "int8-bf16: that IR with bfloat16 for its float ops (as bf16); int8-dynamic: ONNX Runtime serves the "
-        "dynamic int8 model.onnx (our exports'; called fp32 before); int8-static: a statically quantized "
-        "model.onnx; int8-7bit: ONNX Runtime serves model-int8-7bit.onnx", choices=PRECISION_CHOICES))
+        "default auto: the nodes' fastest variant within 0.5 SQuAD F1 of fp32 (docs/concepts/precision.md)",
+        group=MODEL, choices=PRECISION_CHOICES))
     mode: str = field(default="error", metadata=flag(
-        "when the output exists: fail (error), replace it (overwrite), finish an interrupted run (resume), or "
-        "answer only the rows whose question or context changed and keep every other committed answer "
-        "(refresh: the nightly mode; a full run where nothing is committed yet)",
-        choices=MODES))
+        "if the output exists: error (the default), overwrite, resume (an interrupted run), refresh (changed rows)",
+        group=IO, choices=MODES))
     skip_bad_files: bool = field(default=False, metadata=flag(
-        "skip unreadable input files (listed in the manifest) instead of failing"))
+        "skip unreadable input files (the manifest lists them) instead of failing", group=IO))
     questions: str | None = field(default=None, metadata=flag(
-        "fan-out: Parquet of (question_id, question) asked of every input row, whose id and context columns "
-        "are then read as documents"))
+        "fan-out: a Parquet file of (question_id, question), each asked of every input row's context", group=IO,
+        metavar="PATH"))
     wide: bool = field(default=False, metadata=flag(
-        "with --questions: one output row per document, answer_<question_id>/score_<question_id>"))
-    progress_every_s: float = field(default=30.0, metadata=flag("seconds between progress lines",
-                                                                 name="progress-every"))
-    verbose: bool = field(default=False, metadata=flag("show Ray's own log lines and warnings"))
+        "with --questions: one output row per input row, with answer_<question_id> and score_<question_id> columns",
+        group=IO))
+    progress_every_s: float = field(default=30.0, metadata=flag(
+        "seconds between progress lines", group=ADVANCED, name="progress-every", metavar="SECONDS"))
+    verbose: bool = field(default=False, metadata=flag("show Ray's own log lines and warnings", group=ADVANCED))
 
     def tokens_per_call(self, backend: str) -> int:
         """--batch-tokens, else the serving backend's own default (pipeline.backends.BACKENDS)."""
@@ -150,17 +173,24 @@ def _default(f: Field):
     return None
 
 
-def _flags(cls, prefix: str = "", suffix: str = "", dest: str = ""):
-    """(dest, flag name, field, its base type) of every leaf setting of ``cls``, nested settings flattened."""
+def _flags(cls, parent: dict | None = None, dest: str = ""):
+    """(dest, flag name, field, its base type, its flag metadata) of every leaf setting of ``cls``, nested settings
+    flattened: a member's metadata is its parent's (group, metavar), its own help, and the parent's ``helps``."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         meta = f.metadata.get("flag", {})
         kind = _base_type(hints[f.name])
         if is_dataclass(kind):
-            yield from _flags(kind, meta.get("prefix", ""), meta.get("suffix", ""), f"{dest}{f.name}__")
+            yield from _flags(kind, meta, f"{dest}{f.name}__")
         else:
-            name = meta.get("name") or f"{prefix}{f.name.replace('_', '-')}{suffix}"
-            yield f"{dest}{f.name}", name, f, kind
+            if parent is not None:
+                help_text = parent["helps"].get(f.name) or meta.get("help") or f.metadata.get("help", "")
+                meta = {**meta, "group": parent["group"], "metavar": meta.get("metavar") or parent["metavar"],
+                        "help": help_text}
+                name = meta.get("name") or f"{parent['prefix']}{f.name.replace('_', '-')}{parent['suffix']}"
+            else:
+                name = meta.get("name") or f.name.replace("_", "-")
+            yield f"{dest}{f.name}", name, f, kind, meta
 
 
 def _top_level(dest: str) -> str:
@@ -168,29 +198,48 @@ def _top_level(dest: str) -> str:
 
 
 def _selected(cls, only: tuple[str, ...] | None, skip: tuple[str, ...]):
-    for dest, name, f, kind in _flags(cls):
+    for dest, name, f, kind, meta in _flags(cls):
         top = _top_level(dest)
         if (only is None or top in only or dest in only) and top not in skip:
-            yield dest, name, f, kind
+            yield dest, name, f, kind, meta
+
+
+def _group(parser: argparse.ArgumentParser, title: str | None):
+    """The parser's argument group ``title`` (made on first use, so a command shows only the headings it has);
+    the parser itself where a setting names none."""
+    if not title:
+        return parser
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
 
 
 def add_flags(parser: argparse.ArgumentParser, cls=JobConfig, only: tuple[str, ...] | None = None,
               skip: tuple[str, ...] = ()) -> None:
-    """Add a flag per setting of ``cls`` with the field's default and help text: only the fields named in
-    ``only`` (top-level, or nested as ``decode__max_answer_len``), if given, and none in ``skip``."""
-    for dest, name, f, kind in _selected(cls, only, skip):
-        meta = f.metadata.get("flag", {})
-        help_text = meta.get("help") or f.metadata.get("help", "")
+    """Add a flag per setting of ``cls`` with the field's default and help text, under its group's heading (in
+    GROUPS order): only the fields named in ``only`` (top-level, or nested as ``decode__max_answer_len``), if
+    given, and none in ``skip``."""
+    def order(setting) -> tuple[int, bool]:  # sorted is stable: field order within each
+        dest, meta = setting[0], setting[4]
+        return GROUPS.index(meta["group"]) if meta.get("group") in GROUPS else len(GROUPS), "__" in dest
+
+    selected = sorted(_selected(cls, only, skip), key=order)  # a group's own flags, then its nested settings'
+    for dest, name, f, kind, meta in selected:
+        group = _group(parser, meta.get("group"))
+        help_text = meta.get("help", "")
         default = _default(f)
         if kind is bool:
-            parser.add_argument(f"--{name}", dest=dest, action="store_true", help=help_text)
+            group.add_argument(f"--{name}", dest=dest, action="store_true", help=help_text)
             continue
-        if default is not None and not meta.get("required"):
+        if meta.get("shown_default"):
+            help_text += f" (default: {meta['shown_default']})"
+        elif default is not None and not meta.get("required") and "default" not in help_text:
             help_text += " (default: %(default)s)"
         choices = meta.get("choices")
-        parser.add_argument(f"--{name}", dest=dest, type=kind, default=default, choices=choices,
-                            metavar=None if choices else name.upper().replace("-", "_"),
-                            required=bool(meta.get("required")), help=help_text)
+        metavar = None if choices else meta.get("metavar") or ("N" if kind is int else name.upper().replace("-", "_"))
+        group.add_argument(f"--{name}", dest=dest, type=kind, default=default, choices=choices, metavar=metavar,
+                           required=bool(meta.get("required")), help=help_text)
 
 
 def from_args(args: argparse.Namespace, cls=JobConfig, only: tuple[str, ...] | None = None,
@@ -199,7 +248,7 @@ def from_args(args: argparse.Namespace, cls=JobConfig, only: tuple[str, ...] | N
     fields keep their defaults. Raises ValueError from the config's own validation."""
     values: dict = {}
     nested: dict[str, dict] = {}
-    for dest, _, _, _ in _selected(cls, only, skip):
+    for dest, *_ in _selected(cls, only, skip):
         if _top_level(dest) in given:
             continue
         top, _, member = dest.partition("__")
