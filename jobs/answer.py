@@ -47,13 +47,17 @@ USER_ERRORS = (OutputExistsError, ModelNotFoundError, ModelDirError, ModelLoadEr
                FileNotFoundError, ColumnError, IdentityVersionError)
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
-    p = argparse.ArgumentParser(prog="qa-batch answer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The job's config from ``qa-batch answer``'s flags; a usage error or a combination the config refuses is one
+    line on stderr and exit status 2."""
+    from jobs.cli import answer_parser
+
+    p = answer_parser()
     add_flags(p)
+    args: argparse.Namespace = p.parse_args(argv)
     try:
-        return from_args(p.parse_args(argv))
+        return from_args(args)
     except ValueError as exc:
-        p.error(str(exc))
+        p.refuse(str(exc))
 
 
 def run(cfg: JobConfig) -> Manifest:

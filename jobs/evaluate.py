@@ -11,13 +11,13 @@ predictions file without running a model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
+from jobs.cli import ArgumentParser, command_parser
 from jobs.config import JobConfig, add_flags, from_args
 from pipeline import squad
 from pipeline.cpu import cpu_class
@@ -62,24 +62,31 @@ def evaluate_model(data: str, model: str, out_dir: Path, limit: int | None = Non
 
 
 # The job's flags that make no sense here: evaluate writes the input and output itself.
-NOT_JOB_FLAGS = ("input", "output", "mode", "skip_bad_files", "questions", "wide")
+NOT_JOB_FLAGS = ("input", "output", "input_format", "output_format", "where", "select", "mode", "skip_bad_files",
+                 "questions", "wide")
+
+
+def parser() -> ArgumentParser:
+    """``qa-batch evaluate``'s flags: its own, then the job's (less NOT_JOB_FLAGS)."""
+    p = command_parser("evaluate", __doc__, "%(prog)s --data DATA [flags]")
+    own = p.add_argument_group("evaluation")
+    own.add_argument("--data", required=True, help="SQuAD-format JSON (.json or .json.gz)")
+    own.add_argument("--predictions", metavar="PATH", help="score this {id: answer} file instead of running a model")
+    own.add_argument("--limit", type=int, metavar="N", help="first N questions in file order")
+    own.add_argument("--report", metavar="PATH", help="write the report JSON here too")
+    own.add_argument("--out-dir", help="where the job's input, output and predictions go "
+                                       "(default: out/evaluate/<time>)")
+    add_flags(p, JobConfig, skip=NOT_JOB_FLAGS)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qa-batch evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="SQuAD-format JSON (.json or .json.gz)")
-    p.add_argument("--predictions", help="score this {id: answer} file instead of running a model")
-    p.add_argument("--limit", type=int, help="first N questions in file order")
-    p.add_argument("--report", help="write the report JSON here too")
-    p.add_argument("--out-dir", help="where the job's input, output and predictions go "
-                                     "(default: out/evaluate/<time>)")
-    add_flags(p, JobConfig, skip=NOT_JOB_FLAGS)
+    p = parser()
     a = p.parse_args(argv)
     try:
         job = from_args(a, JobConfig, skip=NOT_JOB_FLAGS, input="-", output="-")
     except ValueError as exc:
-        p.error(str(exc))
+        p.refuse(str(exc))
     if a.predictions:
         items = squad.questions(squad.load_squad(a.data), a.limit)
         predictions = json.loads(Path(a.predictions).read_text(encoding="utf-8"))
