@@ -25,7 +25,7 @@ from pipeline.precision import AUTO, PrecisionChoice, Variant
 from pipeline.records import JobIdentity, identity_version, recorded_variant
 from pipeline.refresh import CommittedOutput, RefreshPlan, input_key, settings_of, why_not_reused
 from pipeline.served import ServedModel, resolve, variant_for
-from pipeline.units import ReadUnit
+from pipeline.units import ReadUnit, with_derived_ids
 
 MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", REPO / "models" / "zoo"))  # where registry names resolve
 
@@ -129,16 +129,36 @@ def plan(cfg: JobConfig) -> JobPlan:
         clash = [c for c in (QUESTION, QUESTION_ID) if c in names]
         if clash:
             raise ColumnError(f"input {cfg.input}: has a column {clash[0]!r}, which fan-out adds; rename it")
-    missing = [c for c in needed if c not in names]
+    missing = [c for c in needed if c not in names and c != columns.id]
     if missing:
         raise ColumnError(f"input {cfg.input}: no column {missing[0]!r} (columns: {names}); "
                           f"choose columns with --id-column/--question-column/--context-column")
+    if columns.id not in names:
+        read = derive_ids(read, source, columns.id)
+        names = read.schema.names
+        print(f"note: input {cfg.input} has no column {columns.id!r} (--id-column): each row's id is derived as "
+              f"'<file>:<row>', the file's path below the input and the row's 0-based index in it, in output "
+              f"column {columns.id!r}", file=sys.stderr, flush=True)
     if questions is None:  # fan-out's columns: checked at commit
         sink.check_columns(names + list(OUTPUT_COLUMNS) + ([TOP_ANSWERS_COLUMN] if cfg.decode.top_k > 1 else []))
     job = JobPlan(cfg, model_dir, source, read, sink, columns, questions, rows_per_input_row, recorded=recorded)
     choice = forced_choice(cfg, model_dir) or resumed_choice(cfg, model_dir, recorded) or \
         kept_choice(cfg, model_dir, committed)
     return settle(job, choice) if choice is not None else job
+
+
+def derive_ids(read: SourcePlan, source: Source, column: str) -> SourcePlan:
+    """``read`` for an input without an id column: its reader adds ``column`` first, each row's
+    ``<file>:<row>`` (pipeline.units.derived_ids), the file's path below the input's root (a folder, a glob's
+    fixed prefix, a table's folder; an Iceberg table's data files: their whole path)."""
+    from pipeline.lake import input_base
+
+    try:
+        base = input_base(source.uri)
+    except (ValueError, OSError, pa.ArrowException):  # not a path (iceberg://): the files' whole paths
+        base = None
+    schema = read.schema.insert(0, pa.field(column, pa.string()))
+    return replace(read, units=tuple(with_derived_ids(read.units, column, base)), schema=schema)
 
 
 def forced_choice(cfg: JobConfig, model_dir: str) -> PrecisionChoice | None:

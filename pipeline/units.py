@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -36,6 +36,10 @@ class ReadUnit:
     length: int
     partitions: tuple[tuple[str, str], ...] = ()  # Hive key=value folders above the file
     columns: tuple[str, ...] = ()  # the columns to read (a projection); () = all
+    group_row: int = 0  # rows of the file before its row group: the unit's first row is group_row + offset
+    # An input without an id column: the column the reader adds, each row's "<id_file>:<row index in the file>"
+    id_column: str = ""
+    id_file: str = ""  # the file's path below the input's root (derived_id_label)
 
     def as_row(self) -> dict:
         return {**asdict(self), "partitions": [list(kv) for kv in self.partitions], "columns": list(self.columns)}
@@ -130,9 +134,12 @@ def plan_units(fs: pafs.FileSystem, files: Sequence[str], rows_per_unit: int, sk
                 schema = file_schema
             elif not file_schema.equals(schema, check_metadata=False):
                 raise InputFileError(f"input file {path}: schema differs from {files[0]}:\n{file_schema}\nvs\n{schema}")
+            before = 0
             for rg, n in enumerate(footer.row_group_rows):
                 for offset in range(0, n, rows_per_unit):
-                    units.append(ReadUnit(len(units), path, rg, offset, min(rows_per_unit, n - offset), partitions))
+                    units.append(ReadUnit(len(units), path, rg, offset, min(rows_per_unit, n - offset), partitions,
+                                          group_row=before))
+                before += n
     if schema is None:
         raise InputFileError(f"no readable input files (unreadable: {bad})")
     return units, schema, bad
@@ -159,4 +166,25 @@ class UnitReader:
         for key, value in unit.partitions:
             if key not in table.column_names:
                 table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+        if unit.id_column and unit.id_column not in table.column_names:
+            table = table.add_column(0, pa.field(unit.id_column, pa.string()), derived_ids(unit))
         return table
+
+
+def derived_ids(unit: ReadUnit) -> pa.Array:
+    """The ids of an input without an id column: ``<file>:<row>``, the file's path below the input's root and the
+    row's 0-based index in that file (as DuckDB's ``file_row_number`` and Spark's ``_metadata.row_index`` count
+    it): unique, the same on every run over the same files, and joinable back to the input row."""
+    first = unit.group_row + unit.offset
+    return pa.array([f"{unit.id_file}:{first + i}" for i in range(unit.length)], pa.string())
+
+
+def derived_id_label(path: str, base: str | None) -> str:
+    """A file's part of its rows' derived ids: its path below ``base`` (the input folder), else the path itself."""
+    base = (base or "").rstrip("/")
+    return path[len(base) + 1:] if base and path.startswith(base + "/") else path
+
+
+def with_derived_ids(units: Sequence[ReadUnit], column: str, base: str | None) -> list[ReadUnit]:
+    """``units`` whose reader adds ``column`` with each row's derived id (``derived_ids``)."""
+    return [replace(u, id_column=column, id_file=derived_id_label(u.path, base)) for u in units]
