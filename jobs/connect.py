@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.pool import Capacity
@@ -156,6 +156,10 @@ def start_ray(address: str | None, verbose: bool) -> None:
     address, note = bootstrap_address(address)
     if note:
         print(note, flush=True)
+    if verbose:
+        _MESSAGES.path = None  # Ray prints its messages as it does
+    else:
+        divert_messages_to_driver()
     hooks = faults.forwarded_env()  # tests only: a cluster's workers do not inherit the driver's environment
     # The job's own local Ray lives as long as the job, without the dashboard: it costs 1.5-2 s of a 6-8 s start
     # on 2 cores and CPU all the while. To watch a job in the dashboard, run it on a `ray start --head` node.
@@ -167,16 +171,62 @@ def start_ray(address: str | None, verbose: bool) -> None:
         quiet_ray()  # ray.init configures its loggers again
 
 
+@dataclass
+class _RayMessages:
+    """Where Ray's messages to the driver go while a job runs (``ray_lines_to_file``), and what they said."""
+
+    path: Path | None = None  # None: printed as Ray prints them
+    lines: list[str] = field(default_factory=list)  # this job's, for its own one line
+
+
+_MESSAGES = _RayMessages()
+
+
+def divert_messages_to_driver() -> None:
+    """Ray's messages to the driver into the job's log file (``ray_lines_to_file``), for the whole process.
+
+    Whatever ``log_to_driver`` says, a driver's Ray runs a thread that prints what the cluster reports to the job
+    (a task retried after its worker died, a worker or node lost, an out-of-memory kill) to *stdout*, in colour,
+    as "(raylet) Task MapWorker(MapBatches(AnswerActor)).submit failed. There are 2 retries remaining ...": among
+    our own lines, and below the stderr redirection. That thread calls ``ray._private.worker.print_to_stdstream``
+    by name for each message (Ray 2.60; a private function, as ``autoscaling_bound_cpus`` reads one: without it
+    Ray prints as it does). Messages that arrive after the job's redirection ended (the pool's actors killed at
+    exit) go to the same file."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "diverted", False):
+        return
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        if _MESSAGES.path is None:
+            printer(data, ignore_prefix)
+            return
+        source = data.get("pid") or "ray"
+        lines = [str(line) for line in data.get("lines") or ()]
+        _MESSAGES.lines.extend(lines)
+        with open(_MESSAGES.path, "a", encoding="utf-8") as log:
+            log.writelines(f"({source}) {line}\n" for line in lines)
+
+    to_log.diverted = True
+    ray_worker.print_to_stdstream = to_log
+
+
 @contextlib.contextmanager
 def ray_lines_to_file():
-    """The driver's stderr (file descriptor 2) into a log file while Ray runs, unless --verbose.
+    """Ray's own lines into a log file while the job runs, unless --verbose: the driver's stderr (file descriptor
+    2), and Ray's messages to the driver (``divert_messages_to_driver``), which it prints to stdout.
 
     Ray's core worker logs from C++ straight to the process's stderr, below any Python logger: for example
     "constructor arguments in the object store" for every Ray Data actor pool (ray#57733, about restarts our
     pool does not depend on). Our own progress and summary lines go to stdout; an exception still reaches
-    the terminal, after stderr is restored, with the log file named.
+    the terminal, after stderr is restored, with the log file named. A run that Ray reported failures of (a
+    worker process or a node lost, its tasks retried) keeps the file and says so in one line of ours.
     """
     path = Path(tempfile.gettempdir()) / f"qa-batch-{os.getpid()}-ray.log"
+    _MESSAGES.path, _MESSAGES.lines = path, []
     sys.stderr.flush()
     saved = os.dup(2)
     with open(path, "ab") as log:
@@ -188,7 +238,24 @@ def ray_lines_to_file():
         print(f"Ray's own log lines of this run: {path} (or run with --verbose)", file=sys.stderr)
         raise
     _restore_stderr(saved)
-    path.unlink(missing_ok=True)  # nothing went wrong: nothing to read
+    if _MESSAGES.lines:
+        print(f"note: {reported(_MESSAGES.lines)}; the job retried what failed (the manifest's retries and ray "
+              f"say what it did); Ray's lines are in {path}", file=sys.stderr, flush=True)
+    else:
+        path.unlink(missing_ok=True)  # nothing went wrong: nothing to read
+
+
+# What Ray's messages to the driver say, in our words: (words in the message, what happened)
+_REPORTS = ((("retries remaining",), "task(s) retried"), (("worker died or was killed",), "worker process(es) died"),
+            (("marked dead", "node died", "node was terminated"), "node(s) lost"),
+            (("low on memory", "out of memory"), "out-of-memory kill(s)"))
+
+
+def reported(lines: list[str]) -> str:
+    """One clause for Ray's messages to the driver: how many, and what they were about."""
+    counts = {what: sum(any(w in line.lower() for w in words) for line in lines) for words, what in _REPORTS}
+    kinds = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return f"Ray reported {len(lines)} failure(s) while answering" + (f" ({kinds})" if kinds else "")
 
 
 def _restore_stderr(saved: int) -> None:
