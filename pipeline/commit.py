@@ -7,7 +7,8 @@ Layout under the output root OUT (any pyarrow filesystem: local or s3://)::
     OUT/_staging/part-<run>-UUUUUU-RRRRRR.parquet  rows of read unit U from row R, staged by run <run>
     OUT/_staging/_commit.json                  written when every unit is staged: the files to publish
     OUT/part-<run>-UUUUUU-RRRRRR.parquet       published answers
-    OUT/_manifest.json                         the commit marker: every file of the committed set, its rows
+    OUT/_manifest.json                         the commit marker: every file of the committed set (its name,
+                                               relative to OUT: ``published_path``), its rows
 
 Staged names are a function of the plan and the run, so a retried actor task rewrites the same name with
 the same rows. A file or marker appears under its name only once complete: written under a temporary name
@@ -253,19 +254,21 @@ class OutputCommitter:
             rows = rows.drop_columns([UNIT_COLUMN, ROW_COLUMN])
             errors = pc.count(rows.column("error")).as_py() if "error" in rows.column_names else 0  # non-null
             footer = {**(rows.schema.metadata or {}), ERRORS_KEY: str(errors).encode(), RUN_KEY: self.run.encode()}
-            rows = rows.replace_schema_metadata(footer)
-            final = f"{self.staging}/{part_name(self.run, unit, first)}"
-            if isinstance(self.fs, pafs.LocalFileSystem):
-                tmp = f"{self.staging}/_tmp-{uuid.uuid4().hex}.parquet"
-                pq.write_table(rows, tmp, filesystem=self.fs)
-                self.fs.move(tmp, final)
-            else:  # one upload: an object appears whole or not at all
-                pq.write_table(rows, final, filesystem=self.fs)
+            self._stage(rows.replace_schema_metadata(footer), unit, first)
             written.append({"unit": unit, "first_row": first, "rows": rows.num_rows})
             if crash_at() is not None:
                 mine = sum(1 for p in self.staged_parts() if p.run == self.run)
                 crash_point("stage", mine, also_kill=self.driver_pid)
         return written
+
+    def _stage(self, rows: pa.Table, unit: int, first: int) -> None:
+        final = f"{self.staging}/{part_name(self.run, unit, first)}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = f"{self.staging}/_tmp-{uuid.uuid4().hex}.parquet"
+            pq.write_table(rows, tmp, filesystem=self.fs)
+            self.fs.move(tmp, final)
+        else:  # one upload: an object appears whole or not at all
+            pq.write_table(rows, final, filesystem=self.fs)
 
     def discard(self, unit: int, first_row: int) -> None:
         """Remove a file this run staged (the rest of a piece that a crash left half staged)."""
@@ -286,8 +289,9 @@ class OutputCommitter:
     def write_commit_list(self, units: list[ReadUnit], adopted: tuple[StagedPart, ...] = (),
                           dest: str | None = None) -> list[dict]:
         """Choose each unit's staged parts (this run's, else an adopted complete set) and make the list of files
-        to publish durable (``_commit.json``); each file's ``path`` is where it goes, under ``dest`` (default:
-        the output root). Raises, writing nothing, if a unit is incomplete or unknown."""
+        to publish durable (``_commit.json``); each file's ``path`` is where it goes: its name, relative to the
+        output root, or (``dest``, a table sink's data folder) its full path there. Raises, writing nothing, if a
+        unit is incomplete or unknown."""
         adopted_paths = {p.path for p in adopted}
         by_unit: dict[int, dict[str, list[StagedPart]]] = defaultdict(lambda: defaultdict(list))
         for p in self.staged_parts():
@@ -308,23 +312,25 @@ class OutputCommitter:
         if problems or strays:
             raise RuntimeError(f"cannot commit {self.root}: units {problems[:10]} incomplete, units {strays[:10]} "
                                "unknown; nothing was published (run again with --mode resume)")
-        dest = (dest or self.root).rstrip("/")
-        files = [{"path": f"{dest}/{p.path.rsplit('/', 1)[-1]}", "rows": p.rows, "unit": p.unit,
+        prefix = "" if dest is None else dest.rstrip("/") + "/"
+        files = [{"path": prefix + p.path.rsplit("/", 1)[-1], "rows": p.rows, "unit": p.unit,
                   "errors": p.errors} for p in sorted(chosen, key=lambda p: (p.unit, p.first_row))]
         write_json_atomic(self.fs, f"{self.staging}/{COMMIT_LIST}", {"run": self.run, "files": files})
         return files
 
     def _publish(self, files: list[dict], identity: JobIdentity, report: dict) -> Manifest:
+        # Listed by name (a commit list of an earlier release: by full path, of which the name is taken)
+        files = _names(files)
         for k, f in enumerate(files, 1):
-            staged = f"{self.staging}/{f['path'].rsplit('/', 1)[-1]}"
+            staged, target = f"{self.staging}/{f['path']}", published_path(self.root, f["path"])
             if self._exists(staged):
-                self.fs.move(staged, f["path"])
-            elif not self._exists(f["path"]):
+                self.fs.move(staged, target)
+            elif not self._exists(target):
                 raise RuntimeError(f"cannot commit {self.root}: {staged} vanished before publishing")
             crash_point("publish", k)
         manifest_path = f"{self.root}/{MANIFEST}"
         current = Manifest.from_json(read_json(self.fs, manifest_path)) if self._exists(manifest_path) else None
-        if current is not None and identity.compare(current.job).same and current.output_files == files:
+        if current is not None and identity.compare(current.job).same and _names(current.output_files) == files:
             manifest = current  # swapped in already, before a crash: one manifest write per commit
         else:
             manifest = Manifest(**report, job=identity.written(), run=self.run, output_files=files,
@@ -335,7 +341,7 @@ class OutputCommitter:
         keep = {f["path"] for f in files}
         for info in self._list(self.root):  # the previous commit's files, now that no manifest names them
             name = info.path.rsplit("/", 1)[-1]
-            if info.type == pafs.FileType.File and info.path not in keep and name.endswith(".parquet"):
+            if info.type == pafs.FileType.File and name not in keep and name.endswith(".parquet"):
                 self.fs.delete_file(info.path)
         self._delete_dir(self.staging)
         return manifest
@@ -352,6 +358,18 @@ class OutputCommitter:
     def _delete_dir(self, path: str) -> None:
         if self._exists(path):
             self.fs.delete_dir(path)
+
+
+def published_path(root: str, path: str) -> str:
+    """Where a committed file named in a manifest (``output_files[].path``) is: that name below the folder
+    ``root`` that holds the manifest. Manifests name their files relative to the output root, so a folder moved
+    or mounted elsewhere still reads through its manifest; those of earlier releases named them by full path, of
+    which the file name is taken (a folder output keeps its files at its root)."""
+    return f"{root.rstrip('/')}/{path.rsplit('/', 1)[-1]}"
+
+
+def _names(files: list[dict]) -> list[dict]:
+    return [{**f, "path": f["path"].rsplit("/", 1)[-1]} for f in files]
 
 
 def check_same_job(identity: JobIdentity, recorded: dict, where: str, refusal: str) -> None:

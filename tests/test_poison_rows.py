@@ -220,7 +220,7 @@ def test_a_row_that_crashes_the_model_process_costs_only_itself(tiny_model, tmp_
                                "--rows-per-unit", "4", "--concurrency", "2"], {"QA_FAULT_CRASH_ON_ROW": "r017"})
     assert code == 0, text[-4000:]
     manifest = json.loads((out / "_manifest.json").read_text())
-    result = pa.concat_tables([pq.read_table(f["path"]) for f in manifest["output_files"]]).sort_by("id")
+    result = pa.concat_tables([pq.read_table(out / f["path"]) for f in manifest["output_files"]]).sort_by("id")
     assert result.column("id").to_pylist() == table.column("id").to_pylist()  # every row, once
     rows = {r["id"]: r for r in result.to_pylist()}
     assert rows["r017"]["error"] == CRASHED and all(rows["r017"][c] is None for c in ANSWERS + ["score"])
@@ -281,7 +281,7 @@ def test_a_model_that_keeps_crashing_stops_the_job_and_resume_finishes_it(tiny_m
     code, text, _ = run(common + ["--mode", "resume"], {})
     assert code == 0, text[-4000:]
     manifest = json.loads((out / "_manifest.json").read_text())
-    result = pa.concat_tables([pq.read_table(f["path"]) for f in manifest["output_files"]]).sort_by("id")
+    result = pa.concat_tables([pq.read_table(out / f["path"]) for f in manifest["output_files"]]).sort_by("id")
     assert result.column("id").to_pylist() == table.column("id").to_pylist() and manifest["errors"] == 0
     kept = 1 if staged else 0  # what was staged stays, and only the rest is answered
     assert manifest["units_answered_now"] == 2 - kept and manifest["rows_staged_before"] == 4 * kept

@@ -48,8 +48,8 @@ def test_local_byte_accounting(tmp_path):
         # The manifest lists every row once, and the files hold exactly the input rows without hidden columns.
         manifest = r.manifest
         assert manifest["rows_out"] == ROWS and manifest["errors"] == ROWS // 500
-        assert sorted(f["path"] for f in manifest["output_files"]) == sorted(published)
-        out = pa.concat_tables([pq.read_table(f["path"]) for f in manifest["output_files"]])
+        assert sorted(f"{root}/protocol/{f['path']}" for f in manifest["output_files"]) == sorted(published)
+        out = pa.concat_tables([pq.read_table(f"{root}/protocol/{f['path']}") for f in manifest["output_files"]])
         expected = pa.concat_tables(blocks)
         assert sorted(out.column("id").to_pylist()) == sorted(expected.column("id").to_pylist())
         assert len(set(out.column("id").to_pylist())) == ROWS

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..commit import MANIFEST, OutputCommitter
+from ..commit import MANIFEST, OutputCommitter, published_path
 from ..lake import expand_input, filesystem_and_path, input_base, read_json, stat_files
 from ..records import IDENTITY_VERSION, Manifest, identity_version, json_key
 from ..refresh import CommittedOutput, input_key, settings_of
@@ -69,7 +69,7 @@ class FolderSink(OutputCommitter):
         version = identity_version(job)
         known = version == IDENTITY_VERSION
         return CommittedOutput(
-            self.fs, tuple(f"{self.root}/{f['path'].rsplit('/', 1)[-1]}" for f in manifest.output_files),
+            self.fs, tuple(published_path(self.root, f["path"]) for f in manifest.output_files),
             manifest.rows_out, {"run": manifest.run, "job_sha256": json_key(job)},
             settings_of(job) if known else None, input_key(job) if known else None, manifest,
             "" if known else f"the committed run was made by a release with job identity version {version}")
