@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
 
 def run(cfg: JobConfig) -> Manifest:
     """Run the job and return its manifest (a folder output also has it, written last, as _manifest.json)."""
+    return run_once(cfg)[0]
+
+
+def run_once(cfg: JobConfig) -> tuple[Manifest, bool]:
+    """Run the job: its manifest, and whether this run committed it (False: the output already held this job's
+    committed answers, and nothing was done)."""
     started = time.time()
     job = plan(cfg)
     try:
@@ -69,9 +75,8 @@ def run(cfg: JobConfig) -> Manifest:
             cluster = connect(cfg) if job.needs_cluster else Cluster.here()
             job = choose_variant(job, cluster.nodes)
             if job.state.committed is not None:
-                print(f"output {cfg.output} already holds this job's committed answers "
-                      f"({job.state.committed.committed_to()}); nothing to do", flush=True)
-                return job.state.committed
+                print(nothing_to_do(cfg.output, job.state.committed), flush=True)
+                return job.state.committed, False
             # the lease: a second run refuses from here on
             stager = job.sink.begin(job.begin_mode or cfg.mode, job.identity, job.stale)
             if job.refresh is not None:
@@ -82,10 +87,17 @@ def run(cfg: JobConfig) -> Manifest:
                 else:
                     job = recorded_plan(job, stager)
             done = execute(job, cluster, stager)
-        return commit(job, done, started)
+        return commit(job, done, started), True
     except BaseException:
         job.sink.release_lease()  # this process may run again on the same output (a retry, a notebook)
         raise
+
+
+def nothing_to_do(output: str, committed: Manifest) -> str:
+    """The one line of a re-run that finds its answers committed: what is there, not figures of a run now."""
+    return (f"nothing to do: output {output} already holds this job's committed answers ({committed.rows_out} rows, "
+            f"{committed.errors} with errors, committed by run {committed.run or 'unknown'}: "
+            f"{committed.committed_to()})")
 
 
 def commit(job: JobPlan, done: Execution, started: float) -> Manifest:
@@ -145,11 +157,12 @@ SUMMARY = ("rows_in", "rows_out", "errors", "durations_s", "questions_per_s")
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        manifest = run(cfg)
+        manifest, committed_now = run_once(cfg)
     except USER_ERRORS as exc:  # the message names the file, column or setting; a traceback adds nothing
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: getattr(manifest, k) for k in SUMMARY}))
+    if committed_now:  # a re-run with nothing to do said so in its one line: no figures of an earlier run
+        print(json.dumps({k: getattr(manifest, k) for k in SUMMARY}))
     return 0
 
 
