@@ -30,9 +30,11 @@ from jobs.plan import ColumnError, JobPlan, plan
 from jobs.progress import LeaseKeeper
 from jobs.reuse import recorded_plan, reuse
 from models.registry import ModelNotFoundError
+from pipeline.answer import answered_schema
 from pipeline.commit import OutputExistsError
 from pipeline.extras import exits_on_missing_extra
 from pipeline.fanout import QuestionsError
+from pipeline.formats.parquet import FolderSink
 from pipeline.lake import TableError
 from pipeline.model_dir import ModelDirError
 from pipeline.poison import ModelCrashLoopError
@@ -70,6 +72,8 @@ def run_once(cfg: JobConfig) -> tuple[Manifest, bool]:
     committed answers, and nothing was done)."""
     started = time.time()
     job = plan(cfg)
+    # No input rows: the output still gets a file, empty, with the output's columns (a reader finds the schema)
+    empty = answered_schema(job.read.schema, cfg.decode, job.questions, cfg.wide) if not job.rows_in else None
     try:
         with contextlib.nullcontext() if cfg.verbose or not job.needs_cluster else ray_lines_to_file():
             cluster = connect(cfg) if job.needs_cluster else Cluster.here()
@@ -87,6 +91,8 @@ def run_once(cfg: JobConfig) -> tuple[Manifest, bool]:
                 else:
                     job = recorded_plan(job, stager)
             done = execute(job, cluster, stager)
+            if empty is not None and job.state.commit_list is None and isinstance(stager, FolderSink):
+                stager.write_empty(empty)  # a table output has its schema in its metadata
         return commit(job, done, started), True
     except BaseException:
         job.sink.release_lease()  # this process may run again on the same output (a retry, a notebook)

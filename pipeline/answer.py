@@ -268,17 +268,32 @@ class Answerer:
             score[i], prob[i] = best["score"], best["probability"]
             top[i] = spans
         err = [errors.get(i) for i in range(n)]
-        out = {
-            "answer": pa.array(answer, pa.string()),
-            "answer_start": pa.array(a_start, pa.int64()),
-            "answer_end": pa.array(a_end, pa.int64()),
-            "score": pa.array(score, pa.float64()),
-            "probability": pa.array(prob, pa.float64()),
-            "error": pa.array(err, pa.string()),
-        }
+        values = dict(zip(OUTPUT_COLUMNS, (answer, a_start, a_end, score, prob, err), strict=True))
         if self.decode.top_k > 1:
-            out[TOP_ANSWERS_COLUMN] = pa.array(top, TOP_ANSWER_TYPE)
-        return out
+            values[TOP_ANSWERS_COLUMN] = top
+        return {name: pa.array(values[name], type_) for name, type_ in answer_types(self.decode).items()}
+
+
+def answer_types(decode: DecodeSettings) -> dict[str, pa.DataType]:
+    """The columns the stage adds, in order, and their types."""
+    types = {"answer": pa.string(), "answer_start": pa.int64(), "answer_end": pa.int64(), "score": pa.float64(),
+             "probability": pa.float64(), "error": pa.string()}
+    return {**types, TOP_ANSWERS_COLUMN: TOP_ANSWER_TYPE} if decode.top_k > 1 else types
+
+
+def answered_schema(schema: pa.Schema, decode: DecodeSettings, questions: pa.Table | None = None,
+                    wide: bool = False) -> pa.Schema:
+    """The schema of the answered rows of an input with ``schema``: what a job writes (fan-out: with its
+    ``questions``, long or ``wide``), as a job with no rows commits it in one empty file."""
+    from . import fanout
+
+    documents = schema.empty_table()
+    rows = documents if questions is None else fanout.expand(documents, questions)
+    for name, type_ in answer_types(decode).items():
+        rows = rows.append_column(pa.field(name, type_), pa.array([], type_))
+    if questions is not None and wide:
+        rows = fanout.to_wide(rows, documents, questions)
+    return rows.schema
 
 
 def _characters(spans: Spans, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

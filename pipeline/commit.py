@@ -261,6 +261,12 @@ class OutputCommitter:
                 crash_point("stage", mine, also_kill=self.driver_pid)
         return written
 
+    def write_empty(self, schema: pa.Schema) -> None:
+        """Stage the one file of a job with no rows (unit 0, no rows, the output's columns), so that a reader of
+        the committed output finds its schema: a query over an empty night returns no rows, not an error."""
+        footer = {**(schema.metadata or {}), ERRORS_KEY: b"0", RUN_KEY: self.run.encode()}
+        self._stage(schema.with_metadata(footer).empty_table(), 0, 0)
+
     def _stage(self, rows: pa.Table, unit: int, first: int) -> None:
         final = f"{self.staging}/{part_name(self.run, unit, first)}"
         if isinstance(self.fs, pafs.LocalFileSystem):
@@ -291,7 +297,8 @@ class OutputCommitter:
         """Choose each unit's staged parts (this run's, else an adopted complete set) and make the list of files
         to publish durable (``_commit.json``); each file's ``path`` is where it goes: its name, relative to the
         output root, or (``dest``, a table sink's data folder) its full path there. Raises, writing nothing, if a
-        unit is incomplete or unknown."""
+        unit is incomplete or unknown. A job with no units commits its empty file (``write_empty``) if staged."""
+        units = units or [ReadUnit(0, "", 0, 0, 0)]
         adopted_paths = {p.path for p in adopted}
         by_unit: dict[int, dict[str, list[StagedPart]]] = defaultdict(lambda: defaultdict(list))
         for p in self.staged_parts():
