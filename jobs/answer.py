@@ -93,7 +93,7 @@ def run_once(cfg: JobConfig) -> tuple[Manifest, bool]:
             done = execute(job, cluster, stager)
             if empty is not None and job.state.commit_list is None and isinstance(stager, FolderSink):
                 stager.write_empty(empty)  # a table output has its schema in its metadata
-        return commit(job, done, started), True
+            return commit(job, done, started), True
     except BaseException:
         job.sink.release_lease()  # this process may run again on the same output (a retry, a notebook)
         raise

@@ -190,8 +190,8 @@ def divert_messages_to_driver() -> None:
     as "(raylet) Task MapWorker(MapBatches(AnswerActor)).submit failed. There are 2 retries remaining ...": among
     our own lines, and below the stderr redirection. That thread calls ``ray._private.worker.print_to_stdstream``
     by name for each message (Ray 2.60; a private function, as ``autoscaling_bound_cpus`` reads one: without it
-    Ray prints as it does). Messages that arrive after the job's redirection ended (the pool's actors killed at
-    exit) go to the same file."""
+    Ray prints as it does). Outside a job's ``ray_lines_to_file`` (a notebook's later Ray work) Ray prints them as
+    it does."""
     try:
         import ray._private.worker as ray_worker
     except ImportError:
@@ -201,13 +201,14 @@ def divert_messages_to_driver() -> None:
         return
 
     def to_log(data: dict, ignore_prefix: bool) -> None:
-        if _MESSAGES.path is None:
+        path = _MESSAGES.path  # once: the job may end meanwhile
+        if path is None:
             printer(data, ignore_prefix)
             return
         source = data.get("pid") or "ray"
         lines = [str(line) for line in data.get("lines") or ()]
         _MESSAGES.lines.extend(lines)
-        with open(_MESSAGES.path, "a", encoding="utf-8") as log:
+        with open(path, "a", encoding="utf-8") as log:
             log.writelines(f"({source}) {line}\n" for line in lines)
 
     to_log.diverted = True
@@ -222,8 +223,8 @@ def ray_lines_to_file():
     Ray's core worker logs from C++ straight to the process's stderr, below any Python logger: for example
     "constructor arguments in the object store" for every Ray Data actor pool (ray#57733, about restarts our
     pool does not depend on). Our own progress and summary lines go to stdout; an exception still reaches
-    the terminal, after stderr is restored, with the log file named. A run that Ray reported failures of (a
-    worker process or a node lost, its tasks retried) keeps the file and says so in one line of ours.
+    the terminal, after stderr is restored, with the log file named. A run that Ray sent messages (a worker
+    process or a node lost, its tasks retried) keeps the file and says so in one line of ours, on stderr.
     """
     path = Path(tempfile.gettempdir()) / f"qa-batch-{os.getpid()}-ray.log"
     _MESSAGES.path, _MESSAGES.lines = path, []
@@ -235,12 +236,14 @@ def ray_lines_to_file():
         yield
     except BaseException:
         _restore_stderr(saved)
+        _MESSAGES.path = None
         print(f"Ray's own log lines of this run: {path} (or run with --verbose)", file=sys.stderr)
         raise
     _restore_stderr(saved)
+    _MESSAGES.path = None
     if _MESSAGES.lines:
-        print(f"note: {reported(_MESSAGES.lines)}; the job retried what failed (the manifest's retries and ray "
-              f"say what it did); Ray's lines are in {path}", file=sys.stderr, flush=True)
+        print(f"note: {reported(_MESSAGES.lines)}, in {path}; the manifest's retries and ray say what the job did",
+              file=sys.stderr, flush=True)
     else:
         path.unlink(missing_ok=True)  # nothing went wrong: nothing to read
 
@@ -255,7 +258,7 @@ def reported(lines: list[str]) -> str:
     """One clause for Ray's messages to the driver: how many, and what they were about."""
     counts = {what: sum(any(w in line.lower() for w in words) for line in lines) for words, what in _REPORTS}
     kinds = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-    return f"Ray reported {len(lines)} failure(s) while answering" + (f" ({kinds})" if kinds else "")
+    return f"Ray sent the job {len(lines)} message(s) while it ran" + (f" ({kinds})" if kinds else "")
 
 
 def _restore_stderr(saved: int) -> None:

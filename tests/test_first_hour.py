@@ -77,11 +77,11 @@ def test_an_input_without_ids_gets_stable_unique_ids(answered_twice):
 def test_ray_lines_stay_in_the_log_file_when_a_worker_dies(answered_twice):
     *_, text = answered_twice
     assert "(raylet)" not in text and "\x1b[" not in text and "retries remaining" not in text, text
-    note = re.search(r"note: Ray reported (\d+) failure\(s\) while answering.*Ray's lines are in (\S+)", text)
+    note = re.search(r"note: Ray sent the job \d+ message\(s\) while it ran \(.*task\(s\) retried.*\), in (\S+);", text)
     assert note, text
-    log = Path(note.group(2)).read_text()
+    log = Path(note.group(1)).read_text()
     assert "(raylet) " in log and "retries remaining" in log
-    Path(note.group(2)).unlink()
+    Path(note.group(1)).unlink()
 
 
 def test_duckdb_reads_a_committed_output_as_the_docs_say(answered_twice):
