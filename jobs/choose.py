@@ -7,67 +7,16 @@ at plan time and passes through.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
-from jobs.config import REPO
 from jobs.plan import JobPlan, settle
-from pipeline.backends import graph_as_is, legacy_as_is, servable_variants
-from pipeline.model_dir import find_model_file, load_spec
-from pipeline.precision import (
-    AUTO,
-    BATCH_DEPENDENT,
-    VARIANT_NAMES,
-    ClassMeasurements,
-    ModelRecord,
-    NodeCpu,
-    Variant,
-    choose,
-    parse_record,
-    parse_table,
-    renamed,
-    runnable,
-)
-
-# --precision auto's measurements for a model whose card has none: the default model's (pipeline/precision.py)
-DEFAULT_CARD = REPO / "models" / "minilm-squad" / "card.json"
+from pipeline.auto import DEFAULT_CARD, auto_choice, auto_table, fallback_variant, model_record  # noqa: F401
+from pipeline.precision import AUTO, NodeCpu, runnable
 
 
 class PrecisionChoiceError(ValueError):
     """A resume whose recorded variant the cluster cannot compute as it was computed."""
-
-
-def auto_table(model_dir: str) -> dict[str, ClassMeasurements]:
-    """The auto_precision measurements of the model's own card, else the default model's."""
-    d = Path(model_dir)
-    for card in (d / "card.json" if d.is_dir() else d.parent / "card.json", DEFAULT_CARD):
-        if card.exists():
-            data = json.loads(card.read_text())
-            table = parse_table(data)
-            if table and data.get("variant_names", 1) < VARIANT_NAMES:
-                table = renamed(table, Variant("onnxruntime", "fp32"), legacy_as_is(card.parent))
-            if table:
-                return table
-    return {}
-
-
-def model_record(model_dir: str) -> ModelRecord | None:
-    """The model's own agreement record (its card's, never the default model's: it is about this model)."""
-    d = Path(model_dir)
-    card = d / "card.json" if d.is_dir() else d.parent / "card.json"
-    return parse_record(json.loads(card.read_text())) if card.exists() else None
-
-
-def fallback_variant(model_dir: str, backend: str, servable: frozenset[Variant]) -> Variant:
-    """What auto serves without measurements: the graph as it is, unless its answers depend on batch-mates and
-    the directory has a float graph too (then that, in the same runtime where it can)."""
-    as_is = graph_as_is(model_dir, backend)
-    if as_is.precision not in BATCH_DEPENDENT:
-        return as_is
-    return next((v for v in (Variant(as_is.backend, "fp32"), Variant("openvino", "fp32"),
-                             Variant("onnxruntime", "fp32")) if v in servable), as_is)
 
 
 def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
@@ -77,11 +26,7 @@ def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
             and not runnable(job.served.variant, nodes):
         job = replace(job, served=None)  # the committed run's variant, kept by refresh, is not computed here alike
     if job.served is None:
-        shape = load_spec(find_model_file(job.model_dir)).shape  # the same for every variant of a directory
-        servable = servable_variants(job.model_dir, cfg.backend)
-        choice = choose(auto_table(job.model_dir), nodes, servable,
-                        fallback_variant(job.model_dir, cfg.backend, servable), shape, model_record(job.model_dir))
-        return settle(job, choice)
+        return settle(job, auto_choice(job.model_dir, cfg.backend, nodes))
     if job.served.choice.requested == AUTO and job.pending and not runnable(job.served.variant, nodes):
         lacking = sorted({n.cpu_class for n in nodes if not n.bf16})
         raise PrecisionChoiceError(

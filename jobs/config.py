@@ -9,7 +9,6 @@ turns parsed flags back into a validated config. ``jobs.answer``, ``jobs.evaluat
 from __future__ import annotations
 
 import argparse
-import os
 import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
@@ -18,13 +17,9 @@ from pathlib import Path
 from pipeline.backends import AUTO, BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES, resolve_backend
 from pipeline.commit import MODES
 from pipeline.config import Columns, DecodeSettings, WindowOverrides
+from pipeline.model_dir import DEFAULT_MODEL, default_model  # noqa: F401 - where jobs and benchmarks import them
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "minilm-squad"
-
-
-def default_model() -> str:
-    return os.environ.get("QA_MODEL") or str(DEFAULT_MODEL)
 
 
 # The headings of a command's --help, in this order: every JobConfig field names one (``flag(group=...)``).

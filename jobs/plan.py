@@ -9,25 +9,22 @@ once its model is resolved: the job's identity, what the output already holds, t
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.config import REPO, JobConfig
+from jobs.config import JobConfig
 from pipeline.backends import legacy_as_is
 from pipeline.commit import OutputState, StagedPart, pending_units
 from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns
 from pipeline.formats import ReadOptions, Sink, Source, SourcePlan, open_sink, open_source
+from pipeline.model_dir import MODEL_ZOO
 from pipeline.precision import AUTO, PrecisionChoice, Variant
 from pipeline.records import JobIdentity, identity_version, recorded_variant
 from pipeline.refresh import CommittedOutput, RefreshPlan, input_key, settings_of, why_not_reused
 from pipeline.served import ServedModel, resolve, variant_for
 from pipeline.units import ReadUnit, with_derived_ids
-
-MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", REPO / "models" / "zoo"))  # where registry names resolve
 
 
 @dataclass(frozen=True)

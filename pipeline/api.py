@@ -104,9 +104,8 @@ def answer(data: Data, model: str | os.PathLike | None = None, **settings: Any) 
 
 def _model_dir(model: str | os.PathLike | None) -> str:
     """What ``--model`` resolves to in a job: a path as is, a registry name under the zoo, None the default."""
-    from jobs.config import default_model
-    from jobs.plan import MODEL_ZOO
     from models.registry import resolve_model
+    from pipeline.model_dir import MODEL_ZOO, default_model
 
     return str(resolve_model(str(model) if model is not None else default_model(), MODEL_ZOO))
 
@@ -114,17 +113,13 @@ def _model_dir(model: str | os.PathLike | None) -> str:
 def _choice(model_dir: str, backend: str, precision: str) -> PrecisionChoice:
     """The variant served: a forced precision as the job's plan resolves it (``jobs.plan.forced_choice``), or auto's
     choice for this machine's CPU, by the rule ``jobs.choose.choose_variant`` applies to a cluster's nodes."""
-    from jobs.choose import auto_table, fallback_variant, model_record
-    from pipeline.backends import resolve_backend, servable_variants
-    from pipeline.model_dir import find_model_file, load_spec
-    from pipeline.precision import choose
+    from pipeline.auto import auto_choice
+    from pipeline.backends import resolve_backend
 
     resolve_backend(backend, precision)  # the job's one check of the pair: raises ValueError on a bad one
     if precision != AUTO:
         return PrecisionChoice(variant_for(model_dir, backend, precision), precision, "asked for")
-    servable = servable_variants(model_dir, backend)
-    return choose(auto_table(model_dir), [NodeCpu.here()], servable, fallback_variant(model_dir, backend, servable),
-                  load_spec(find_model_file(model_dir)).shape, model_record(model_dir))
+    return auto_choice(model_dir, backend, [NodeCpu.here()])
 
 
 def _texts(column, name: str) -> pa.Array:

@@ -20,12 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import WindowSettings
 
 SPEC_FILE = "qa_spec.json"
+_REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = _REPO / "models" / "minilm-squad"  # the model trained here (models/README.md)
+MODEL_ZOO = Path(os.environ.get("QA_MODEL_ZOO", _REPO / "models" / "zoo"))  # where registry names resolve
+
+
+def default_model() -> str:
+    """The model a job serves without --model: ``QA_MODEL``, else the default model."""
+    return os.environ.get("QA_MODEL") or str(DEFAULT_MODEL)
 _SPEC_KEYS = {"max_seq_len", "doc_stride", "max_query_len", "lowercase", "inputs", "outputs", "name", "card",
               "backend"}
 

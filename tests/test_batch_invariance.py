@@ -15,15 +15,11 @@ MODEL = REPO / "models" / "minilm-squad"
 
 
 def auto_variant():
-    """What auto serves for the default model on this machine alone (jobs.choose, for this node's CPU)."""
-    from jobs.choose import auto_table, fallback_variant, model_record
-    from pipeline.backends import servable_variants
-    from pipeline.model_dir import load_spec
-    from pipeline.precision import NodeCpu, choose
+    """What auto serves for the default model on this machine alone (pipeline.auto, for this node's CPU)."""
+    from pipeline.auto import auto_choice
+    from pipeline.precision import NodeCpu
 
-    servable = servable_variants(MODEL)
-    return choose(auto_table(str(MODEL)), [NodeCpu.here()], servable, fallback_variant(str(MODEL), "auto", servable),
-                  load_spec(MODEL).shape, model_record(str(MODEL)))
+    return auto_choice(str(MODEL), "auto", [NodeCpu.here()])
 
 
 @pytest.mark.skipif(not DEV.exists(), reason="needs ../shared/data/squad/dev-v1.1.json")
