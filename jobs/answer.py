@@ -19,7 +19,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from jobs.choose import PrecisionChoiceError, choose_variant
 from jobs.cluster import ClusterAddressError
@@ -86,8 +86,10 @@ def run_once(cfg: JobConfig) -> tuple[Manifest, bool]:
             if job.refresh is not None:
                 print(job.refresh.line(cfg.output), flush=True)
                 if job.refresh.pass_pending:
+                    reusing = time.time()
                     with LeaseKeeper(job.sink):
                         job = reuse(job, stager)
+                    job = replace(job, refresh=replace(job.refresh, reuse_s=round(time.time() - reusing, 3)))
                 else:
                     job = recorded_plan(job, stager)
             done = execute(job, cluster, stager)

@@ -75,6 +75,7 @@ class Refresh:
     reason: str  # why every row is answered (reuse False), in words
     pass_pending: bool = False  # the reuse pass is still to run (jobs/reuse.py)
     plan: RefreshPlan | None = None  # what the reuse pass left in staging
+    reuse_s: float | None = None  # how long this run's reuse pass took (None: it ran in an earlier attempt)
 
     def line(self, output: str) -> str:
         if not self.reuse:
@@ -91,7 +92,7 @@ class Refresh:
         return {"replaces": self.committed.ref, "rows_reused": self.plan.rows_reused,
                 "rows_answered": self.plan.rows_in - self.plan.rows_reused,
                 "answered_because": self.plan.answered_because, "committed_rows_before": self.committed.rows,
-                "buckets": self.plan.buckets}
+                "buckets": self.plan.buckets, "reuse_pass_s": self.reuse_s}
 
 
 def _ref(ref: dict) -> str:

@@ -98,6 +98,7 @@ def test_refresh_answers_exactly_the_changed_rows(nights, tiny_model, tmp_path):
     assert manifest["refresh"]["rows_reused"] == changes["rows"] - changed
     assert manifest["refresh"]["rows_answered"] == changed
     assert manifest["refresh"]["answered_because"] == {"new or edited question or context": changed}
+    assert 0 < manifest["refresh"]["reuse_pass_s"] < manifest["durations_s"]["total"]
     assert manifest["stages"]["input_rows"] == changed  # what the model was given: the changed rows only
     assert "kept by --mode refresh" in manifest["precision"]["reason"]  # auto keeps the committed variant
     after = rows_of(out)
