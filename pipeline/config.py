@@ -61,7 +61,7 @@ class DecodeSettings:
 class Columns:
     """Names of the input columns the job reads; every other column passes through."""
 
-    id: str = field(default="id", metadata={"help": "input column with the row id"})
+    id: str = field(default="id", metadata={"help": "input column with the row id (absent: derived as <file>:<row>)"})
     question: str = field(default="question", metadata={"help": "input column with the question"})
     context: str = field(default="context", metadata={"help": "input column with the context"})
 
