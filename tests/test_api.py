@@ -76,17 +76,25 @@ def test_top_k_columns_and_refusals(tiny_model):
 
 
 def test_a_job_run_from_python_returns_its_manifest(tiny_model, tmp_path):
-    import ray
+    """``run(JobConfig(...))`` from Python code, in a process of its own: Ray reads its authentication settings
+    when it is first imported, and this test process imported it before the suite's node set them."""
+    import json
+    import subprocess
+    import sys
 
-    from jobs.answer import run
-    from jobs.config import JobConfig
     from pipeline.records import Manifest
 
     out = tmp_path / "out"
-    try:
-        manifest = run(JobConfig(input=str(SAMPLE), output=str(out), model=str(tiny_model)))  # precision auto
-    finally:
-        ray.shutdown()  # run() joined the suite's node from this process; later modules start clean
+    script = ("import json\n"
+              "from jobs.answer import run\n"
+              "from jobs.config import JobConfig\n"
+              f"manifest = run(JobConfig(input={str(SAMPLE)!r}, output={str(out)!r}, model={str(tiny_model)!r}))\n"
+              "print('MANIFEST ' + json.dumps(manifest.to_json()))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("MANIFEST "))
+    manifest = Manifest.from_json(json.loads(line[len("MANIFEST "):]))
     assert isinstance(manifest, Manifest)
     assert (manifest.rows_in, manifest.rows_out, manifest.errors) == (12, 12, 2)
     qa = QA(tiny_model)  # auto here: the job's rule, for this machine's CPU
