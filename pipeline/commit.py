@@ -22,7 +22,7 @@ cannot collide with committed ones (the run id is in them), the manifest is swap
 only then are files of the previous commit removed. So a reader that follows ``_manifest.json`` sees, at any
 moment, either the previous committed set or the new one, never a mix.
 
-Crash points (``pipeline.faults``; README has the table of what a reader sees and what resume does):
+Crash points (``pipeline.faults``; docs/concepts/exactly-once.md has the table of what a reader sees and what resume does):
 
 - ``stage:<k>``   after the run's k-th staged file (driver and staging actor die): resume keeps every complete
                   unit and answers only the rest.

@@ -66,7 +66,7 @@ def test_flop_model_counts_every_matmul_weight(tmp_path):
 
 END_TO_END = pytest.mark.skipif(not os.environ.get("QA_BENCHMARK_E2E"), reason=(
     "whole benchmark runs (fresh processes, each job on its own local Ray): a minute or more on 2 cores, kept out "
-    "of the default suite (README: tests); set QA_BENCHMARK_E2E=1"))
+    "of the default suite (CONTRIBUTING.md: tests); set QA_BENCHMARK_E2E=1"))
 
 
 @END_TO_END
