@@ -148,7 +148,8 @@ def commit(job: JobPlan, done: Execution, started: float) -> Manifest:
 
 
 def ray_fields(done: Execution) -> dict:
-    """The manifest's ``ray``: the answering pool's bounds, and what each node's actors did (docs/concepts/scaling.md)."""
+    """The manifest's ``ray``: the answering pool's bounds, and what each node's actors did
+    (docs/concepts/scaling.md)."""
     layout = done.layout
     return {"min_actors": layout.min_actors, "initial_actors": layout.initial_actors, "max_actors": layout.actors,
             "max_actors_from": layout.max_from, "cpus_per_actor": layout.cpus_per_actor,
