@@ -47,8 +47,19 @@ def job(args: list[str], env_extra: dict | None = None, *, local_ray: bool = Fal
 def run_job(args: list[str], env_extra: dict | None = None, timeout: int = 300, local_ray: bool = False) -> str:
     p = job(args, env_extra, local_ray=local_ray)
     out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out[-4000:] or f"exit {p.returncode}, no output; {driver_log_tail()}"
+    # A driver that Ray's core worker ended itself prints nothing of why: its driver log and its Ray log file say.
+    assert p.returncode == 0, f"exit {p.returncode}: {out[-4000:]}\n{driver_log_tail()}\n{ray_log_tail(p.pid)}"
     return out
+
+
+def ray_log_tail(pid: int, lines: int = 30) -> str:
+    """The end of the job's own file of Ray's lines (jobs/connect.py: kept when the process did not end cleanly)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"qa-batch-{pid}-ray.log"
+    if not path.exists():
+        return f"(no {path})"
+    return f"{path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def committed(out: Path) -> pa.Table:
