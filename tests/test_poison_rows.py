@@ -5,8 +5,10 @@ ends. The split planning and the rows written for a crashed row are tested witho
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -240,6 +242,13 @@ def test_a_row_that_crashes_the_model_process_costs_only_itself(tiny_model, tmp_
     # with it and come back in halves in pass 2 (2 more pieces, both staged there, one in flight each)
     assert retries["crashed_rows"] == ["r017"] and retries["passes"] == 3 and retries["pieces_retried"] in (4, 6)
     assert retries["actor_restarts"] >= 6  # 3 crashes a pass; the restart after the last may not have come yet
+    # Ray's own lines about the crashes (tasks retried, workers died) stay in the job's log file, named once
+    assert "(raylet)" not in text and "\x1b[" not in text and "retries remaining" not in text, text
+    note = re.search(r"note: Ray sent the job \d+ message\(s\) while it ran \(.*task\(s\) retried.*\), in (\S+);", text)
+    assert note, text
+    log = Path(note.group(1))
+    assert "(raylet) " in log.read_text() and "retries remaining" in log.read_text()
+    log.unlink()
     print(f"poison-row job: {seconds:.1f} s")
 
 
