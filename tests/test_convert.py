@@ -128,7 +128,12 @@ def test_optimize_and_quantize(tmp_path):
     assert_same_logits(onnx_logits(tmp_path / "opt", feeds), hf_logits(src, feeds), tol=1e-3)
     assert_answers(tmp_path / "opt")
 
-    report = convert(src, tmp_path / "int8", ConvertOptions(optimize=True, quantize="int8"))
+    # 40 questions to calibrate on and to measure the agreement record on (its content: tests/test_agreement.py),
+    # not SQuAD train's first 1000
+    from test_agreement import sample_file
+
+    report = convert(src, tmp_path / "int8", ConvertOptions(optimize=True, quantize="int8",
+                                                            calibration=str(sample_file(tmp_path, 40))))
     assert "int8_max_diff" in report and report["int8_7bit_max_diff"] <= 1.0
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}, ops

@@ -80,6 +80,30 @@ def test_readme_first_run_prints_what_it_shows(tmp_path, joined_ray):
     same = sum(answer.match(a).groups() == answer.match(b).groups() for a, b in zip(printed[:10], shown[:10]))
     assert same >= 9, "\n".join(printed)
 
+    # Getting started's ways of reading an output, run as written on this committed one.
+    page = (REPO / "docs" / "getting-started.md").read_text()
+    reading = page[page.index("## Reading the output"):page.index("## Options that matter")]
+    (tmp_path / "out").rename(tmp_path / "out-sample-parent")
+    (tmp_path / "out-sample-parent" / "sample").rename(tmp_path / "out")
+    python = re.search(r"```python\n(.*?)```", reading, flags=re.DOTALL).group(1)
+    done = subprocess.run([sys.executable, "-c", python + "\nprint(answers.num_rows, len(df))"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.split() == ["12", "12"], done.stdout + done.stderr
+    duckdb = pytest.importorskip("duckdb")
+    sql = re.search(r"```sql\n(.*?)```", reading, flags=re.DOTALL).group(1)
+    sql = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+    statements = [x.strip() for x in sql.split(";") if x.strip()]
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)  # the page's paths are relative
+        con = duckdb.connect()
+        counts = [len(con.sql(x).fetchall()) if x.upper().startswith("SELECT") else con.sql(x) for x in statements]
+    finally:
+        os.chdir(here)
+    counts = [c for c in counts if isinstance(c, int)]
+    assert len(counts) == 2, statements
+    assert counts[0] == 12 and counts[-1] == 12, counts
+
 
 def test_results_pages_are_generated_from_the_card(tmp_path):
     import json
