@@ -42,14 +42,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..commit import COMMIT_LIST, MODES, OutputBusyError, OutputCommitter, OutputExistsError, OutputState, StagedPart
+from ..commit import StagedPart
 from ..extras import require
 from ..faults import crash_point, written_identity_version
-from ..lake import TableError, filesystem_and_path, read_json
+from ..lake import TableError, filesystem_and_path
 from ..records import IDENTITY_VERSION, JobIdentity, Manifest
 from ..refresh import CommittedOutput, input_key, settings_of
 from ..units import InputFileError, ReadUnit, plan_units
 from . import ReadOptions, SourcePlan
+from .table import StagedTableSink, TableStager
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -579,16 +580,7 @@ class _Where:
 # ------------------------------------------------------------------------------------------ output
 
 
-class DeltaStager(OutputCommitter):
-    """Folder staging (``pipeline.commit``) of rows bound for a table."""
-
-    def write_block(self, table: pa.Table) -> list[dict]:
-        # Field metadata carried over from the input's files (Parquet field ids) means nothing to the output table.
-        plain = pa.schema([f.remove_metadata() for f in table.schema], metadata=table.schema.metadata)
-        return super().write_block(table.cast(plain))
-
-
-class DeltaSink:
+class DeltaSink(StagedTableSink):
     """The commit protocol of ``pipeline.commit`` with a Delta commit as its final step: a
     ``pipeline.formats.Sink``. Its stager holds no deltalake object."""
 
@@ -597,13 +589,9 @@ class DeltaSink:
         self.uri = self.root = table_uri(uri)
         require_deltalake(f"{self.uri} (a Delta table)")  # without it: the line naming the extra, before any work
         self.fs, self.path = filesystem_and_path(self.uri)
-        self.staged = DeltaStager(self.fs, f"{self.path}/{STAGING_DIR}", rows_per_input_row, run)
+        self.staged = TableStager(self.fs, f"{self.path}/{STAGING_DIR}", rows_per_input_row, run)
         self.run = self.staged.run
         self.partition_fields = partition_fields
-
-    @property
-    def staging(self) -> str:
-        return self.staged.staging
 
     # -- driver, before the run ------------------------------------------------------------------
     def check_columns(self, names: Sequence[str]) -> None:
@@ -633,33 +621,9 @@ class DeltaSink:
             raise TableError(f"output table {self.uri} {what} (table: {list(have)}; job: {list(names)}); "
                              "write to a new table, or add the column (ALTER TABLE ... ADD COLUMNS) first")
 
-    def inspect(self, mode: str, identity: JobIdentity) -> OutputState:
-        if mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    def _committed(self, identity: JobIdentity) -> Manifest | None:
         commit = committed(load(self.uri), identity)
-        if commit is not None:
-            listed = self._commit_list(identity)
-            if listed is not None:  # committed, then died before cleaning up: the commit only cleans up
-                return OutputState(commit_list=listed)
-            return OutputState(committed=_manifest_of(self.uri, commit, identity.written(), []))
-        try:
-            return self.staged.inspect(mode, identity)
-        except OutputBusyError:
-            raise
-        except OutputExistsError as exc:
-            if mode != "error":
-                raise
-            raise OutputExistsError(f"output table {self.uri}: an interrupted run left staged answers in "
-                                    f"{self.staged.root}; --mode resume finishes it, --mode overwrite drops them "
-                                    "and starts again (no table row is deleted either way)") from exc
-
-    def staged_job(self) -> dict | None:
-        return self.staged.staged_job()
-
-    def recorded_job(self) -> dict | None:
-        """The staged job's identity; a committed one is known only by its hash (its transaction), so a
-        ``--precision auto`` re-run finds it after choosing the same variant again."""
-        return self.staged.staged_job()
+        return None if commit is None else _manifest_of(self.uri, commit, identity.written(), [])
 
     def committed_output(self) -> CommittedOutput | None:
         """The latest version's data files; their settings only where that version's commit says the table's rows
@@ -682,15 +646,6 @@ class DeltaSink:
         return CommittedOutput(self.fs, files, counted, {"table_version": table.version()}, settings,
                                info.get(INPUT_KEY), _manifest_of(self.uri, info, {}, []), why)
 
-    def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> DeltaStager:
-        return self.staged.begin(mode, identity, stale)
-
-    def renew_lease(self, started_at: float | None = None) -> None:
-        self.staged.renew_lease(started_at)
-
-    def release_lease(self) -> None:
-        self.staged.release_lease()
-
     # -- driver, after the run ------------------------------------------------------------------
     def commit(self, units: list[ReadUnit], identity: JobIdentity, report: dict,
                adopted: tuple[StagedPart, ...] = (), interrupted: list[dict] | None = None) -> Manifest:
@@ -712,24 +667,6 @@ class DeltaSink:
         crash_point("manifest")
         self.fs.delete_dir(self.staged.root)
         return _manifest_of(self.uri, commit, identity.written(), files, report)
-
-    def _commit_list(self, identity: JobIdentity) -> list[dict] | None:
-        path = f"{self.staging}/{COMMIT_LIST}"
-        staged = self.staged_job()
-        if staged is None or not identity.compare(staged).same or \
-                self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        return read_json(self.fs, path)["files"]
-
-    def _move_in(self, files: list[dict]) -> None:
-        """Staged files to the table's folder (roll forward: a file already moved stays)."""
-        for k, f in enumerate(files, 1):
-            staged = f"{self.staging}/{f['path'].rsplit('/', 1)[-1]}"
-            if self.fs.get_file_info(staged).type != pafs.FileType.NotFound:
-                self.fs.move(staged, f["path"])
-            elif self.fs.get_file_info(f["path"]).type == pafs.FileType.NotFound:
-                raise RuntimeError(f"cannot commit {self.uri}: {staged} vanished before the commit")
-            crash_point("publish", k)  # moved files are in no commit: readers do not see them
 
     def _append(self, files: list[dict], identity: JobIdentity, staged: pa.Schema, facts: list[dict]) -> dict:
         """One commit adding ``files``, carrying the job's transaction; retried on a concurrent commit after

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..commit import MODES, OutputBusyError, OutputCommitter, OutputExistsError, OutputState, StagedPart
+from ..commit import StagedPart
 from ..extras import require
 from ..faults import crash_point
 from ..lake import TableError, filesystem_and_path
@@ -41,6 +41,7 @@ from ..records import IDENTITY_VERSION, JobIdentity, Manifest
 from ..refresh import CommittedOutput, input_key, settings_of
 from ..units import ReadUnit, plan_units
 from . import ReadOptions, SourcePlan
+from .table import StagedTableSink, TableStager
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -261,17 +262,7 @@ def committed_snapshot(table: Table | None, identity: JobIdentity) -> Snapshot |
     return None
 
 
-class IcebergStager(OutputCommitter):
-    """Folder staging (``pipeline.commit``) of rows bound for a table."""
-
-    def write_block(self, table: pa.Table) -> list[dict]:
-        # Field ids carried over from the input table's files would contradict the output table's own;
-        # without them, add_files maps columns by name.
-        plain = pa.schema([f.remove_metadata() for f in table.schema], metadata=table.schema.metadata)
-        return super().write_block(table.cast(plain))
-
-
-class IcebergSink:
+class IcebergSink(StagedTableSink):
     """The commit protocol of ``pipeline.commit`` with an Iceberg transaction as its final step: a
     ``pipeline.formats.Sink``. Its stager holds no catalog connection."""
 
@@ -289,13 +280,9 @@ class IcebergSink:
             self.location = catalog._resolve_table_location(None, self.ref.namespace, table_name)
         self.fs, location_path = filesystem_and_path(self.location)
         self.data_path = f"{location_path}/data"
-        self.staged = IcebergStager(self.fs, f"{location_path}/{STAGING_DIR}", rows_per_input_row, run)
+        self.staged = TableStager(self.fs, f"{location_path}/{STAGING_DIR}", rows_per_input_row, run)
         self.run = self.staged.run
         self.partition_fields = partition_fields
-
-    @property
-    def staging(self) -> str:
-        return self.staged.staging
 
     # -- driver, before the run ------------------------------------------------------------------
     def check_columns(self, names: Sequence[str]) -> None:
@@ -312,33 +299,9 @@ class IcebergSink:
             raise TableError(f"output table {self.root} {what} (table: {have}; job: {names}); "
                              "write to a new table, or add the column (ALTER TABLE) first")
 
-    def inspect(self, mode: str, identity: JobIdentity) -> OutputState:
-        if mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    def _committed(self, identity: JobIdentity) -> Manifest | None:
         snapshot = committed_snapshot(self.ref.load(), identity)
-        if snapshot is not None:
-            listed = self._commit_list(identity)
-            if listed is not None:  # committed, then died before cleaning up: the commit only cleans up
-                return OutputState(commit_list=listed)
-            return OutputState(committed=_manifest_of(self.root, snapshot, identity.written(), []))
-        try:
-            return self.staged.inspect(mode, identity)
-        except OutputBusyError:
-            raise
-        except OutputExistsError as exc:
-            if mode != "error":
-                raise
-            raise OutputExistsError(f"output table {self.root}: an interrupted run left staged answers in "
-                                    f"{self.staged.root}; --mode resume finishes it, --mode overwrite drops them "
-                                    "and starts again (no table row is deleted either way)") from exc
-
-    def staged_job(self) -> dict | None:
-        return self.staged.staged_job()
-
-    def recorded_job(self) -> dict | None:
-        """The staged job's identity; a committed one is known only by its hash (snapshot summary), so a
-        ``--precision auto`` re-run finds it after choosing the same variant again."""
-        return self.staged.staged_job()
+        return None if snapshot is None else _manifest_of(self.root, snapshot, identity.written(), [])
 
     def committed_output(self) -> CommittedOutput | None:
         """The current snapshot's data files; its settings only where the snapshot says the table's rows are all
@@ -359,15 +322,6 @@ class IcebergSink:
                                json.loads(settings) if settings else None, summary.get(INPUT_KEY),
                                _manifest_of(self.root, snapshot, {}, []), why)
 
-    def begin(self, mode: str, identity: JobIdentity, stale: tuple[StagedPart, ...] = ()) -> IcebergStager:
-        return self.staged.begin(mode, identity, stale)
-
-    def renew_lease(self, started_at: float | None = None) -> None:
-        self.staged.renew_lease(started_at)
-
-    def release_lease(self) -> None:
-        self.staged.release_lease()
-
     # -- driver, after the run ------------------------------------------------------------------
     def commit(self, units: list[ReadUnit], identity: JobIdentity, report: dict,
                adopted: tuple[StagedPart, ...] = (), interrupted: list[dict] | None = None) -> Manifest:
@@ -380,33 +334,12 @@ class IcebergSink:
     def _publish(self, files: list[dict], identity: JobIdentity, report: dict) -> Manifest:
         snapshot = committed_snapshot(self.ref.load(), identity)
         if snapshot is None:
+            self.fs.create_dir(self.data_path, recursive=True)
             self._move_in(files)
             snapshot = self._append(files, identity)
         crash_point("manifest")
         self.fs.delete_dir(self.staged.root)
         return _manifest_of(self.root, snapshot, identity.written(), files, report)
-
-    def _commit_list(self, identity: JobIdentity) -> list[dict] | None:
-        from ..commit import COMMIT_LIST
-        from ..lake import read_json
-
-        path = f"{self.staging}/{COMMIT_LIST}"
-        staged = self.staged_job()
-        if staged is None or not identity.compare(staged).same or \
-                self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        return read_json(self.fs, path)["files"]
-
-    def _move_in(self, files: list[dict]) -> None:
-        """Staged files to the table's data folder (roll forward: a file already moved stays)."""
-        self.fs.create_dir(self.data_path, recursive=True)
-        for k, f in enumerate(files, 1):
-            staged = f"{self.staging}/{f['path'].rsplit('/', 1)[-1]}"
-            if self.fs.get_file_info(staged).type != pafs.FileType.NotFound:
-                self.fs.move(staged, f["path"])
-            elif self.fs.get_file_info(f["path"]).type == pafs.FileType.NotFound:
-                raise RuntimeError(f"cannot commit {self.root}: {staged} vanished before the commit")
-            crash_point("publish", k)  # moved files are in no snapshot: readers do not see them
 
     def _uri(self, path: str) -> str:
         """A data file's URI, as the table's metadata names it (the location's scheme, not a filesystem path)."""
