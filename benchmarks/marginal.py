@@ -242,6 +242,22 @@ def load_average() -> float:
         return math.nan
 
 
+def proc_table() -> tuple[dict[int, tuple[str, int]], dict[int, list[int]]]:
+    """Every process now: {pid: (start time, utime + stime in ticks)}, and {parent pid: its children}."""
+    stats: dict[int, tuple[str, int]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid = int(entry.name)
+            stats[pid] = (fields[19], int(fields[11]) + int(fields[12]))
+            children.setdefault(int(fields[1]), []).append(pid)
+    return stats, children
+
+
 class TreeCpu:
     """CPU seconds (user + system) of a process and every process started under it, from /proc (Linux).
 
@@ -260,16 +276,7 @@ class TreeCpu:
     def _run(self) -> None:
         tracked = {self.root}
         while True:
-            stats, children = {}, {}
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    except (OSError, IndexError):
-                        continue
-                    pid = int(entry.name)
-                    stats[pid] = (fields[19], int(fields[11]) + int(fields[12]))  # starttime, utime + stime
-                    children.setdefault(int(fields[1]), []).append(pid)
+            stats, children = proc_table()
             todo = [p for p in tracked if p in stats]
             tracked = set(todo)
             while todo:

@@ -52,7 +52,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.marginal import TreeCpu, load_average, machine_busy_seconds, wait_for_quiet
+from benchmarks.marginal import TreeCpu, load_average, machine_busy_seconds, proc_table, wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 SQUAD = REPO.parent / "shared" / "data" / "squad"
@@ -187,15 +187,7 @@ def tree_ticks(root: int) -> dict[tuple[int, str], int]:
     """{(pid, start time): utime + stime in ticks} of ``root`` and every process under it, now (TreeCpu's reading,
     taken once: TreeCpu counts each process's CPU since it started, which for this script and its long-lived Ray
     head includes what they spent before a run, so the run's own is its reading less this one's)."""
-    stats, children = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            stats[int(entry.name)] = (fields[19], int(fields[11]) + int(fields[12]))
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    stats, children = proc_table()
     out, todo = {}, [root]
     while todo:
         pid = todo.pop()
