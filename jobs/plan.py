@@ -51,6 +51,7 @@ class JobPlan:
     recorded: dict | None = None  # --mode resume: the identity the interrupted (else committed) run recorded
     begin_mode: str = ""  # the mode the sink begins the run with ("": the config's)
     refresh: Refresh | None = None  # --mode refresh (or the resume of one): what it reuses
+    committed: CommittedOutput | None = None  # the output's committed rows, as a refresh reads them
 
     @property
     def units(self) -> tuple[ReadUnit, ...]:
@@ -114,7 +115,8 @@ def plan(cfg: JobConfig) -> JobPlan:
     source = open_source(cfg.input, ReadOptions(cfg.where, select, cfg.skip_bad_files), cfg.input_format)
     sink = open_sink(cfg.output, rows_per_input_row, source, cfg.output_format)
     recorded = sink.recorded_job() if cfg.mode == "resume" else None
-    committed = sink.committed_output() if cfg.mode == "refresh" else None
+    # what a refresh (or the resume of one) reuses, read once
+    committed = sink.committed_output() if cfg.mode == "refresh" or (recorded or {}).get("replaces") else None
     source = source.pinned(recorded)  # a resume reads what the interrupted run read, even if the table moved on
     read = source.plan(cfg.rows_per_unit, needed)
     if read.skipped_files:  # the manifest lists them too; the log is where a nightly job's owner looks first
@@ -139,7 +141,8 @@ def plan(cfg: JobConfig) -> JobPlan:
               f"column {columns.id!r}", file=sys.stderr, flush=True)
     if questions is None:  # fan-out's columns: checked at commit
         sink.check_columns(names + list(OUTPUT_COLUMNS) + ([TOP_ANSWERS_COLUMN] if cfg.decode.top_k > 1 else []))
-    job = JobPlan(cfg, model_dir, source, read, sink, columns, questions, rows_per_input_row, recorded=recorded)
+    job = JobPlan(cfg, model_dir, source, read, sink, columns, questions, rows_per_input_row, recorded=recorded,
+                  committed=committed)
     choice = forced_choice(cfg, model_dir) or resumed_choice(cfg, model_dir, recorded) or \
         kept_choice(cfg, model_dir, committed)
     return settle(job, choice) if choice is not None else job
@@ -205,7 +208,7 @@ def settle(job: JobPlan, choice: PrecisionChoice) -> JobPlan:
     if cfg.mode == "refresh":
         identity, mode = refreshed(job, identity)
     if identity.replaces is not None or cfg.mode == "refresh":
-        refresh = refresh_decision(job.sink.committed_output(), identity)
+        refresh = refresh_decision(job.committed, identity)
     state = job.sink.inspect(mode, identity)
     if cfg.mode == "refresh" and mode == "refresh" and unchanged(refresh, identity):
         state = replace(state, committed=refresh.committed.manifest)
@@ -227,7 +230,7 @@ def settle(job: JobPlan, choice: PrecisionChoice) -> JobPlan:
 def refreshed(job: JobPlan, identity: JobIdentity) -> tuple[JobIdentity, str]:
     """A refresh's identity (``replaces``: the committed output) and how to take the output: "resume" when the
     staging holds an interrupted run of this very refresh (it is finished), else "refresh" (staging cleared)."""
-    committed = job.sink.committed_output()
+    committed = job.committed
     staged = job.sink.staged_job()
     if staged is not None:
         for ref in (staged.get("replaces"), None if committed is None else committed.ref, None):
