@@ -12,7 +12,7 @@ pipeline would run. The model behind it (--runtime):
   export runs here, in the timed process, as it does for a user who starts from a transformers checkpoint),
   compiled with OpenVINO's defaults (its inference precision is bf16 on CPUs with AMX or AVX512-BF16) and
   ``INFERENCE_NUM_THREADS`` = --threads, used through the same pipeline with the directory's tokenizer.
-  Needs optimum-intel (``pip install "optimum-intel[openvino]==2.2.0"``; the install steps: BENCHMARKS.md, 2026-12-06).
+  Needs optimum-intel (``pip install "optimum-intel[openvino]==2.2.0"``; the install steps: docs/log/, 2026-12-06).
 
 No warm-up and no timing for the caller here: the caller times the process, start to exit, and takes
 differences between question counts. One line on stderr, ``peer: {...}`` (JSON), says what ran: the runtime,

@@ -128,7 +128,7 @@ def transformers_pipeline_available() -> str | None:
 
 
 OPTIMUM_INTEL_PIP = ('pip install "optimum-intel[openvino]==2.2.0" torchvision==0.28.0 (or -e ".[bench]"), then '
-                     'pip uninstall torchvision unless it is a CPU build (BENCHMARKS.md, 2026-12-06)')
+                     'pip uninstall torchvision unless it is a CPU build (docs/log/, 2026-12-06)')
 
 
 def optimum_intel_available() -> str | None:

@@ -7,7 +7,7 @@ be retried forever. Here every limit is finite, and a crash costs only the rows 
 - A pass answers pieces of read units (the first: pending units whole, shrinking towards its end so that the
   actors finish together: ``poison.first_pass``), one piece per actor task. The first pass keeps two tasks
   in flight per actor (``FIRST_PASS_TASKS_PER_ACTOR``): Ray Data hands an actor its next task on a later tick
-  of its scheduling loop, and a queued second piece fills that gap (BENCHMARKS.md: tasks in flight). A crash
+  of its scheduling loop, and a queued second piece fills that gap (docs/log/: tasks in flight). A crash
   then fails the queued piece too: it may be retried behind the poison piece and leave the pass with it, and is
   answered in the next pass, in halves, like any piece that did not stage. Later passes keep one task in flight
   per actor, so there a crash is charged to the one piece its actor was answering, and only a row that

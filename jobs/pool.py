@@ -52,7 +52,7 @@ def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int
 
     One single-threaded actor per CPU by default: ONNX Runtime's threads meet at every op, and an op
     waits for the slowest, so two threads on two cores lose to two actors whenever anything else runs
-    (BENCHMARKS.md: actors and threads has the measurement).
+    (docs/log/: actors and threads has the measurement).
     Graphs of 256 MB and more (BERT-large fp32) get 4 CPUs per actor instead: every actor holds its own
     copy, and their big matmuls keep four threads busy.
     """

@@ -226,7 +226,7 @@ class AnswerActor:
     Staging in the actor, not in Ray Data write tasks: on a node whose Ray has few CPUs, a short write task
     every few seconds found its idle worker process killed (Ray's soft limit on workers is the node's CPUs,
     and the actors already exceed it) and started a new one, paying the imports again each time, a large share
-    of a small job's CPU (BENCHMARKS.md has the measurement). The answers also no longer travel through the
+    of a small job's CPU (docs/log/ has the measurement). The answers also no longer travel through the
     object store.
 
     Callable without a cluster (``stats=None``): the Ray-free core of an actor, as tests use it; ``answer``

@@ -6,7 +6,7 @@ Sessions are the job's own (pipeline.backends.load_model, pipeline.session.QASes
 the options the job gives it; ``ort-int8-exact`` and ``ort-int8-fast`` override the int8 kernel choice to show
 what the exact kernels cost. ``ort-int8-7bit`` reads ``model-int8-7bit.onnx`` (7-bit weights, ``models.convert
 --int8-7bit``) as ``--precision int8-7bit`` serves it, with the fast kernel. ``torch-fp32`` reads a Hugging Face
-directory, as the transformers pipeline does. Run each variant in a fresh process (BENCHMARKS.md: BERT-base on a
+directory, as the transformers pipeline does. Run each variant in a fresh process (docs/log/: BERT-base on a
 quiet machine). Random token ids: a dense encoder's cost does not depend on them. Padding, tokenizing and
 decoding are left out on purpose, to separate the kernels from the job around them.
 """

@@ -105,7 +105,7 @@ class Answerer:
     ``batch_tokens`` bounds the tokens (padding included) per inference call; windows are sorted
     by length so each batch pads only to its own longest window. Small budgets are faster on CPU, not
     slower: a batch's activations (for BERT-base's FFN, tokens x 3072 floats) stay in cache between the
-    ops that write and read them, and a sorted batch of fewer windows spans fewer lengths (BENCHMARKS.md,
+    ops that write and read them, and a sorted batch of fewer windows spans fewer lengths (docs/log/,
     "A 512-token budget": the default model and BERT-base, on AVX2 and AVX-512 VNNI).
     """
 

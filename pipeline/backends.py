@@ -57,7 +57,7 @@ class Backend:
     precisions: tuple[str, ...]
     extra: str | None  # the pyproject extra that installs it (pipeline.extras); None for a core dependency
     # Tokens (padding included) per inference call, when --batch-tokens is not given: ONNX Runtime is fastest
-    # on small batches that keep activations in cache, OpenVINO on larger ones (BENCHMARKS.md: token budget).
+    # on small batches that keep activations in cache, OpenVINO on larger ones (docs/log/: token budget).
     batch_tokens: int
 
 

@@ -8,7 +8,7 @@ right answers on any CPU at some cost in speed.
 Why the options differ: ONNX Runtime's fast int8 kernel multiplies u8 activations by s8 weights. With VNNI
 (AVX-512 VNNI, AVX-VNNI) or AMX the products are summed into 32 bits and are exact. Without it (AVX2 only,
 AVX-512 before Cascade Lake) it uses vpmaddubsw, whose 16-bit pair sums saturate: the answers change, for the
-worse (BENCHMARKS.md, "int8 on a CPU without VNNI"). There the job asks for the exact u8 x u8 kernels
+worse (docs/log/, "int8 on a CPU without VNNI"). There the job asks for the exact u8 x u8 kernels
 (``exact_u8u8``); on VNNI/AMX CPUs that option is not free (it replaces the VNNI/AMX kernel, already exact, by a
 slower one), so it is asked for only where it is needed.
 
@@ -18,7 +18,7 @@ length off the block runs a tail path. Each batch is therefore padded up to a mu
 (masked, so the answers are the same arithmetic's; bf16 rounds differently on the tail path, so a few answers
 change). On AMX the padded batches are faster for OpenVINO bf16 and int8-bf16 and for the NNCF int8 IR (f32
 between its int8 ops), on the default model and on BERT-base, and a multiple of 32 or 64 tokens was no faster
-than 16 (BENCHMARKS.md, "Batches padded to whole AMX tiles, attention projections split"). Only where the
+than 16 (docs/log/, "Batches padded to whole AMX tiles, attention projections split"). Only where the
 matmuls run on tiles (bf16, the int8 IR): OpenVINO f32 runs on AVX-512, where the same padding only added
 tokens to compute and changed no answer. Other classes pad nothing (not measured there).
 """

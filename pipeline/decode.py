@@ -109,7 +109,7 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: n
 
     The softmax normaliser never builds the W x L x max_answer_len band of exponentials (span_logsumexp),
     and the best span of a window is its best start with the best end in reach (a running maximum); only
-    top-k > 1 scores the whole band. Same spans, in a fraction of the time (BENCHMARKS.md, "Tokenizing and
+    top-k > 1 scores the whole band. Same spans, in a fraction of the time (docs/log/, "Tokenizing and
     decoding per question").
     """
     k_top, max_len = settings.top_k, settings.max_answer_len

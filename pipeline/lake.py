@@ -17,7 +17,7 @@ _GLOB_CHARS = "*?["
 # Requests to a store in flight at once, for work that asks it once per file (footers, stats). Each request to
 # S3 waits a network round trip: one at a time leaves the driver waiting. pyarrow's S3 client keeps fewer
 # requests than this in flight (raising pyarrow's io_thread_count before the filesystem is made raises that), so
-# more threads only queue there (BENCHMARKS.md, "Scale: planning"). On a local disk footers are parsed in C++
+# more threads only queue there (docs/log/, "Scale: planning"). On a local disk footers are parsed in C++
 # without the GIL: a few threads per core keep it busy.
 STORE_THREADS = 32
 
@@ -98,7 +98,7 @@ def expand_input(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 def stat_files(fs: pafs.FileSystem, paths: Sequence[str], threads: int = STORE_THREADS) -> list[pafs.FileInfo]:
     """``fs.get_file_info(paths)``: the same answers in the same order, asked ``threads`` at a time. pyarrow asks
     an object store about a list of paths one path after another (S3: a HEAD each, serially). A local stat is a
-    system call, no wait: there, threads only add their overhead (BENCHMARKS.md, "Scale: planning")."""
+    system call, no wait: there, threads only add their overhead (docs/log/, "Scale: planning")."""
     paths = [str(p) for p in paths]
     if threads <= 1 or len(paths) <= threads or isinstance(fs, pafs.LocalFileSystem):
         return fs.get_file_info(paths)

@@ -50,7 +50,7 @@ def split_fused_projections(model) -> int:
     projection split three ways: the Split runs a reference kernel, and in an NNCF int8 IR the dequantizing
     multiplies behind it cannot fold into the projection. Three projections compute the same numbers (the same
     logits in f32 on the default model and BERT-base) and each becomes one FullyConnected with its
-    dequantization fused, which made calls faster on AMX (BENCHMARKS.md, "Batches padded to whole AMX tiles,
+    dequantization fused, which made calls faster on AMX (docs/log/, "Batches padded to whole AMX tiles,
     attention projections split"). Graphs without the pattern (an int8 IR, whose weights are not plain
     constants) are left as they are.
     """

@@ -50,7 +50,7 @@ def session_options(threads: int, kernels: KernelOptions | None = None) -> ort.S
     # No busy-waiting between batches: the actor tokenizes and decodes on the same cores.
     opts.add_session_config_entry(ALLOW_SPINNING_KEY, "0")
     # x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with a 16-bit saturating
-    # pair sum: int8 graphs then give different, worse answers there than on VNNI/AMX CPUs (BENCHMARKS.md,
+    # pair sum: int8 graphs then give different, worse answers there than on VNNI/AMX CPUs (docs/log/,
     # "int8 on a CPU without VNNI"). There ONNX Runtime is asked for its exact u8 x u8 kernels, which give the
     # model card's answers. Only there: on VNNI/AMX CPUs, whose fast kernel is already exact, the option only
     # costs throughput (a slower kernel in place of VNNI/AMX), so pipeline.cpu leaves it off on those.

@@ -146,7 +146,7 @@ def make_windows(
     its two sequences encoded apart, then truncated and post-processed, and we do the same steps
     with its own ``Encoding.truncate`` and ``Tokenizer.post_process``, sharing the context's
     encoding. SQuAD has about five questions per context and the long form (documents x questions)
-    many more, so sharing the context's encoding saves much of the tokenizing (BENCHMARKS.md, "Tokenizing and
+    many more, so sharing the context's encoding saves much of the tokenizing (docs/log/, "Tokenizing and
     decoding per question"). tests/test_windows.py holds the windows equal to the pair encodings'.
     """
     errors: dict[int, str] = {}
