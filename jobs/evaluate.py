@@ -12,7 +12,6 @@ predictions file without running a model.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -105,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.connect import leave
+
+    leave(main())
