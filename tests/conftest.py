@@ -1,7 +1,12 @@
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,23 +33,68 @@ def tiny_model_64(tmp_path_factory) -> Path:
 # a running node takes about 1 s, and the suite runs dozens of jobs. Modules that run jobs use `joined_ray`. After a
 # run a test kills, the test waits until Ray has ended that job's workers (`LocalCluster.wait_for_workers_of`):
 # until then they may still write. A worker Ray leaves running for a minute the test kills itself, with a warning.
-# A job whose actors need this process's environment (the moto server's address) starts its own Ray
-# (`local_ray_env`). The local start itself stays tested (test_driver, test_cluster_address).
+# The node carries the suite's S3 server's address and keys (`s3_server`), as a real cluster's nodes carry their
+# own S3 settings, so that S3 jobs join it too.
+# The local start itself stays tested (test_driver, test_cluster_address).
 SHARED_RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 
 @pytest.fixture(scope="session")
-def ray_node(tmp_path_factory):
+def ray_node(tmp_path_factory, s3_server):
     """A `ray start --head` node with this machine's CPUs (as a local Ray has), stopped by its process group."""
     from multinode import LocalCluster
 
     cluster = LocalCluster(tmp_path_factory.mktemp("ray-node"))
     SHARED_NODE_LOGS.append(cluster.temp / "ray" / "session_latest" / "logs")
     try:
-        cluster.start_head(num_cpus=os.cpu_count() or 1)
+        cluster.start_head(num_cpus=os.cpu_count() or 1, env=s3_server)
         yield cluster
     finally:
         cluster.stop()
+
+
+# This interpreter's own moto first: another one on PATH (a system Python's, an older moto) may not speak the S3 that
+# this pyarrow expects (moto 5.2.1 answers a multipart upload's completion in a form pyarrow 26 reads as an error).
+_OWN_MOTO = os.path.join(os.path.dirname(sys.executable), "moto_server")
+MOTO = _OWN_MOTO if os.path.exists(_OWN_MOTO) else shutil.which("moto_server") or _OWN_MOTO
+S3_BUCKET = "lake"  # each module keeps to its own prefix in it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The suite's S3-compatible server (moto) on 127.0.0.1 with the bucket ``lake``: the environment variables
+    that reach it (address and keys), or ``{}`` without moto (the test extra; S3 tests then skip). Stopped at the
+    end of the session; modules set the variables for their drivers with ``s3_env`` (test_s3)."""
+    if not os.path.exists(MOTO):
+        yield {}
+        return
+    port = free_port()
+    server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server on 127.0.0.1:{port} did not start within 30 s "
+                                       f"(exit {server.poll()})") from None
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(S3_BUCKET)
+        yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +118,6 @@ def driver_log_tail(lines: int = 30) -> str:
     if not logs:
         return "(no driver log on the suite's Ray node)"
     return f"{logs[-1]}:\n" + "\n".join(logs[-1].read_text(errors="replace").splitlines()[-lines:])
-
-
-def local_ray_env(env: dict) -> dict:
-    """``env`` for a job that starts its own local Ray, whatever module it runs in."""
-    return {k: v for k, v in env.items() if k not in SHARED_RAY_VARS}
 
 
 def identity_for(tag: str):

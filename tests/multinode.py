@@ -160,15 +160,16 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def start_head(self, num_cpus: int = 0, dashboard: bool = False) -> Node:
-        """The head; with ``dashboard``, ``self.dashboard`` is the address `ray job submit` takes."""
+    def start_head(self, num_cpus: int = 0, dashboard: bool = False, env: dict | None = None) -> Node:
+        """The head; with ``dashboard``, ``self.dashboard`` is the address `ray job submit` takes. ``env`` adds
+        to its environment, which its worker processes inherit."""
         gcs, client, dash = free_ports(3)
         self.address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dash}"
         view = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
         args = ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
                 *(view if dashboard else ["--include-dashboard", "false"]), "--temp-dir", str(self.temp / "ray")]
-        self.head = self._start_and_wait("head", args, num_cpus)
+        self.head = self._start_and_wait("head", args, num_cpus, env=env)
         return self.head
 
     def add_worker(self, num_cpus: int = 1, wait: bool = True, env: dict | None = None) -> Node:

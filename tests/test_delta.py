@@ -360,9 +360,8 @@ def test_tables_on_s3(s3_env, tiny_model, tmp_path):  # noqa: F811
     write_deltalake("s3://lake/delta/questions", input_rows(tmp_path), partition_by=["topic"],
                     storage_options=options)
     common = args(tiny_model, "s3://lake/delta/questions", "s3://lake/delta/answers", "--output-format", "delta")
-    # Its own Ray: the actors read and write the moto server, whose address and keys reach only processes that
-    # inherit this one's environment (on a real cluster the nodes carry their own S3 settings).
-    run_job(common, local_ray=True)
+    # The suite's Ray node carries the moto server's address and keys, as a real cluster's nodes carry theirs.
+    run_job(common)
     table = DeltaTable("s3://lake/delta/answers", storage_options=options)
     assert_once(table.to_pyarrow_table(), IDS)
     assert_one_job_commit(table)
@@ -370,5 +369,5 @@ def test_tables_on_s3(s3_env, tiny_model, tmp_path):  # noqa: F811
     s3 = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
     assert_once(read_with_pyarrow(table, s3), IDS)
     assert s3.get_file_info(f"lake/delta/answers/{STAGING_DIR}").type == pafs.FileType.NotFound
-    assert "nothing to do" in run_job(common + ["--mode", "resume"], local_ray=True)
+    assert "nothing to do" in run_job(common + ["--mode", "resume"])
     assert DeltaTable("s3://lake/delta/answers", storage_options=options).version() == 0

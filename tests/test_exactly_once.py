@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, driver_log_tail, local_ray_env
+from conftest import REPO, driver_log_tail
 
 from pipeline.faults import EXIT_CODE
 
@@ -35,17 +35,15 @@ def write_input(directory: Path, n: int = N_ROWS) -> Path:
     return directory
 
 
-def job(args: list[str], env_extra: dict | None = None, *, local_ray: bool = False, **kw) -> subprocess.Popen:
-    """The job in a subprocess, on the Ray that RAY_ADDRESS names, or with ``local_ray`` on its own."""
+def job(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    """The job in a subprocess, on the Ray that RAY_ADDRESS names."""
     env = {**os.environ, **(env_extra or {})}
-    if local_ray:
-        env = local_ray_env(env)
     return subprocess.Popen([sys.executable, "-m", "jobs.answer", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def run_job(args: list[str], env_extra: dict | None = None, timeout: int = 300, local_ray: bool = False) -> str:
-    p = job(args, env_extra, local_ray=local_ray)
+def run_job(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> str:
+    p = job(args, env_extra)
     out, _ = p.communicate(timeout=timeout)
     # A driver that Ray's core worker ended itself prints nothing of why: its driver log and its Ray log file say.
     assert p.returncode == 0, f"exit {p.returncode}: {out[-4000:]}\n{driver_log_tail()}\n{ray_log_tail(p.pid)}"

@@ -4,72 +4,40 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import MOTO, REPO
 
-# This interpreter's own moto first: another one on PATH (a system Python's, an older moto) may not speak the S3 that
-# this pyarrow expects (moto 5.2.1 answers a multipart upload's completion in a form pyarrow 26 reads as an error).
-_OWN_MOTO = os.path.join(os.path.dirname(sys.executable), "moto_server")
-MOTO = _OWN_MOTO if os.path.exists(_OWN_MOTO) else shutil.which("moto_server") or _OWN_MOTO
 pytestmark = pytest.mark.skipif(not os.path.exists(MOTO), reason="needs moto[server] (the test extra)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_env():
-    port = free_port()
-    server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("lake")
-    try:
-        yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.terminate()
-        server.wait(timeout=10)
+def s3_env(s3_server):
+    """The suite's S3 server (conftest) in this process's environment for one module: drivers started from here
+    reach it, as the suite's Ray node's actors do."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.items():
+            mp.setenv(k, v)
+        yield s3_server
 
 
 def s3fs() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
 
 
-def test_partitioned_dataset_in_answers_out(s3_env, tiny_model):
+def test_partitioned_dataset_in_answers_out(s3_env, tiny_model, joined_ray):
     fs = s3fs()
     for lang, n in (("en", 7), ("fr", 5)):
         table = pa.table({"id": [f"{lang}-{i}" for i in range(n)],
                           "question": ["who was born in paris?"] * n,
                           "context": ["The king of France was born in Paris in 1789."] * n})
         pq.write_table(table, f"lake/questions/lang={lang}/part-0.parquet", filesystem=fs, row_group_size=3)
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **s3_env}
+    env = {**os.environ, **s3_env}  # the suite's Ray node (joined_ray), which has the S3 server's settings
     cmd = [sys.executable, "-m", "jobs.answer", "--input", "s3://lake/questions/", "--output", "s3://lake/answers",
            "--model", str(tiny_model), "--rows-per-unit", "2"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
