@@ -175,6 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.connect import leave
-
-    leave(main())
+    sys.exit(main())

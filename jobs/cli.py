@@ -113,12 +113,5 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(COMMANDS[first]).main(argv[1:])
 
 
-def console() -> NoReturn:
-    """The ``qa-batch`` console script: ``main``, then the job's process ends at once (``jobs.connect.leave``)."""
-    from jobs.connect import leave
-
-    leave(main())
-
-
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

@@ -18,28 +18,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 from jobs.pool import Capacity
 from pipeline import faults
 from pipeline.precision import NodeCpu
 
 WAIT_POLL_S = 1.0
-
-
-def leave(code: int) -> NoReturn:
-    """End a job's process with exit status ``code`` once ``main`` has returned: Ray disconnected as at a normal
-    exit, standard streams flushed, then ``os._exit``, without the interpreter's teardown of every module Ray,
-    Arrow and pandas loaded (the largest part of a small job's exit: docs/log/ has the measurement). Nothing is
-    left to do by then: the sink committed, or the job said why it did not. Only the ``__main__`` and console
-    script paths call it; ``main`` returns as usual to Python callers and tests."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 class NoWorkersError(RuntimeError):

@@ -12,6 +12,7 @@ predictions file without running a model.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -104,6 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.connect import leave
-
-    leave(main())
+    sys.exit(main())

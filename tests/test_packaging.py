@@ -40,7 +40,7 @@ def test_wheel_holds_the_product_and_not_the_benchmarks(tmp_path):
     # What the product runs itself stays in it: models.card --measure-shape runs models.fixed_batches.
     assert {"models/fixed_batches.py", "models/card.py", "jobs/cli.py"} <= set(names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "qa-batch = jobs.cli:console" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "qa-batch = jobs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_product_never_imports_the_lab_tooling():
