@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-WORKER_PORTS = 40  # per node, for its worker processes
+WORKER_PORTS = 400  # per node, for its worker processes: the raylet takes one a worker and a driver, and a
+# job killed by a test can leave its ports taken; with none free a new worker dies at start and the raylet waits
+# 60 s (its registration timeout) before it starts another: a job stalled for a minute (docs/log/, 2026-12-06)
 
 
 class NodeExitedError(RuntimeError):
