@@ -21,7 +21,8 @@ dynamically; both are checked against the fp32 graph (with a looser bound for in
 (``--precision int8``), calibrated on windows cut as the job cuts them from ``--calibration FILE`` (SQuAD JSON,
 or Parquet/JSON rows with question and context; default SQuAD v1.1 train) and checked against the fp32 graph's
 logits on held-out windows; ``--no-openvino-int8`` skips it. ``--openvino-int8 DIR`` adds it to an existing model
-directory from its ``model-fp32.onnx`` (how the default model got its IR).
+directory from its ``model-fp32.onnx`` (how the default model got its IR), or makes it again, and measures the
+directory's agreement record again: the record's int8 rows described the IR it replaces.
 ``--quantize int8`` also writes ``model-int8-7bit.onnx``, the same dynamic int8 with weights in -64..64, which
 ONNX Runtime serves at ``--precision int8-7bit``: exact with the fast int8 kernel of CPUs without VNNI, where the
 8-bit graph needs the slower exact kernels (pipeline/cpu.py); ``--int8-7bit DIR`` adds it to an existing directory.
@@ -702,10 +703,11 @@ def _convert_into(src: Path, dst: Path, kind: str, options: ConvertOptions, fp32
     return report, fp32
 
 
-def write_agreement(model_dir: Path, data: str | Path | None) -> dict:
+def write_agreement(model_dir: Path, data: str | Path | None,
+                    command: str = "python -m models.convert ... --quantize int8") -> dict:
     """The model's agreement record (models/agreement.py) on questions of the calibration data (default: SQuAD
-    train), into its card.json; a summary for the report. Without the data, no record: auto then keeps the
-    default model's measurements and says so."""
+    train), into its card.json, its source naming ``command``; a summary for the report. Without the data, no
+    record: auto then keeps the default model's measurements and says so."""
     from models import agreement
 
     path = Path(data).expanduser() if data else agreement.default_data()
@@ -713,7 +715,7 @@ def write_agreement(model_dir: Path, data: str | Path | None) -> dict:
         return {"skipped": f"{path}: no data to measure agreement on (python -m models.agreement {model_dir} "
                            "--data FILE adds the record)"}
     try:
-        record = agreement.measure(model_dir, path, source=f"python -m models.convert ... --quantize int8 (data {path})")
+        record = agreement.measure(model_dir, path, source=f"{command} (data {path})")
     except agreement.NoReferenceError as exc:
         return {"skipped": str(exc)}
     agreement.write(model_dir, record)
@@ -786,6 +788,8 @@ def main(argv: list[str] | None = None) -> None:
         for module in ("openvino", "nncf"):
             require(module, "convert", WHAT)
         report = write_openvino_int8(d, graph_file(d, "openvino"), a.calibration, a.calibration_questions)
+        # A record the directory has measured the IR this one replaces: measured again, as --quantize int8 does.
+        report["agreement"] = write_agreement(d, a.calibration, f"python -m models.convert --openvino-int8 {d}")
         print(json.dumps({"wrote": str(d / report["openvino_int8"]["graph"]), **report}, indent=2))
         return
     if not (a.src and a.dst):

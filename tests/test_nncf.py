@@ -129,7 +129,8 @@ def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
 
 def test_openvino_int8_adds_the_ir_to_an_exported_directory(tmp_path):
     """The default model's layout (ONNX Runtime int8 model.onnx beside model-fp32.onnx): --openvino-int8 DIR
-    quantizes model-fp32.onnx, calibrated on SQuAD JSON; ONNX Runtime keeps serving model.onnx."""
+    quantizes model-fp32.onnx, calibrated on SQuAD JSON, and measures the directory's agreement record again;
+    ONNX Runtime keeps serving model.onnx."""
     d = write_model_dir(tmp_path / "m")
     (d / "model.onnx").rename(d / "model-fp32.onnx")
     quantize_int8(d / "model-fp32.onnx", d / "model.onnx")
@@ -141,6 +142,11 @@ def test_openvino_int8_adds_the_ir_to_an_exported_directory(tmp_path):
         for i, (q, c) in enumerate(zip(rows["question"], rows["context"]))]}]}
     (tmp_path / "squad.json").write_text(json.dumps(squad))
     main(["--openvino-int8", str(d), "--calibration", str(tmp_path / "squad.json")])
+    # The agreement record is measured for the new IR too (what auto reads), on the calibration questions
+    record = json.loads((d / "card.json").read_text())["agreement"]
+    assert {(v["backend"], v["precision"]) for v in record["variants"]} >= {("openvino", "int8"),
+                                                                           ("onnxruntime", "int8-dynamic")}
+    assert record["sample"]["questions"] == 20 and "--openvino-int8" in record["source"]
     spec, session = load_model(str(d))
     assert spec.model_file.name == "model.onnx" and isinstance(session, QASession)
     assert_answers_every_row(d)
