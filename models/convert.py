@@ -37,11 +37,13 @@ onnxruntime always. A missing one is named before anything is written, in one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -577,8 +579,10 @@ def write_openvino_int8(model_dir: Path, fp32_graph: Path, calibration: str | Pa
     items = calibration_feeds(reference, calibration_windows)
     fp32_model = ov.Core().read_model(str(fp32_graph))
     split_fused_projections(fp32_model)  # one projection each for query, key, value: their dequantization fuses
-    model = nncf.quantize(fp32_model, nncf.Dataset(items),
-                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+    # NNCF draws its progress bars on stdout, where the command prints its JSON report: on stderr instead
+    with contextlib.redirect_stdout(sys.stderr):
+        model = nncf.quantize(fp32_model, nncf.Dataset(items),
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
     fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
     if not fake_quantize:
         raise ConvertError(f"{fp32_graph}: NNCF found nothing to quantize; the int8 IR was not written")

@@ -127,7 +127,7 @@ def test_quantize_int8_on_the_command_line_writes_both_int8_graphs(tmp_path):
     assert_answers_every_row(tmp_path / "dst")
 
 
-def test_openvino_int8_adds_the_ir_to_an_exported_directory(tmp_path):
+def test_openvino_int8_adds_the_ir_to_an_exported_directory(tmp_path, capsys):
     """The default model's layout (ONNX Runtime int8 model.onnx beside model-fp32.onnx): --openvino-int8 DIR
     quantizes model-fp32.onnx, calibrated on SQuAD JSON, and measures the directory's agreement record again;
     ONNX Runtime keeps serving model.onnx."""
@@ -142,6 +142,8 @@ def test_openvino_int8_adds_the_ir_to_an_exported_directory(tmp_path):
         for i, (q, c) in enumerate(zip(rows["question"], rows["context"]))]}]}
     (tmp_path / "squad.json").write_text(json.dumps(squad))
     main(["--openvino-int8", str(d), "--calibration", str(tmp_path / "squad.json")])
+    printed = json.loads(capsys.readouterr().out)  # the report alone: NNCF's progress bars go to stderr
+    assert printed["wrote"] == str(d / "model-int8.xml") and "openvino int8" in printed["agreement"]
     # The agreement record is measured for the new IR too (what auto reads), on the calibration questions
     record = json.loads((d / "card.json").read_text())["agreement"]
     assert {(v["backend"], v["precision"]) for v in record["variants"]} >= {("openvino", "int8"),
