@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -47,7 +48,7 @@ def ray_node(tmp_path_factory, s3_server):
     cluster = LocalCluster(tmp_path_factory.mktemp("ray-node"))
     SHARED_NODE_LOGS.append(cluster.temp / "ray" / "session_latest" / "logs")
     try:
-        cluster.start_head(num_cpus=os.cpu_count() or 1, env=s3_server)
+        cluster.start_head(num_cpus=os.cpu_count() or 1, env=s3_server.env)
         yield cluster
     finally:
         cluster.stop()
@@ -66,32 +67,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class S3Server:
+    """The suite's S3 server as tests see it: the environment variables that reach it (address and keys), or
+    why there is none (moto not installed, or it did not start: the S3 tests then skip or fail saying so, and
+    the suite's Ray node starts without it)."""
+
+    env: dict[str, str]
+    missing: str = ""
+
+
+def _listening(port: int, process: subprocess.Popen, seconds: float) -> bool:
+    """Whether ``process`` accepts connections on ``port`` within ``seconds`` (False at once if it exits)."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """The suite's S3-compatible server (moto) on 127.0.0.1 with the bucket ``lake``: the environment variables
-    that reach it (address and keys), or ``{}`` without moto (the test extra; S3 tests then skip). Stopped at the
-    end of the session; modules set the variables for their drivers with ``s3_env`` (test_s3)."""
+    """The suite's S3-compatible server (moto) on 127.0.0.1 with the bucket ``lake``, stopped at the end of the
+    session; modules set its variables for their drivers with ``s3_env`` (test_s3)."""
     if not os.path.exists(MOTO):
-        yield {}
+        yield S3Server({}, "needs moto[server] (the test extra)")
         return
     port = free_port()
     server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server on 127.0.0.1:{port} did not start within 30 s "
-                                       f"(exit {server.poll()})") from None
-                time.sleep(0.1)
+        if not _listening(port, server, 30.0):
+            yield S3Server({}, f"{MOTO} on 127.0.0.1:{port} did not start within 30 s (exit {server.poll()})")
+            return
         endpoint = f"http://127.0.0.1:{port}"
         pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(S3_BUCKET)
-        yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": endpoint}
+        yield S3Server({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
     finally:
         server.terminate()
         server.wait(timeout=10)

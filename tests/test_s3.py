@@ -20,10 +20,12 @@ pytestmark = pytest.mark.skipif(not os.path.exists(MOTO), reason="needs moto[ser
 def s3_env(s3_server):
     """The suite's S3 server (conftest) in this process's environment for one module: drivers started from here
     reach it, as the suite's Ray node's actors do."""
+    if s3_server.missing:
+        pytest.fail(s3_server.missing)
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in s3_server.items():
+        for k, v in s3_server.env.items():
             mp.setenv(k, v)
-        yield s3_server
+        yield s3_server.env
 
 
 def s3fs() -> pafs.S3FileSystem:
