@@ -61,12 +61,6 @@ MOTO = _OWN_MOTO if os.path.exists(_OWN_MOTO) else shutil.which("moto_server") o
 S3_BUCKET = "lake"  # each module keeps to its own prefix in it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class S3Server:
     """The suite's S3 server as tests see it: the environment variables that reach it (address and keys), or
@@ -96,7 +90,9 @@ def s3_server():
     if not os.path.exists(MOTO):
         yield S3Server({}, "needs moto[server] (the test extra)")
         return
-    port = free_port()
+    from multinode import free_ports
+
+    (port,) = free_ports(1)
     server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
