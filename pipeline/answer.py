@@ -237,19 +237,13 @@ class Answerer:
         # whole tiles, pipeline.cpu; the batch's longest, being sorted, sets the batch's), or the graph's fixed one.
         cols_of = (np.full(len(order), width) if self.session.fixed_seq_len else
                    padded_length(windows.lengths, self.session.seq_multiple, width))
-        b0 = 0
-        while b0 < len(order):
-            # Largest batch whose longest window (the last, being sorted) fits the token budget.
-            b1 = b0 + 1
-            while b1 < len(order) and (b1 + 1 - b0) * cols_of[order[b1]] <= self.batch_tokens:
-                b1 += 1
+        static = getattr(self.session, "static_shapes", False)
+        for b0, b1, cols, rows in cut_batches(cols_of[order], self.batch_tokens, static):
             idx = order[b0:b1]
-            cols = int(cols_of[idx].max())
-            batch = windows.take(idx, cols)
+            batch = windows.take(np.concatenate([idx, np.full(rows - len(idx), idx[-1])]), cols)
             s, e = self.session.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            start[idx, :cols], end[idx, :cols] = s, e
-            self.times.padded_tokens += len(idx) * cols
-            b0 = b1
+            start[idx, :cols], end[idx, :cols] = s[:len(idx)], e[:len(idx)]
+            self.times.padded_tokens += rows * cols
         return start, end
 
     def _columns(self, n: int, found: dict[int, list[dict]], errors: dict[int, str]) -> dict[str, pa.Array]:
@@ -272,6 +266,39 @@ class Answerer:
         if self.decode.top_k > 1:
             values[TOP_ANSWERS_COLUMN] = top
         return {name: pa.array(values[name], type_) for name, type_ in answer_types(self.decode).items()}
+
+
+def cut_batches(cols: np.ndarray, budget: int, canonical: bool = False) -> list[tuple[int, int, int, int]]:
+    """Batches of windows sorted by length: (first, past-last, length, rows computed) each, where ``cols`` are the
+    sorted windows' padded lengths and a batch computes rows x length tokens.
+
+    Each batch is the longest run from its first window whose longest (its last) window fits ``budget`` tokens.
+    ``canonical`` (a session with static shapes, one compiled model per shape): a batch of length L always computes
+    budget // L rows, so a job meets one shape per length; of the lengths a batch could take, it takes the one
+    that answers the most windows (the shortest of those), and rows it has no window for are copies of its last.
+    """
+    out = []
+    b0, n = 0, len(cols)
+    lengths = np.unique(cols)
+    while b0 < n:
+        if canonical:
+            best, length = 0, int(cols[b0])
+            for candidate in lengths[np.searchsorted(lengths, cols[b0]):]:
+                rows = max(1, budget // int(candidate))
+                if rows <= best:  # longer lengths take fewer rows still
+                    break
+                covered = min(rows, int(np.searchsorted(cols, candidate, side="right")) - b0)
+                if covered > best:
+                    best, length = covered, int(candidate)
+            b1, rows = b0 + best, max(1, budget // length)
+        else:
+            b1 = b0 + 1
+            while b1 < n and (b1 + 1 - b0) * cols[b1] <= budget:
+                b1 += 1
+            length, rows = int(cols[b1 - 1]), b1 - b0
+        out.append((b0, b1, length, rows))
+        b0 = b1
+    return out
 
 
 def answer_types(decode: DecodeSettings) -> dict[str, pa.DataType]:

@@ -22,6 +22,10 @@ def _openvino():
     return require("openvino", BACKENDS["openvino"].extra, "the OpenVINO backend (--backend openvino, --precision bf16, IR models)")
 
 
+# With static shapes, batch lengths are padded up to a multiple of this at least (a compiled model per length).
+STATIC_SEQ_MULTIPLE = 16
+
+
 def compile_config(threads: int, precision: str = "fp32") -> dict:
     """CPU plugin settings for one answering actor.
 
@@ -85,6 +89,34 @@ def split_fused_projections(model) -> int:
     return rewritten
 
 
+def transpose_weights(model) -> int:
+    """Stores each ``MatMul(x, W)`` weight constant transposed (``MatMul(x, W.T, transpose_b=True)``), in place;
+    returns how many it rewrote.
+
+    The CPU plugin keeps fully connected weights as [out, in]: given ONNX's [in, out] it adds a Transpose whose
+    folded f32 result each compiled model keeps beside its own packed copy. Stored transposed, a compiled model
+    holds only the packed copy, which is what makes one compiled model per batch shape affordable (static shapes).
+    The same products are computed.
+    """
+    ops = _openvino().opset13
+    rewritten = 0
+    for matmul in [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]:
+        weights = matmul.input_value(1).get_node()
+        if weights.get_type_name() != "Constant" or any(matmul.get_attributes().values()):
+            continue
+        w = weights.get_data()
+        if w.ndim != 2:
+            continue
+        product = ops.matmul(matmul.input_value(0), ops.constant(np.ascontiguousarray(w.T)), False, True)
+        product.set_friendly_name(matmul.get_friendly_name())
+        for target in list(matmul.output(0).get_target_inputs()):
+            target.replace_source_output(product.output(0))
+        rewritten += 1
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    return rewritten
+
+
 def _port_name(port, wanted: set[str]) -> str:
     """A port's name, preferring one of ``wanted`` (ports can carry several names, e.g. from the IR's history)."""
     names = port.get_names()
@@ -100,7 +132,7 @@ class OpenVinoQASession:
 
     def __init__(self, model_file: str | Path, threads: int = 1,
                  input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", static_shapes: bool = False):
         ov = _openvino()
         self.model_file = Path(model_file)
         core = ov.Core()
@@ -126,18 +158,46 @@ class OpenVinoQASession:
         wanted_out = {n for names in OUTPUT_ROLES.values() for n in names} | set((output_names or {}).values())
         graph_outputs = {_port_name(p, wanted_out): p for p in model.outputs}
         self.outputs = resolve_outputs(self.model_file, list(graph_outputs), output_names)
-        try:
-            self._compiled = core.compile_model(model, "CPU", compile_config(threads, precision))
-        except Exception as exc:
-            raise ModelLoadError(f"{self.model_file}: OpenVINO cannot compile it for CPU ({exc})") from exc
-        self._request = self._compiled.create_infer_request()
-        # What this CPU granted: "bf16", or "f32" where it has no bfloat16 matmuls.
-        self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self._core, self._config = core, compile_config(threads, precision)
+        # Static shapes: one compiled model per batch shape, compiled when first met (``_compiled_for``); the
+        # Answerer then cuts batches to canonical shapes only (``Answerer.logits``), so their number stays bounded.
+        self.static_shapes = bool(static_shapes) and not (self.fixed_batch or self.fixed_seq_len)
+        self._shapes: dict[tuple[int, int], tuple] = {}
+        if self.static_shapes:
+            transpose_weights(model)
+            self._model = model
+            capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            wanted_bf16 = self._config["INFERENCE_PRECISION_HINT"] == "bf16"
+            self.precision = "bf16" if wanted_bf16 and "BF16" in capabilities else "f32"
+        else:
+            compiled = self._compile(model)
+            self._request = compiled.create_infer_request()
+            self._out_ports = [compiled.outputs[list(graph_outputs).index(n)] for n in self.outputs]
+            # What this CPU granted: "bf16", or "f32" where it has no bfloat16 matmuls.
+            self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self._output_index = [list(graph_outputs).index(n) for n in self.outputs]
         # Batch lengths padded up to a multiple of this where the matmuls run on AMX tiles (bf16, or the int8 IR;
         # pipeline.cpu), 1 elsewhere: f32 matmuls run on AVX-512 and padding there only adds tokens.
         on_tiles = self.precision == "bf16" or precision in OPENVINO_INT8_PRECISIONS
         self.seq_multiple = seq_multiple() if on_tiles and not self.fixed_seq_len else 1
-        self._out_ports = [self._compiled.outputs[list(graph_outputs).index(n)] for n in self.outputs]
+        if self.static_shapes:  # one compiled model per length: lengths in steps, so a job meets a few
+            self.seq_multiple = max(self.seq_multiple, STATIC_SEQ_MULTIPLE)
+
+    def _compile(self, model):
+        try:
+            return self._core.compile_model(model, "CPU", self._config)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.model_file}: OpenVINO cannot compile it for CPU ({exc})") from exc
+
+    def _compiled_for(self, batch: int, seq: int) -> tuple:
+        """(infer request, output ports) of the model compiled for [batch, seq], compiled on first use."""
+        if (batch, seq) not in self._shapes:
+            model = self._model.clone()
+            model.reshape({port: [batch, seq] for port in model.inputs})
+            compiled = self._compile(model)
+            self._shapes[batch, seq] = (compiled.create_infer_request(),
+                                        [compiled.outputs[i] for i in self._output_index])
+        return self._shapes[batch, seq]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +206,10 @@ class OpenVinoQASession:
         return run_in_chunks(self._infer, self.inputs, self.dtypes, self.fixed_batch, feeds_all)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        result = self._request.infer(feed)
+        if self.static_shapes:
+            request, ports = self._compiled_for(*next(iter(feed.values())).shape)
+        else:
+            request, ports = self._request, self._out_ports
+        result = request.infer(feed)
         # Copies: the request reuses its output buffers on the next call.
-        return np.array(result[self._out_ports[0]]), np.array(result[self._out_ports[1]])
+        return np.array(result[ports[0]]), np.array(result[ports[1]])

@@ -1,0 +1,95 @@
+"""Static shapes: one compiled OpenVINO model per batch shape, batches cut to canonical shapes only.
+
+``cut_batches`` is pure (no model); the sessions are real OpenVINO sessions on the suite's tiny model and on the
+default model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import REPO
+
+from pipeline import squad
+from pipeline.answer import Answerer, cut_batches
+
+DEV = REPO.parent / "shared" / "data" / "squad" / "dev-v1.1.json"
+MODEL = REPO / "models" / "minilm-squad"
+
+
+def sorted_lengths(seed=0, n=500, multiple=16, width=384):
+    rng = np.random.default_rng(seed)
+    raw = np.concatenate([rng.integers(20, 260, n), np.full(n // 10, width)])
+    return np.sort(-(-raw // multiple) * multiple)
+
+
+@pytest.mark.parametrize("budget", [512, 2048, 4096])
+def test_canonical_batches_have_one_shape_per_length(budget):
+    cols = sorted_lengths()
+    batches = cut_batches(cols, budget, canonical=True)
+    assert [b0 for b0, _, _, _ in batches] == [0] + [b1 for _, b1, _, _ in batches[:-1]]  # in order, no gaps
+    assert batches[-1][1] == len(cols)
+    shapes = {(rows, length) for _, _, length, rows in batches}
+    assert all(rows == max(1, budget // length) for rows, length in shapes)  # one row count per length
+    assert len(shapes) <= len(set(cols.tolist()))
+    for b0, b1, length, rows in batches:
+        assert cols[b0:b1].max() <= length and b1 - b0 <= rows
+    # the canonical cut computes a few more tokens than the greedy one, not many
+    greedy = cut_batches(cols, budget)
+    tokens = [sum(rows * length for _, _, length, rows in b) for b in (batches, greedy)]
+    assert tokens[1] <= tokens[0] <= 1.1 * tokens[1]
+
+
+def test_greedy_and_canonical_batches():
+    cols = np.array([16] * 7 + [32] * 3 + [64, 384])
+    assert cut_batches(cols, 128) == [(0, 7, 16, 7), (7, 10, 32, 3), (10, 11, 64, 1), (11, 12, 384, 1)]
+    # canonical: 7 windows at 16 (8 rows, one a copy) answer more than 4 at 32; then 3 at 32 and the 64 as 2 at 64
+    assert cut_batches(cols, 128, canonical=True) == [(0, 7, 16, 8), (7, 10, 32, 4), (10, 11, 64, 2), (11, 12, 384, 1)]
+
+
+def static_session(model_file, spec, threads=1, precision="bf16"):
+    from pipeline.openvino_session import OpenVinoQASession
+
+    return OpenVinoQASession(model_file, threads, spec.input_names, spec.output_names, precision, static_shapes=True)
+
+
+def test_static_session_matches_the_dynamic_one_on_the_tiny_model(tiny_model):
+    pytest.importorskip("openvino")
+    from pipeline.backends import load_model
+
+    spec, dynamic = load_model(tiny_model, backend="openvino", precision="fp32")
+    static = static_session(spec.model_file, spec, precision="fp32")
+    assert static.static_shapes and static.seq_multiple >= 16
+    table = pa.table({"question": ["who was born in paris?", "what year?"] * 3,
+                      "context": ["The king of France was born in Paris in 1789. " * 12, "It was the year 1789."] * 3})
+    got = Answerer(spec, static, batch_tokens=256)(table)
+    want = Answerer(spec, dynamic, batch_tokens=256)(table)
+    assert got.column("answer").to_pylist() == want.column("answer").to_pylist()
+    assert np.allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-4)
+    # every call had a canonical shape: one compiled model per length met
+    assert all(rows == max(1, 256 // length) for rows, length in static._shapes)
+
+
+@pytest.mark.skipif(not DEV.exists(), reason="needs ../shared/data/squad/dev-v1.1.json")
+def test_static_shapes_answers_do_not_depend_on_the_batching():
+    """The default model with static shapes: the same answers and scores whatever the budget and the rows a call
+    shares, though each budget compiles other shapes and pads other rows."""
+    pytest.importorskip("openvino")
+    from pipeline.served import serve
+
+    served = serve(str(MODEL), "openvino", "bf16")
+    session = static_session(served.graph, served.spec)
+    items = squad.questions(squad.load_squad(DEV), 120)
+    table = pa.table({"question": [r["question"] for r in items], "context": [r["context"] for r in items]})
+    seen = {}
+    for budget in (512, 4096):
+        answerer = Answerer(served.spec, session, batch_tokens=budget)
+        for rows in (16, 1024):
+            out = pa.concat_tables([answerer(table.slice(i, rows)) for i in range(0, table.num_rows, rows)])
+            seen[budget, rows] = list(zip(out.column("answer").to_pylist(), out.column("score").to_pylist()))
+    first = seen[512, 16]
+    assert all(v == first for v in seen.values()), {k: sum(a != b for a, b in zip(first, v)) for k, v in seen.items()}
+    assert sum(a is not None for a, _ in first) == 120
+    lengths = {length for _, length in session._shapes}
+    assert len(session._shapes) == len({(max(1, b // n), n) for b in (512, 4096) for n in lengths})
