@@ -26,7 +26,7 @@ def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
             and not runnable(job.served.variant, nodes):
         job = replace(job, served=None)  # the committed run's variant, kept by refresh, is not computed here alike
     if job.served is None:
-        return settle(job, auto_choice(job.model_dir, cfg.backend, nodes))
+        return settle(job, auto_choice(job.model_dir, cfg.backend, nodes, cfg.shapes))
     if job.served.choice.requested == AUTO and job.pending and not runnable(job.served.variant, nodes):
         lacking = sorted({n.cpu_class for n in nodes if not n.bf16})
         raise PrecisionChoiceError(

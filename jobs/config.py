@@ -18,6 +18,7 @@ from pipeline.backends import AUTO, BACKEND_CHOICES, BACKENDS, PRECISION_CHOICES
 from pipeline.commit import MODES
 from pipeline.config import Columns, DecodeSettings, WindowOverrides
 from pipeline.model_dir import DEFAULT_MODEL, default_model  # noqa: F401 - where jobs and benchmarks import them
+from pipeline.shapes import SHAPES_CHOICES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,6 +102,9 @@ class JobConfig:
     precision: str = field(default="auto", metadata=flag(
         "default auto: the nodes' fastest variant within 0.5 SQuAD F1 of fp32 (docs/concepts/precision.md)",
         group=MODEL, choices=PRECISION_CHOICES))
+    shapes: str = field(default="auto", metadata=flag(
+        "OpenVINO: static compiles a model per batch shape (faster on AMX, more memory)", group=TUNING,
+        choices=SHAPES_CHOICES, metavar="MODE"))
     mode: str = field(default="error", metadata=flag(
         "if the output exists: error (the default), overwrite, resume (an interrupted run), refresh (changed rows)",
         group=IO, choices=MODES))

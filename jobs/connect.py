@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jobs.pool import Capacity
 from pipeline import faults
-from pipeline.precision import NodeCpu
+from pipeline.precision import NodeCpu, memory_bytes
 
 WAIT_POLL_S = 1.0
 
@@ -58,13 +58,22 @@ def node_cpus() -> list[NodeCpu]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    cpus = {n["NodeID"]: n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0}
+    nodes = list(cpus)
     if nodes == [ray.get_runtime_context().get_node_id()]:  # one machine, the driver's: read it here
-        return [NodeCpu.from_flags(nodes[0], _cpu_flags())]
-    probe = ray.remote(num_cpus=0)(_cpu_flags)
-    flags = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-                     for node in nodes])
-    return [NodeCpu.from_flags(node, f) for node, f in zip(nodes, flags, strict=True)]
+        found = [(_cpu_flags(), memory_bytes())]
+    else:
+        probe = ray.remote(num_cpus=0)(_node_facts)
+        found = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+                         for node in nodes])
+    # memory per CPU as actors share it: the node's physical memory over the CPUs Ray schedules on it
+    return [NodeCpu.from_flags(node, flags, int(memory // cpus[node]))
+            for node, (flags, memory) in zip(nodes, found, strict=True)]
+
+
+def _node_facts() -> tuple[list[str], int]:
+    """A node's CPU flags and physical memory, read on the node."""
+    return _cpu_flags(), memory_bytes()
 
 
 def _cpu_flags() -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from jobs.config import JobConfig
+from pipeline.auto import decide_shapes
 from pipeline.backends import legacy_as_is
 from pipeline.commit import OutputState, StagedPart, pending_units
 from pipeline.config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns
@@ -166,8 +167,10 @@ def forced_choice(cfg: JobConfig, model_dir: str) -> PrecisionChoice | None:
     """The variant --precision forces (None for auto)."""
     if cfg.precision == AUTO:
         return None
-    return PrecisionChoice(variant_for(model_dir, cfg.backend, cfg.precision), cfg.precision,
-                           "--precision on the command line")
+    choice = PrecisionChoice(variant_for(model_dir, cfg.backend, cfg.precision), cfg.precision,
+                             "--precision on the command line")
+    # Static shapes only where asked for: auto's rule needs the nodes, which a forced precision does not wait for.
+    return decide_shapes(model_dir, choice, "static" if cfg.shapes == "static" else "dynamic", ())
 
 
 def resumed_choice(cfg: JobConfig, model_dir: str, recorded: dict | None) -> PrecisionChoice | None:

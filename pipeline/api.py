@@ -47,13 +47,14 @@ class QA:
     ``{"question": "q", "context": "ctx"}``. ``top_k``, ``max_answer_len``, ``max_context_chars``: span decoding, as
     the job's ``--top-k`` etc. ``windows``: window overrides (``WindowOverrides`` or a mapping). ``batch_tokens``:
     tokens per inference call (None: the backend's default, as in a job). ``threads``: the runtime's threads (None:
-    the CPUs this process may run on; a job's actors run one each). Not thread-safe: one call at a time.
+    the CPUs this process may run on; a job's actors run one each). ``shapes``: as the job's ``--shapes``
+    (pipeline/shapes.py). Not thread-safe: one call at a time.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, precision: str = AUTO, backend: str = AUTO,
                  columns: Columns | Mapping[str, str] | None = None, top_k: int = 1, max_answer_len: int = 30,
                  max_context_chars: int | None = None, windows: WindowOverrides | Mapping[str, int] | None = None,
-                 batch_tokens: int | None = None, threads: int | None = None):
+                 batch_tokens: int | None = None, threads: int | None = None, shapes: str = AUTO):
         self.columns = columns if isinstance(columns, Columns) else Columns(**(columns or {}))
         self.decode = DecodeSettings(max_answer_len, top_k, max_context_chars)
         overrides = windows if isinstance(windows, WindowOverrides) else WindowOverrides(**(windows or {}))
@@ -61,7 +62,7 @@ class QA:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.threads = threads or _cpus()
         model_dir = _model_dir(model)
-        self.served: ServedModel = resolve(model_dir, _choice(model_dir, backend, precision), overrides.as_dict(),
+        self.served: ServedModel = resolve(model_dir, _choice(model_dir, backend, precision, shapes), overrides.as_dict(),
                                            batch_tokens)
         self.answerer = Answerer(self.served.spec, self.served.open(self.threads), self.columns, self.decode,
                                  self.served.batch_tokens)
@@ -110,16 +111,17 @@ def _model_dir(model: str | os.PathLike | None) -> str:
     return str(resolve_model(str(model) if model is not None else default_model(), MODEL_ZOO))
 
 
-def _choice(model_dir: str, backend: str, precision: str) -> PrecisionChoice:
+def _choice(model_dir: str, backend: str, precision: str, shapes: str = AUTO) -> PrecisionChoice:
     """The variant served: a forced precision as the job's plan resolves it (``jobs.plan.forced_choice``), or auto's
     choice for this machine's CPU, by the rule ``jobs.choose.choose_variant`` applies to a cluster's nodes."""
-    from pipeline.auto import auto_choice
+    from pipeline.auto import auto_choice, decide_shapes
     from pipeline.backends import resolve_backend
 
     resolve_backend(backend, precision)  # the job's one check of the pair: raises ValueError on a bad one
     if precision != AUTO:
-        return PrecisionChoice(variant_for(model_dir, backend, precision), precision, "asked for")
-    return auto_choice(model_dir, backend, [NodeCpu.here()])
+        choice = PrecisionChoice(variant_for(model_dir, backend, precision), precision, "asked for")
+        return decide_shapes(model_dir, choice, "static" if shapes == "static" else "dynamic", ())
+    return auto_choice(model_dir, backend, [NodeCpu.here()], shapes)
 
 
 def _texts(column, name: str) -> pa.Array:

@@ -13,9 +13,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import graph_as_is, legacy_as_is, servable_variants
+from .backends import graph_as_is, graph_file, legacy_as_is, servable_variants
 from .model_dir import DEFAULT_MODEL, find_model_file, load_spec
 from .precision import (
+    AUTO,
     BATCH_DEPENDENT,
     VARIANT_NAMES,
     ClassMeasurements,
@@ -28,6 +29,7 @@ from .precision import (
     parse_table,
     renamed,
 )
+from .shapes import with_shapes
 
 # --precision auto's measurements for a model whose card has none: the default model's (pipeline/precision.py)
 DEFAULT_CARD = DEFAULT_MODEL / "card.json"
@@ -64,8 +66,22 @@ def fallback_variant(model_dir: str, backend: str, servable: frozenset[Variant])
                              Variant("onnxruntime", "fp32")) if v in servable), as_is)
 
 
-def auto_choice(model_dir: str, backend: str, nodes: Sequence[NodeCpu]) -> PrecisionChoice:
-    """What auto serves ``model_dir`` as on ``nodes`` (with ``backend`` forced or "auto")."""
+def auto_choice(model_dir: str, backend: str, nodes: Sequence[NodeCpu], shapes: str = AUTO) -> PrecisionChoice:
+    """What auto serves ``model_dir`` as on ``nodes`` (with ``backend`` forced or "auto"), its shapes decided
+    as ``shapes`` asks (pipeline/shapes.py)."""
     servable = servable_variants(model_dir, backend)
-    return choose(auto_table(model_dir), nodes, servable, fallback_variant(model_dir, backend, servable),
-                  load_spec(find_model_file(model_dir)).shape, model_record(model_dir))
+    spec = load_spec(find_model_file(model_dir))
+    choice = choose(auto_table(model_dir), nodes, servable, fallback_variant(model_dir, backend, servable),
+                    spec.shape, model_record(model_dir))
+    return decide_shapes(model_dir, choice, shapes, nodes)
+
+
+def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: Sequence[NodeCpu]) -> PrecisionChoice:
+    """``choice`` with its variant's shapes decided for ``nodes`` (``shapes``: auto, dynamic or static)."""
+    from .served import fixed_seq_len
+
+    v = choice.variant
+    graph = graph_file(model_dir, v.backend, v.precision)
+    spec = load_spec(graph)
+    fixed = v.backend == "openvino" and fixed_seq_len(graph, spec.input_names) is not None
+    return with_shapes(choice, shapes, graph, spec.windows.max_seq_len, fixed, nodes)

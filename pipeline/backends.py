@@ -209,13 +209,13 @@ def runtime_for(model_file: Path, spec: dict, backend: str) -> str:
 
 
 def open_session(model_file: Path, backend: str, threads: int, input_names: dict[str, str],
-                 output_names: dict[str, str], precision: str = "fp32"):
+                 output_names: dict[str, str], precision: str = "fp32", shapes: str = "dynamic"):
     """A session of ``backend`` (a name in BACKENDS): ``run(ids, mask, types) -> (start, end)``, ``fixed_seq_len``,
-    ``seq_multiple`` (the multiple batch lengths are padded up to)."""
+    ``seq_multiple`` (the multiple batch lengths are padded up to), ``static_shapes``."""
     if backend == "openvino":
         from .openvino_session import OpenVinoQASession
 
-        return OpenVinoQASession(model_file, threads, input_names, output_names, precision)
+        return OpenVinoQASession(model_file, threads, input_names, output_names, precision, shapes == "static")
     from .session import QASession
 
     return QASession(model_file, threads, input_names, output_names, kernels=kernels_for(model_file))

@@ -16,14 +16,11 @@ from .backends import BACKENDS, OPENVINO_INT8_PRECISIONS, OPENVINO_PRECISION_HIN
 from .cpu import seq_multiple
 from .extras import require
 from .session import INPUT_ROLES, OUTPUT_ROLES, ModelLoadError, resolve_inputs, resolve_outputs, run_in_chunks
+from .shapes import STATIC_SEQ_MULTIPLE
 
 
 def _openvino():
     return require("openvino", BACKENDS["openvino"].extra, "the OpenVINO backend (--backend openvino, --precision bf16, IR models)")
-
-
-# With static shapes, batch lengths are padded up to a multiple of this at least (a compiled model per length).
-STATIC_SEQ_MULTIPLE = 16
 
 
 def compile_config(threads: int, precision: str = "fp32") -> dict:

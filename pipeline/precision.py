@@ -36,6 +36,7 @@ Pure: the caller gives the table, the nodes' CPUs, the variants the directory ca
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,9 +64,16 @@ AGREEMENT_F1 = 97.0
 class Variant:
     backend: str  # a name in pipeline.backends.BACKENDS
     precision: str  # a name in pipeline.backends.PRECISIONS
+    shapes: str = "dynamic"  # or "static": a compiled model per batch shape (pipeline/shapes.py; OpenVINO only)
 
     def __str__(self) -> str:
-        return f"{self.backend} {self.precision}"
+        return f"{self.backend} {self.precision}" + (" static shapes" if self.shapes == "static" else "")
+
+    def to_json(self) -> dict:
+        """As identities and records write it: ``shapes`` only when static, so that the records of dynamic
+        variants keep the form (and the hash) written before static shapes existed."""
+        return {"backend": self.backend, "precision": self.precision,
+                **({"shapes": self.shapes} if self.shapes != "dynamic" else {})}
 
 
 @dataclass(frozen=True)
@@ -115,16 +123,22 @@ class NodeCpu:
     node_id: str
     cpu_class: str
     bf16: bool  # bfloat16 matmuls (AMX or AVX-512 BF16)
+    memory_per_cpu: int | None = None  # bytes: the node's physical memory over its CPUs (None: unknown)
 
     @classmethod
-    def from_flags(cls, node_id: str, flags: Iterable[str]) -> NodeCpu:
+    def from_flags(cls, node_id: str, flags: Iterable[str], memory_per_cpu: int | None = None) -> NodeCpu:
         flags = frozenset(flags)
-        return cls(node_id, cpu_class(flags), has_bf16_matmuls(flags))
+        return cls(node_id, cpu_class(flags), has_bf16_matmuls(flags), memory_per_cpu)
 
     @classmethod
     def here(cls) -> NodeCpu:
         """This machine's CPU (a job with nothing left to answer chooses for the driver's)."""
-        return cls.from_flags("local", local_flags())
+        return cls.from_flags("local", local_flags(), memory_bytes() // max(1, os.cpu_count() or 1))
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)
@@ -138,7 +152,7 @@ class PrecisionChoice:
 
     def identity(self) -> dict:
         """What answers depend on: the variant, not how it was asked for (a forced int8 resumes auto's int8)."""
-        return {"backend": self.variant.backend, "precision": self.variant.precision}
+        return self.variant.to_json()
 
     def as_dict(self) -> dict:
         return {**self.identity(), "requested": self.requested, "reason": self.reason,

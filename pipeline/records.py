@@ -61,7 +61,7 @@ class JobIdentity:
 
     def to_json(self) -> dict:
         return {"version": IDENTITY_VERSION, "input": self.input, "model": asdict(self.model),
-                "variant": asdict(self.variant), "columns": asdict(self.columns), "decode": asdict(self.decode),
+                "variant": self.variant.to_json(), "columns": asdict(self.columns), "decode": asdict(self.decode),
                 "windows": asdict(self.windows), "rows_per_unit": self.rows_per_unit,
                 "questions": self.questions, "wide": self.wide,
                 **({"replaces": self.replaces} if self.replaces is not None else {})}
@@ -84,7 +84,7 @@ class JobIdentity:
         return None
 
     def _v1(self) -> dict | None:
-        if self.replaces is not None:  # no version-1 job was a refresh
+        if self.replaces is not None or self.variant.shapes != "dynamic":  # no version-1 job was either
             return None
         source = dict(self.input)
         kind = source.pop("format", None)
@@ -152,7 +152,7 @@ def _v1_variant(variant: Variant) -> dict:
     """Version 1 named ONNX Runtime's int8 model.onnx "fp32" (the graph as it is; pipeline/backends.py)."""
     if variant.backend == "onnxruntime" and variant.precision in ("int8-dynamic", "int8-static"):
         return {"backend": variant.backend, "precision": "fp32"}
-    return asdict(variant)
+    return variant.to_json()
 
 
 def identity_version(recorded: dict) -> int:
@@ -225,4 +225,4 @@ def recorded_variant(recorded: dict | None) -> Variant | None:
     if not recorded:
         return None
     found = recorded.get("variant") if identity_version(recorded) >= 2 else recorded.get("precision_choice")
-    return Variant(found["backend"], found["precision"]) if found else None
+    return Variant(found["backend"], found["precision"], found.get("shapes", "dynamic")) if found else None

@@ -68,7 +68,7 @@ class ServedModel:
         self.check_unchanged()
         v = self.variant
         return open_session(self.graph, v.backend, threads, self.spec.input_names, self.spec.output_names,
-                            v.precision)
+                            v.precision, v.shapes)
 
 
 def model_hashes(spec: ModelSpec) -> ModelHashes:

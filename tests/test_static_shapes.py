@@ -93,3 +93,53 @@ def test_static_shapes_answers_do_not_depend_on_the_batching():
     assert sum(a is not None for a, _ in first) == 120
     lengths = {length for _, length in session._shapes}
     assert len(session._shapes) == len({(max(1, b // n), n) for b in (512, 4096) for n in lengths})
+
+
+def amx_node(memory_per_cpu=8 * 2**30, cpu_class="amx"):
+    from pipeline.precision import NodeCpu
+
+    return NodeCpu("n", cpu_class, True, memory_per_cpu)
+
+
+@pytest.mark.parametrize("nodes, precision, requested, want, why", [
+    ([amx_node()], "bf16", "auto", "static", "within 25% of the smallest node's 8.0 GiB per CPU"),
+    ([amx_node(), amx_node(2 * 2**30)], "bf16", "auto", "dynamic", "more than 25% of a node's 2.0 GiB per CPU"),
+    ([amx_node(), amx_node(cpu_class="avx2")], "bf16", "auto", "dynamic", "not measured faster on CPU class avx2"),
+    ([amx_node(None)], "bf16", "auto", "dynamic", "the nodes' memory is unknown"),
+    ([amx_node()], "int8-bf16", "auto", "dynamic", "auto serves static shapes at bf16 only"),
+    ([amx_node(cpu_class="avx2")], "fp32", "static", "static", "--shapes on the command line"),
+    ([amx_node()], "bf16", "dynamic", "dynamic", "--shapes on the command line"),
+])
+def test_the_shapes_rule(nodes, precision, requested, want, why):
+    """auto: static on AMX nodes for bf16 when an actor's shapes fit a quarter of the memory per CPU (the default
+    model: 24 shapes of about half its 90 MB graph, about 1 GiB); the reason says which condition decided."""
+    from pipeline.precision import PrecisionChoice, Variant
+    from pipeline.shapes import with_shapes
+
+    choice = PrecisionChoice(Variant("openvino", precision), "auto", "measured")
+    got = with_shapes(choice, requested, MODEL / "model-fp32.onnx", 384, False, nodes)
+    assert got.variant == Variant("openvino", precision, want)
+    assert got.reason.startswith("measured; ") and why in got.reason, got.reason
+
+
+def test_graphs_of_fixed_shape_and_onnx_runtime_stay_dynamic():
+    from pipeline.precision import PrecisionChoice, Variant
+    from pipeline.shapes import with_shapes
+
+    fixed = with_shapes(PrecisionChoice(Variant("openvino", "bf16"), "auto", "r"), "static", MODEL / "model.onnx", 384,
+                        True, [amx_node()])
+    assert fixed.variant.shapes == "dynamic" and "fixes its own shape" in fixed.reason
+    ort = PrecisionChoice(Variant("onnxruntime", "fp32"), "auto", "r")
+    assert with_shapes(ort, "auto", MODEL / "model.onnx", 384, False, [amx_node()]) == ort  # nothing to say
+    assert "dynamic shapes only" in with_shapes(ort, "static", MODEL / "model.onnx", 384, False, [amx_node()]).reason
+
+
+def test_static_shapes_are_part_of_the_identity_and_dynamic_keeps_its_form():
+    from pipeline.precision import Variant
+    from pipeline.records import recorded_variant
+
+    assert Variant("openvino", "bf16").to_json() == {"backend": "openvino", "precision": "bf16"}
+    static = Variant("openvino", "bf16", "static")
+    assert str(static) == "openvino bf16 static shapes"
+    assert recorded_variant({"version": 2, "variant": static.to_json()}) == static
+    assert recorded_variant({"version": 2, "variant": {"backend": "openvino", "precision": "bf16"}}).shapes == "dynamic"

@@ -1,0 +1,88 @@
+"""``--shapes``: whether OpenVINO compiles the graph once for every batch shape (dynamic) or once per batch shape
+it meets (static), for a whole job.
+
+A model compiled for one shape runs faster on AMX than the dynamic one (its element-wise ops fuse into the kernels
+around them; docs/log/, "static shapes"), and computes a row the same whatever its batch-mates, as the dynamic
+one does; but the two compute slightly different numbers, so a job serves one or the other for every batch, and
+the choice is part of the variant (``Variant.shapes``): recorded in the job's identity, kept on resume and
+refresh. Static batches have canonical shapes only (``pipeline.answer.cut_batches``: one row count per length,
+lengths in steps of ``STATIC_SEQ_MULTIPLE``), so an actor holds at most one compiled model per length step; each
+keeps its own packed copy of the weights, which is the price: about ``bytes_per_shape`` per shape.
+
+``auto`` (the default) serves static shapes where that was measured faster (``STATIC_CLASSES``), for a graph of
+dynamic shape in bf16 (the variant measured), when an actor's compiled shapes take at most ``MEMORY_SHARE`` of
+the memory per CPU of the smallest node (Ray's ``memory`` resource over its CPUs); otherwise dynamic, with the
+reason in the manifest. ``static`` and ``dynamic`` force it (static for any OpenVINO variant of a graph of dynamic
+shape; ONNX Runtime has only dynamic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from .precision import AUTO, NodeCpu, PrecisionChoice
+
+SHAPES = ("dynamic", "static")
+SHAPES_CHOICES = (AUTO, *SHAPES)
+# Batch lengths step by at least this with static shapes (pipeline.openvino_session): one compiled model a step.
+STATIC_SEQ_MULTIPLE = 16
+STATIC_CLASSES = ("amx",)  # CPU classes where static shapes were measured faster (docs/log/)
+STATIC_PRECISIONS = ("bf16",)  # the precisions auto serves with static shapes (measured; others: --shapes static)
+MEMORY_SHARE = 0.25  # of a node's memory per CPU that one actor's compiled shapes may take, for auto
+
+
+def shape_count(max_seq_len: int) -> int:
+    """Compiled models an actor may hold: one per length step (the row count follows from the length)."""
+    return math.ceil(max_seq_len / STATIC_SEQ_MULTIPLE)
+
+
+def bytes_per_shape(graph_bytes: int, precision: str) -> int:
+    """An estimate of what one compiled shape holds: the packed weights, from the graph's size on disk (an f32
+    graph's weights packed as bfloat16 take half its bytes; f32 all; an int8 IR's are unpacked to more)."""
+    return {"bf16": graph_bytes // 2, "fp32": graph_bytes}.get(precision, 4 * graph_bytes)
+
+
+def with_shapes(choice: PrecisionChoice, requested: str, graph: Path, max_seq_len: int, fixed: bool,
+                nodes: Sequence[NodeCpu]) -> PrecisionChoice:
+    """``choice`` with its variant's shapes decided (``requested``: auto, dynamic or static), the reason added."""
+    if requested not in SHAPES_CHOICES:
+        raise ValueError(f"shapes must be one of {SHAPES_CHOICES}, got {requested!r}")
+    v = choice.variant
+    if v.backend != "openvino" and requested != "static":  # nothing to say: ONNX Runtime's shapes are dynamic
+        return replace(choice, variant=replace(v, shapes="dynamic"))
+    shapes, why = _decide(requested, v.backend, v.precision, graph, max_seq_len, fixed, nodes)
+    return replace(choice, variant=replace(v, shapes=shapes), reason=f"{choice.reason}; {shapes} shapes: {why}")
+
+
+def _decide(requested: str, backend: str, precision: str, graph: Path, max_seq_len: int, fixed: bool,
+            nodes: Sequence[NodeCpu]) -> tuple[str, str]:
+    if backend != "openvino":
+        return "dynamic", "ONNX Runtime has dynamic shapes only"
+    if fixed:
+        return "dynamic", "the graph fixes its own shape"
+    if requested != AUTO:
+        return requested, "--shapes on the command line"
+    classes = sorted({n.cpu_class for n in nodes})
+    if precision not in STATIC_PRECISIONS:
+        return "dynamic", f"auto serves static shapes at {', '.join(STATIC_PRECISIONS)} only (--shapes static)"
+    if not classes or any(c not in STATIC_CLASSES for c in classes):
+        return "dynamic", (f"not measured faster on CPU class {', '.join(c for c in classes if c not in STATIC_CLASSES)}"
+                           if classes else "no node")
+    need = shape_count(max_seq_len) * bytes_per_shape(graph.stat().st_size + _bin_bytes(graph), precision)
+    per_cpu = [n.memory_per_cpu for n in nodes if n.memory_per_cpu]
+    if not per_cpu:
+        return "dynamic", "the nodes' memory is unknown"
+    room = MEMORY_SHARE * min(per_cpu)
+    if need > room:
+        return "dynamic", (f"an actor's compiled shapes (about {need / 2**30:.1f} GiB) would take more than "
+                           f"{MEMORY_SHARE:.0%} of a node's {min(per_cpu) / 2**30:.1f} GiB per CPU")
+    return "static", (f"CPU class {', '.join(classes)}; an actor's compiled shapes (about {need / 2**30:.1f} GiB) "
+                      f"within {MEMORY_SHARE:.0%} of the smallest node's {min(per_cpu) / 2**30:.1f} GiB per CPU")
+
+
+def _bin_bytes(graph: Path) -> int:
+    weights = graph.with_suffix(".bin")
+    return weights.stat().st_size if graph.suffix == ".xml" and weights.exists() else 0
