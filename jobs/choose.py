@@ -19,14 +19,16 @@ class PrecisionChoiceError(ValueError):
     """A resume whose recorded variant the cluster cannot compute as it was computed."""
 
 
-def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu]) -> JobPlan:
-    """``job`` with its model resolved for ``nodes``: auto's choice, or a resumed choice checked."""
+def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu], cpus: int | None = None) -> JobPlan:
+    """``job`` with its model resolved for ``nodes`` (``cpus``: the CPUs its actors will have, where known): auto's
+    choice, or a resumed choice checked."""
     cfg = job.config
     if job.served is not None and job.refresh is not None and job.served.choice.requested == AUTO \
             and not runnable(job.served.variant, nodes):
         job = replace(job, served=None)  # the committed run's variant, kept by refresh, is not computed here alike
     if job.served is None:
-        return settle(job, auto_choice(job.model_dir, cfg.backend, nodes, cfg.shapes))
+        rows = job.rows_in * (job.questions.num_rows if job.questions is not None else 1)  # questions to answer
+        return settle(job, auto_choice(job.model_dir, cfg.backend, nodes, cfg.shapes, rows / cpus if cpus else None))
     if job.served.choice.requested == AUTO and job.pending and not runnable(job.served.variant, nodes):
         lacking = sorted({n.cpu_class for n in nodes if not n.bf16})
         raise PrecisionChoiceError(

@@ -66,17 +66,19 @@ def fallback_variant(model_dir: str, backend: str, servable: frozenset[Variant])
                              Variant("onnxruntime", "fp32")) if v in servable), as_is)
 
 
-def auto_choice(model_dir: str, backend: str, nodes: Sequence[NodeCpu], shapes: str = AUTO) -> PrecisionChoice:
+def auto_choice(model_dir: str, backend: str, nodes: Sequence[NodeCpu], shapes: str = AUTO,
+                rows_per_cpu: float | None = None) -> PrecisionChoice:
     """What auto serves ``model_dir`` as on ``nodes`` (with ``backend`` forced or "auto"), its shapes decided
-    as ``shapes`` asks (pipeline/shapes.py)."""
+    as ``shapes`` asks for a job of ``rows_per_cpu`` (pipeline/shapes.py)."""
     servable = servable_variants(model_dir, backend)
     spec = load_spec(find_model_file(model_dir))
     choice = choose(auto_table(model_dir), nodes, servable, fallback_variant(model_dir, backend, servable),
                     spec.shape, model_record(model_dir))
-    return decide_shapes(model_dir, choice, shapes, nodes)
+    return decide_shapes(model_dir, choice, shapes, nodes, rows_per_cpu)
 
 
-def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: Sequence[NodeCpu]) -> PrecisionChoice:
+def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: Sequence[NodeCpu],
+                  rows_per_cpu: float | None = None) -> PrecisionChoice:
     """``choice`` with its variant's shapes decided for ``nodes`` (``shapes``: auto, dynamic or static)."""
     from .served import fixed_seq_len
 
@@ -84,4 +86,4 @@ def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: S
     graph = graph_file(model_dir, v.backend, v.precision)
     spec = load_spec(graph)
     fixed = v.backend == "openvino" and fixed_seq_len(graph, spec.input_names) is not None
-    return with_shapes(choice, shapes, graph, spec.windows.max_seq_len, fixed, nodes)
+    return with_shapes(choice, shapes, graph, spec.windows.max_seq_len, fixed, nodes, rows_per_cpu)

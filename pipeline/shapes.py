@@ -9,10 +9,12 @@ refresh. Static batches have canonical shapes only (``pipeline.answer.cut_batche
 lengths in steps of ``STATIC_SEQ_MULTIPLE``), so an actor holds at most one compiled model per length step; each
 keeps its own packed copy of the weights, which is the price: about ``bytes_per_shape`` per shape.
 
-``auto`` (the default) serves static shapes where that was measured faster (``STATIC_CLASSES``), for a graph of
-dynamic shape in bf16 (the variant measured), when an actor's compiled shapes take at most ``MEMORY_SHARE`` of
-the memory per CPU of the smallest node (Ray's ``memory`` resource over its CPUs); otherwise dynamic, with the
-reason in the manifest. ``static`` and ``dynamic`` force it (static for any OpenVINO variant of a graph of dynamic
+``auto`` (the default) serves static shapes where whole jobs were measured faster (``STATIC_CLASSES``: no class
+yet, so auto serves dynamic shapes everywhere), for a graph of
+dynamic shape in bf16 (the variant measured), for a job with at least ``STATIC_MIN_ROWS_PER_CPU`` rows to answer
+per CPU (each actor compiles each shape it meets once, a fraction of a second each: a small job spends more on
+that than static shapes save), when an actor's compiled shapes take at most ``MEMORY_SHARE`` of the smallest
+node's physical memory per CPU; otherwise dynamic, with the reason in the manifest. ``static`` and ``dynamic`` force it (static for any OpenVINO variant of a graph of dynamic
 shape; ONNX Runtime has only dynamic).
 """
 
@@ -29,9 +31,12 @@ SHAPES = ("dynamic", "static")
 SHAPES_CHOICES = (AUTO, *SHAPES)
 # Batch lengths step by at least this with static shapes (pipeline.openvino_session): one compiled model a step.
 STATIC_SEQ_MULTIPLE = 16
-STATIC_CLASSES = ("amx",)  # CPU classes where static shapes were measured faster (docs/log/)
+# CPU classes where static shapes were measured faster in whole jobs: none yet. On amx they are 8-13% faster in
+# one process, but whole jobs there did not show it beyond their noise (docs/log/, "static shapes in whole jobs").
+STATIC_CLASSES: tuple[str, ...] = ()
 STATIC_PRECISIONS = ("bf16",)  # the precisions auto serves with static shapes (measured; others: --shapes static)
 MEMORY_SHARE = 0.25  # of a node's memory per CPU that one actor's compiled shapes may take, for auto
+STATIC_MIN_ROWS_PER_CPU = 20_000  # rows to answer per CPU from which auto compiles shapes (docs/log/: static shapes)
 
 
 def shape_count(max_seq_len: int) -> int:
@@ -46,19 +51,20 @@ def bytes_per_shape(graph_bytes: int, precision: str) -> int:
 
 
 def with_shapes(choice: PrecisionChoice, requested: str, graph: Path, max_seq_len: int, fixed: bool,
-                nodes: Sequence[NodeCpu]) -> PrecisionChoice:
-    """``choice`` with its variant's shapes decided (``requested``: auto, dynamic or static), the reason added."""
+                nodes: Sequence[NodeCpu], rows_per_cpu: float | None = None) -> PrecisionChoice:
+    """``choice`` with its variant's shapes decided (``requested``: auto, dynamic or static; ``rows_per_cpu``: the
+    job's rows to answer over the cluster's CPUs, None where unknown), the reason added."""
     if requested not in SHAPES_CHOICES:
         raise ValueError(f"shapes must be one of {SHAPES_CHOICES}, got {requested!r}")
     v = choice.variant
     if v.backend != "openvino" and requested != "static":  # nothing to say: ONNX Runtime's shapes are dynamic
         return replace(choice, variant=replace(v, shapes="dynamic"))
-    shapes, why = _decide(requested, v.backend, v.precision, graph, max_seq_len, fixed, nodes)
+    shapes, why = _decide(requested, v.backend, v.precision, graph, max_seq_len, fixed, nodes, rows_per_cpu)
     return replace(choice, variant=replace(v, shapes=shapes), reason=f"{choice.reason}; {shapes} shapes: {why}")
 
 
 def _decide(requested: str, backend: str, precision: str, graph: Path, max_seq_len: int, fixed: bool,
-            nodes: Sequence[NodeCpu]) -> tuple[str, str]:
+            nodes: Sequence[NodeCpu], rows_per_cpu: float | None) -> tuple[str, str]:
     if backend != "openvino":
         return "dynamic", "ONNX Runtime has dynamic shapes only"
     if fixed:
@@ -69,8 +75,12 @@ def _decide(requested: str, backend: str, precision: str, graph: Path, max_seq_l
     if precision not in STATIC_PRECISIONS:
         return "dynamic", f"auto serves static shapes at {', '.join(STATIC_PRECISIONS)} only (--shapes static)"
     if not classes or any(c not in STATIC_CLASSES for c in classes):
-        return "dynamic", (f"not measured faster on CPU class {', '.join(c for c in classes if c not in STATIC_CLASSES)}"
-                           if classes else "no node")
+        slower = ", ".join(c for c in classes if c not in STATIC_CLASSES)
+        return "dynamic", (f"not measured faster in whole jobs on CPU class {slower}" if classes else "no node")
+    if rows_per_cpu is None or rows_per_cpu < STATIC_MIN_ROWS_PER_CPU:
+        rows = "rows per CPU unknown" if rows_per_cpu is None else f"{rows_per_cpu:,.0f} rows per CPU"
+        return "dynamic", (f"{rows}, fewer than the {STATIC_MIN_ROWS_PER_CPU:,} that pay for compiling a model "
+                           "per shape")
     need = shape_count(max_seq_len) * bytes_per_shape(graph.stat().st_size + _bin_bytes(graph), precision)
     per_cpu = [n.memory_per_cpu for n in nodes if n.memory_per_cpu]
     if not per_cpu:

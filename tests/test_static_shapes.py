@@ -101,23 +101,30 @@ def amx_node(memory_per_cpu=8 * 2**30, cpu_class="amx"):
     return NodeCpu("n", cpu_class, True, memory_per_cpu)
 
 
-@pytest.mark.parametrize("nodes, precision, requested, want, why", [
-    ([amx_node()], "bf16", "auto", "static", "within 25% of the smallest node's 8.0 GiB per CPU"),
-    ([amx_node(), amx_node(2 * 2**30)], "bf16", "auto", "dynamic", "more than 25% of a node's 2.0 GiB per CPU"),
-    ([amx_node(), amx_node(cpu_class="avx2")], "bf16", "auto", "dynamic", "not measured faster on CPU class avx2"),
-    ([amx_node(None)], "bf16", "auto", "dynamic", "the nodes' memory is unknown"),
-    ([amx_node()], "int8-bf16", "auto", "dynamic", "auto serves static shapes at bf16 only"),
-    ([amx_node(cpu_class="avx2")], "fp32", "static", "static", "--shapes on the command line"),
-    ([amx_node()], "bf16", "dynamic", "dynamic", "--shapes on the command line"),
+BIG = 50_000  # rows per CPU: a job large enough for static shapes
+
+
+@pytest.mark.parametrize("nodes, precision, requested, rows, want, why", [
+    ([amx_node()], "bf16", "auto", BIG, "static", "within 25% of the smallest node's 8.0 GiB per CPU"),
+    ([amx_node()], "bf16", "auto", 5_000, "dynamic", "5,000 rows per CPU, fewer than the 20,000"),
+    ([amx_node()], "bf16", "auto", None, "dynamic", "rows per CPU unknown"),
+    ([amx_node(), amx_node(2 * 2**30)], "bf16", "auto", BIG, "dynamic", "more than 25% of a node's 2.0 GiB per CPU"),
+    ([amx_node(), amx_node(cpu_class="avx2")], "bf16", "auto", BIG, "dynamic", "not measured faster in whole jobs on CPU class avx2"),
+    ([amx_node(None)], "bf16", "auto", BIG, "dynamic", "the nodes' memory is unknown"),
+    ([amx_node()], "int8-bf16", "auto", BIG, "dynamic", "auto serves static shapes at bf16 only"),
+    ([amx_node(cpu_class="avx2")], "fp32", "static", None, "static", "--shapes on the command line"),
+    ([amx_node()], "bf16", "dynamic", BIG, "dynamic", "--shapes on the command line"),
 ])
-def test_the_shapes_rule(nodes, precision, requested, want, why):
-    """auto: static on AMX nodes for bf16 when an actor's shapes fit a quarter of the memory per CPU (the default
-    model: 24 shapes of about half its 90 MB graph, about 1 GiB); the reason says which condition decided."""
+def test_the_shapes_rule(monkeypatch, nodes, precision, requested, rows, want, why):
+    """auto, on a class measured faster: static for bf16, for a job with enough rows per CPU to pay for compiling the shapes, when
+    an actor's shapes fit a quarter of the memory per CPU (the default model: 24 shapes of about half its 90 MB
+    graph, about 1 GiB); the reason says which condition decided."""
     from pipeline.precision import PrecisionChoice, Variant
     from pipeline.shapes import with_shapes
 
+    monkeypatch.setattr("pipeline.shapes.STATIC_CLASSES", ("amx",))  # as if amx had been measured faster
     choice = PrecisionChoice(Variant("openvino", precision), "auto", "measured")
-    got = with_shapes(choice, requested, MODEL / "model-fp32.onnx", 384, False, nodes)
+    got = with_shapes(choice, requested, MODEL / "model-fp32.onnx", 384, False, nodes, rows)
     assert got.variant == Variant("openvino", precision, want)
     assert got.reason.startswith("measured; ") and why in got.reason, got.reason
 
@@ -143,3 +150,44 @@ def test_static_shapes_are_part_of_the_identity_and_dynamic_keeps_its_form():
     assert str(static) == "openvino bf16 static shapes"
     assert recorded_variant({"version": 2, "variant": static.to_json()}) == static
     assert recorded_variant({"version": 2, "variant": {"backend": "openvino", "precision": "bf16"}}).shapes == "dynamic"
+
+
+def test_a_job_with_static_shapes_records_them_and_answers_as_in_process(joined_ray, tiny_model, tmp_path):
+    """--shapes static: the manifest names the variant with its shapes and why, and the rows' answers are the
+    in-process static session's, though the job cuts them into units of 7 rows."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from pipeline.api import QA
+
+    contexts = ["The king of France was born in Paris in 1789. " * 6, "It was the year 1789 by the river."]
+    table = pa.table({"id": [f"r{i:02d}" for i in range(30)],
+                      "question": [f"who was born in the year {i}?" for i in range(30)],
+                      "context": [contexts[i % 2] * (1 + i % 3) for i in range(30)]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(tiny_model),
+            "--backend", "openvino", "--precision", "fp32", "--shapes", "static", "--rows-per-unit", "7",
+            "--batch-tokens", "256"]
+    done = subprocess.run([sys.executable, "-m", "jobs.answer", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)  # the assert shows stderr
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["precision"]["shapes"] == "static" and "--shapes on the command line" in manifest["precision"]["reason"]
+    assert manifest["model"]["variant"] == "openvino fp32 static shapes"
+    got = pq.read_table(tmp_path / "out").sort_by("id")
+    want = QA(str(tiny_model), backend="openvino", precision="fp32", shapes="static", batch_tokens=256, threads=1)(table)
+    assert str(QA(str(tiny_model), backend="openvino", precision="fp32").served.variant) == "openvino fp32"
+    assert got.column("answer").to_pylist() == want.column("answer").to_pylist()
+    assert got.column("score").to_pylist() == want.column("score").to_pylist()
+
+
+def test_auto_serves_dynamic_shapes_where_no_class_was_measured_faster():
+    from pipeline.precision import PrecisionChoice, Variant
+    from pipeline.shapes import with_shapes
+
+    choice = PrecisionChoice(Variant("openvino", "bf16"), "auto", "measured")
+    got = with_shapes(choice, "auto", MODEL / "model-fp32.onnx", 384, False, [amx_node()], BIG)
+    assert got.variant.shapes == "dynamic" and "not measured faster in whole jobs on CPU class amx" in got.reason
