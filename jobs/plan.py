@@ -170,7 +170,7 @@ def forced_choice(cfg: JobConfig, model_dir: str) -> PrecisionChoice | None:
     choice = PrecisionChoice(variant_for(model_dir, cfg.backend, cfg.precision), cfg.precision,
                              "--precision on the command line")
     # Static shapes only where asked for: auto's rule needs the nodes, which a forced precision does not wait for.
-    return decide_shapes(model_dir, choice, "static" if cfg.shapes == "static" else "dynamic", ())
+    return decide_shapes(model_dir, choice, "static", ()) if cfg.shapes == "static" else choice
 
 
 def resumed_choice(cfg: JobConfig, model_dir: str, recorded: dict | None) -> PrecisionChoice | None:

@@ -120,7 +120,7 @@ def _choice(model_dir: str, backend: str, precision: str, shapes: str = AUTO) ->
     resolve_backend(backend, precision)  # the job's one check of the pair: raises ValueError on a bad one
     if precision != AUTO:
         choice = PrecisionChoice(variant_for(model_dir, backend, precision), precision, "asked for")
-        return decide_shapes(model_dir, choice, "static" if shapes == "static" else "dynamic", ())
+        return decide_shapes(model_dir, choice, "static", ()) if shapes == "static" else choice
     return auto_choice(model_dir, backend, [NodeCpu.here()], shapes)
 
 

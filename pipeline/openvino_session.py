@@ -125,7 +125,12 @@ def _static(dim) -> int | None:
 
 
 class OpenVinoQASession:
-    """Runs start/end logits for batches of windows on OpenVINO: int arrays [batch, seq] in, float32 out."""
+    """Runs start/end logits for batches of windows on OpenVINO: int arrays [batch, seq] in, float32 out.
+
+    ``static_shapes`` (pipeline/shapes.py): a model compiled per batch shape, on its first batch of that shape,
+    instead of one for every shape; lengths step by ``STATIC_SEQ_MULTIPLE`` at least, and the Answerer cuts
+    batches to one row count per length, so the compiled models stay few.
+    """
 
     def __init__(self, model_file: str | Path, threads: int = 1,
                  input_names: dict[str, str] | None = None, output_names: dict[str, str] | None = None,

@@ -1,21 +1,21 @@
 """``--shapes``: whether OpenVINO compiles the graph once for every batch shape (dynamic) or once per batch shape
 it meets (static), for a whole job.
 
-A model compiled for one shape runs faster on AMX than the dynamic one (its element-wise ops fuse into the kernels
-around them; docs/log/, "static shapes"), and computes a row the same whatever its batch-mates, as the dynamic
-one does; but the two compute slightly different numbers, so a job serves one or the other for every batch, and
-the choice is part of the variant (``Variant.shapes``): recorded in the job's identity, kept on resume and
-refresh. Static batches have canonical shapes only (``pipeline.answer.cut_batches``: one row count per length,
-lengths in steps of ``STATIC_SEQ_MULTIPLE``), so an actor holds at most one compiled model per length step; each
-keeps its own packed copy of the weights, which is the price: about ``bytes_per_shape`` per shape.
+A model compiled for one shape computes a call faster on AMX than the dynamic one (its element-wise ops fuse into
+the kernels around them; docs/log/, "static shapes in whole jobs"), and a row the same whatever its batch-mates,
+as the dynamic one does; but the two compute slightly different numbers, so a job serves one or the other for
+every batch, and the choice is part of the variant (``Variant.shapes``): recorded in the job's identity, kept on
+resume and refresh. Static batches have canonical shapes only (``pipeline.answer.cut_batches``: one row count per
+length, lengths in steps of ``STATIC_SEQ_MULTIPLE``), so an actor holds at most one compiled model per length
+step; each keeps its own packed copy of the weights (``bytes_per_shape``), and each is compiled on the first
+batch of its shape.
 
-``auto`` (the default) serves static shapes where whole jobs were measured faster (``STATIC_CLASSES``: no class
-yet, so auto serves dynamic shapes everywhere), for a graph of
-dynamic shape in bf16 (the variant measured), for a job with at least ``STATIC_MIN_ROWS_PER_CPU`` rows to answer
-per CPU (each actor compiles each shape it meets once, a fraction of a second each: a small job spends more on
-that than static shapes save), when an actor's compiled shapes take at most ``MEMORY_SHARE`` of the smallest
-node's physical memory per CPU; otherwise dynamic, with the reason in the manifest. ``static`` and ``dynamic`` force it (static for any OpenVINO variant of a graph of dynamic
-shape; ONNX Runtime has only dynamic).
+``auto`` (the default) serves static shapes only on CPU classes whose whole jobs were measured faster with them
+(``STATIC_CLASSES``: none yet, so auto serves dynamic shapes everywhere), for bf16 (the variant measured), for a
+job with at least ``STATIC_MIN_ROWS_PER_CPU`` rows to answer per CPU (a small job spends more compiling its shapes
+than they save), and when an actor's compiled shapes take at most ``MEMORY_SHARE`` of the smallest node's physical
+memory per CPU; otherwise dynamic, with the reason in the manifest. ``static`` and ``dynamic`` force it (static:
+any OpenVINO variant of a graph of dynamic shape; ONNX Runtime has dynamic shapes only).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ SHAPES = ("dynamic", "static")
 SHAPES_CHOICES = (AUTO, *SHAPES)
 # Batch lengths step by at least this with static shapes (pipeline.openvino_session): one compiled model a step.
 STATIC_SEQ_MULTIPLE = 16
-# CPU classes where static shapes were measured faster in whole jobs: none yet. On amx they are 8-13% faster in
-# one process, but whole jobs there did not show it beyond their noise (docs/log/, "static shapes in whole jobs").
+# CPU classes whose whole jobs were measured faster with static shapes: none yet (on amx single processes were,
+# whole jobs not beyond their noise: docs/log/, "static shapes in whole jobs").
 STATIC_CLASSES: tuple[str, ...] = ()
 STATIC_PRECISIONS = ("bf16",)  # the precisions auto serves with static shapes (measured; others: --shapes static)
 MEMORY_SHARE = 0.25  # of a node's memory per CPU that one actor's compiled shapes may take, for auto
-STATIC_MIN_ROWS_PER_CPU = 20_000  # rows to answer per CPU from which auto compiles shapes (docs/log/: static shapes)
+STATIC_MIN_ROWS_PER_CPU = 20_000  # rows to answer per CPU from which auto would compile shapes
 
 
 def shape_count(max_seq_len: int) -> int:
