@@ -11,7 +11,7 @@ step; each keeps its own packed copy of the weights (``bytes_per_shape``), and e
 batch of its shape.
 
 ``auto`` (the default) serves static shapes only on CPU classes whose whole jobs were measured faster with them
-(``STATIC_CLASSES``: none yet, so auto serves dynamic shapes everywhere), for bf16 (the variant measured), for a
+(``STATIC_CLASSES``), for bf16 (the variant measured), for a
 job with at least ``STATIC_MIN_ROWS_PER_CPU`` rows to answer per CPU (a small job spends more compiling its shapes
 than they save), and when an actor's compiled shapes take at most ``MEMORY_SHARE`` of the smallest node's physical
 memory per CPU; otherwise dynamic, with the reason in the manifest. ``static`` and ``dynamic`` force it (static:
@@ -31,9 +31,9 @@ SHAPES = ("dynamic", "static")
 SHAPES_CHOICES = (AUTO, *SHAPES)
 # Batch lengths step by at least this with static shapes (pipeline.openvino_session): one compiled model a step.
 STATIC_SEQ_MULTIPLE = 16
-# CPU classes whose whole jobs were measured faster with static shapes: none yet (on amx single processes were,
-# whole jobs not beyond their noise: docs/log/, "static shapes in whole jobs").
-STATIC_CLASSES: tuple[str, ...] = ()
+# CPU classes whose whole jobs of many rows were measured faster with static shapes (docs/log/, "static shapes in
+# whole jobs"); small jobs were not, hence STATIC_MIN_ROWS_PER_CPU.
+STATIC_CLASSES: tuple[str, ...] = ("amx",)
 STATIC_PRECISIONS = ("bf16",)  # the precisions auto serves with static shapes (measured; others: --shapes static)
 MEMORY_SHARE = 0.25  # of a node's memory per CPU that one actor's compiled shapes may take, for auto
 STATIC_MIN_ROWS_PER_CPU = 20_000  # rows to answer per CPU from which auto would compile shapes

@@ -184,10 +184,14 @@ def test_a_job_with_static_shapes_records_them_and_answers_as_in_process(joined_
     assert got.column("score").to_pylist() == want.column("score").to_pylist()
 
 
-def test_auto_serves_dynamic_shapes_where_no_class_was_measured_faster():
+def test_auto_serves_static_shapes_to_large_jobs_on_amx_only():
+    """As released: amx is the class measured faster (a job of many rows); small jobs and other classes dynamic."""
     from pipeline.precision import PrecisionChoice, Variant
     from pipeline.shapes import with_shapes
 
     choice = PrecisionChoice(Variant("openvino", "bf16"), "auto", "measured")
-    got = with_shapes(choice, "auto", MODEL / "model-fp32.onnx", 384, False, [amx_node()], BIG)
-    assert got.variant.shapes == "dynamic" and "not measured faster in whole jobs on CPU class amx" in got.reason
+    graph = MODEL / "model-fp32.onnx"
+    assert with_shapes(choice, "auto", graph, 384, False, [amx_node()], BIG).variant.shapes == "static"
+    assert with_shapes(choice, "auto", graph, 384, False, [amx_node()], 60).variant.shapes == "dynamic"
+    vnni = with_shapes(choice, "auto", graph, 384, False, [amx_node(cpu_class="avx512-vnni")], BIG)
+    assert vnni.variant.shapes == "dynamic" and "not measured faster in whole jobs on CPU class avx512-vnni" in vnni.reason
