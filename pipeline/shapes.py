@@ -36,7 +36,7 @@ STATIC_SEQ_MULTIPLE = 16
 STATIC_CLASSES: tuple[str, ...] = ("amx",)
 STATIC_PRECISIONS = ("bf16",)  # the precisions auto serves with static shapes (measured; others: --shapes static)
 MEMORY_SHARE = 0.25  # of a node's memory per CPU that one actor's compiled shapes may take, for auto
-STATIC_MIN_ROWS_PER_CPU = 20_000  # rows to answer per CPU from which auto would compile shapes
+STATIC_MIN_ROWS_PER_CPU = 10_000  # rows to answer per CPU from which auto compiles shapes
 
 
 def shape_count(max_seq_len: int) -> int:

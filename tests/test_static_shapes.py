@@ -106,7 +106,7 @@ BIG = 50_000  # rows per CPU: a job large enough for static shapes
 
 @pytest.mark.parametrize("nodes, precision, requested, rows, want, why", [
     ([amx_node()], "bf16", "auto", BIG, "static", "within 25% of the smallest node's 8.0 GiB per CPU"),
-    ([amx_node()], "bf16", "auto", 5_000, "dynamic", "5,000 rows per CPU, fewer than the 20,000"),
+    ([amx_node()], "bf16", "auto", 5_000, "dynamic", "5,000 rows per CPU, fewer than the 10,000"),
     ([amx_node()], "bf16", "auto", None, "dynamic", "rows per CPU unknown"),
     ([amx_node(), amx_node(2 * 2**30)], "bf16", "auto", BIG, "dynamic", "more than 25% of a node's 2.0 GiB per CPU"),
     ([amx_node(), amx_node(cpu_class="avx2")], "bf16", "auto", BIG, "dynamic", "not measured faster in whole jobs on CPU class avx2"),
