@@ -237,8 +237,7 @@ class Answerer:
         # whole tiles, pipeline.cpu; the batch's longest, being sorted, sets the batch's), or the graph's fixed one.
         cols_of = (np.full(len(order), width) if self.session.fixed_seq_len else
                    padded_length(windows.lengths, self.session.seq_multiple, width))
-        static = getattr(self.session, "static_shapes", False)
-        for b0, b1, cols, rows in cut_batches(cols_of[order], self.batch_tokens, static):
+        for b0, b1, cols, rows in cut_batches(cols_of[order], self.batch_tokens, self.session.static_shapes):
             idx = order[b0:b1]
             batch = windows.take(np.concatenate([idx, np.full(rows - len(idx), idx[-1])]), cols)
             s, e = self.session.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)

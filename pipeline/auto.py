@@ -84,6 +84,8 @@ def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: S
 
     v = choice.variant
     graph = graph_file(model_dir, v.backend, v.precision)
+    if v.backend != "openvino":  # nothing to read: ONNX Runtime's shapes are dynamic (with_shapes says why)
+        return with_shapes(choice, shapes, graph, 0, False, nodes, rows_per_cpu)
     spec = load_spec(graph)
-    fixed = v.backend == "openvino" and fixed_seq_len(graph, spec.input_names) is not None
+    fixed = fixed_seq_len(graph, spec.input_names) is not None
     return with_shapes(choice, shapes, graph, spec.windows.max_seq_len, fixed, nodes, rows_per_cpu)

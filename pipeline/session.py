@@ -155,6 +155,7 @@ class QASession:
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_seq_len = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
         self.seq_multiple = 1  # batch lengths as they come (pipeline.cpu: only OpenVINO's are padded)
+        self.static_shapes = False  # one session for every batch shape (pipeline/shapes.py: OpenVINO only)
         self.outputs = resolve_outputs(self.model_file, [o.name for o in self._session.get_outputs()], output_names)
 
     def _options(self, threads: int, kernels: KernelOptions | None) -> ort.SessionOptions:
