@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import marginal
+from benchmarks import marginal, peers
 from benchmarks.peaks import exact_kernel_check, matmul_peak
 from benchmarks.processes import PAUSE_PIDS, in_child
 from benchmarks.report import cpu_name, stage_shares, table
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None):
     m.add_argument("--bound", action="store_true",
                    help="also time the job's answering stage in bare processes, one per CPU, no Ray "
                         "(benchmarks/bound.py), as the first variant served it: the job's ceiling on this machine")
+    m.add_argument("--data-copies", type=int, default=1, metavar="K",
+                   help="--data's questions K times over (ids suffixed -0, -1, ...), for N beyond the file: "
+                        "--data dev-v1.1.json --data-copies 4 --models default=21140 (default %(default)s)")
+    m.add_argument("--results", metavar="DIR",
+                   help="keep the run as DIR/peers-<CPU class>.json and render DIR/peers-<CPU class>.md from it "
+                        "(benchmarks/peers.py; the current results are benchmarks/results)")
     a = p.parse_args(argv)
     return a, from_args(a, JobConfig, only=JOB_FLAGS, input="-", output="-")
 
@@ -73,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     a, job = parse_args(argv)
     PAUSE_PIDS[:] = a.pause_pid
     if a.mode == "marginal":
+        started = datetime.datetime.now()
         report = marginal.main(a, job.model, job.decode.max_answer_len)
         if a.report:
             Path(a.report).write_text(json.dumps(report, indent=2, default=str))
+        if a.results:
+            page = peers.keep(report, sys.argv[1:] if argv is None else argv, Path(a.results), started)
+            print(f"kept: {page} (and its json)", flush=True)
         return 0
     model_dir = Path(job.model)
     fp32 = Path(a.fp32_model) if a.fp32_model else model_dir / "model-fp32.onnx"

@@ -117,6 +117,14 @@ def parse_models(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def copies(items: list[dict], k: int) -> list[dict]:
+    """``items`` ``k`` times over, ids suffixed -0, -1, ... when k > 1: a larger job from a small file, every
+    question scored against its gold answers (the texts repeat; nothing in either system caches answers)."""
+    if k <= 1:
+        return items
+    return [{**q, "id": f"{q['id']}-{c}"} for c in range(k) for q in items]
+
+
 def marginal_rate(n: int, t_n: float, t_2n: float) -> float:
     """N / (T(2N) - T(N)): items per second once the process is up; NaN where T(2N) <= T(N) (noise won)."""
     return n / (t_2n - t_n) if t_2n > t_n else math.nan
@@ -514,9 +522,9 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
 
     from pipeline.model_dir import load_spec
 
-    items = squad.questions(squad.load_squad(a.data), 2 * n)
+    items = copies(squad.questions(squad.load_squad(a.data)), getattr(a, "data_copies", 1))[:2 * n]
     if len(items) < 2 * n:
-        raise ValueError(f"{a.data} has {len(items)} questions; {name}={n} needs {2 * n}")
+        raise ValueError(f"{a.data} has {len(items)} questions (--data-copies included); {name}={n} needs {2 * n}")
     d = work / "runs" / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -575,7 +583,9 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
              *(peer_line(r) for r in peer_rows.values()), *skipped, neighbours_line(all_rows)]
     text = "\n".join([header(label, n, os.cpu_count() or 1), "",
                       marginal_table(all_rows, items, list(PEERS.values()), name == "default"), "", *notes])
-    return {"text": text, "rows_per_unit": a.rows_per_unit, "rows": [row_report(r) for r in all_rows]}
+    scored = items if name == "default" else None  # random weights answer at random: no F1
+    return {"text": text, "n": n, "rows_per_unit": a.rows_per_unit,
+            "rows": [row_report(r, scored) for r in all_rows]}
 
 
 def neighbours_line(rows: list[Row]) -> str:
@@ -623,8 +633,11 @@ def progress(model: str, system: str, k: int, run: Run) -> None:
           f"{run.load:.1f})", file=sys.stderr, flush=True)
 
 
-def row_report(r: Row) -> dict:
-    return {"system": r.system, "n": r.n, "t_n": r.t_n, "t_2n": r.t_2n, "questions_per_s": r.questions_per_s,
+def row_report(r: Row, items_2n: list[dict] | None = None) -> dict:
+    """Every number of a row; F1 and EM on the 2N questions where ``items_2n`` is given."""
+    score = squad.score(items_2n, r.runs_2n[0].predictions) if items_2n else {}
+    return {"system": r.system, "f1": score.get("f1"), "exact_match": score.get("exact_match"), "n": r.n,
+            "t_n": r.t_n, "t_2n": r.t_2n, "questions_per_s": r.questions_per_s,
             "windows_per_s": r.windows_per_s, "seconds_n": [x.seconds for x in r.runs_n],
             "seconds_2n": [x.seconds for x in r.runs_2n], "cpu_seconds_n": [x.cpu_seconds for x in r.runs_n],
             "cpu_seconds_2n": [x.cpu_seconds for x in r.runs_2n], "questions_per_cpu_s": r.questions_per_cpu_s,
