@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import marginal, peers
+from benchmarks import marginal
 from benchmarks.peaks import exact_kernel_check, matmul_peak
 from benchmarks.processes import PAUSE_PIDS, in_child
 from benchmarks.report import cpu_name, stage_shares, table
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.report:
             Path(a.report).write_text(json.dumps(report, indent=2, default=str))
         if a.results:
+            from benchmarks import peers  # not at the top: ``python -m benchmarks.peers`` imports this package
+
             page = peers.keep(report, sys.argv[1:] if argv is None else argv, Path(a.results), started)
             print(f"kept: {page} (and its json)", flush=True)
         return 0

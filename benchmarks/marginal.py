@@ -497,6 +497,8 @@ def served_text(served: dict | None) -> str:
     variant = served.get("variant") or served
     text = (f"{variant.get('backend', '?')} {variant.get('precision', '?')}" if isinstance(variant, dict)
             else str(variant))
+    if isinstance(variant, dict) and variant.get("shapes", "dynamic") != "dynamic":  # the manifest omits dynamic
+        text += f" {variant['shapes']} shapes"
     return f"{text}, requested {served['requested']}" if served.get("requested") else text
 
 
