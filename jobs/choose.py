@@ -2,7 +2,9 @@
 
 One choice per job (``pipeline.precision.choose``, from the model card's measurements), or, on a resume, a check
 that every node computes the interrupted run's variant as it was computed. A forced ``--precision`` was resolved
-at plan time and passes through.
+at plan time and passes through. ``--shapes static`` (forced) is checked against the nodes' memory here, where
+they are known: auto keeps a margin of its own (pipeline/shapes.py), a forced choice is refused only where an
+actor's compiled shapes would not fit the memory of its CPUs at all.
 """
 
 from __future__ import annotations
@@ -11,17 +13,36 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from jobs.plan import JobPlan, settle
-from pipeline.auto import DEFAULT_CARD, auto_choice, auto_table, fallback_variant, model_record  # noqa: F401
+from jobs.pool import actor_layout
+from pipeline.auto import (  # noqa: F401
+    DEFAULT_CARD,
+    auto_choice,
+    auto_table,
+    fallback_variant,
+    model_record,
+    static_memory_check,
+)
 from pipeline.precision import AUTO, NodeCpu, runnable
 
 
 class PrecisionChoiceError(ValueError):
-    """A resume whose recorded variant the cluster cannot compute as it was computed."""
+    """A resume whose recorded variant the cluster cannot compute as it was computed, or forced static shapes
+    whose compiled models would not fit an actor's memory."""
 
 
 def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu], cpus: int | None = None) -> JobPlan:
     """``job`` with its model resolved for ``nodes`` (``cpus``: the CPUs its actors will have, where known): auto's
-    choice, or a resumed choice checked."""
+    choice, or a resumed choice checked; forced static shapes checked against the nodes' memory."""
+    job = _choose(job, nodes, cpus)
+    cfg = job.config
+    if cfg.shapes == "static" and job.served is not None:
+        threads = actor_layout(cpus or 1, cfg.concurrency, cfg.cpus_per_actor, job.served.graph_bytes)[1]
+        if error := static_memory_check(job.model_dir, job.served.variant, nodes, threads):
+            raise PrecisionChoiceError(error)
+    return job
+
+
+def _choose(job: JobPlan, nodes: Sequence[NodeCpu], cpus: int | None) -> JobPlan:
     cfg = job.config
     if job.served is not None and job.refresh is not None and job.served.choice.requested == AUTO \
             and not runnable(job.served.variant, nodes):

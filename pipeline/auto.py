@@ -29,7 +29,7 @@ from .precision import (
     parse_table,
     renamed,
 )
-from .shapes import with_shapes
+from .shapes import compiled_bytes, static_memory_error, with_shapes
 
 # --precision auto's measurements for a model whose card has none: the default model's (pipeline/precision.py)
 DEFAULT_CARD = DEFAULT_MODEL / "card.json"
@@ -89,3 +89,13 @@ def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: S
     spec = load_spec(graph)
     fixed = fixed_seq_len(graph, spec.input_names) is not None
     return with_shapes(choice, shapes, graph, spec.windows.max_seq_len, fixed, nodes, rows_per_cpu)
+
+
+def static_memory_check(model_dir: str, variant: Variant, nodes: Sequence[NodeCpu], cpus_per_actor: int) -> str | None:
+    """For a variant with static shapes: why its compiled shapes would not fit an actor's memory on ``nodes``
+    (pipeline.shapes.static_memory_error), else None."""
+    if variant.backend != "openvino" or variant.shapes != "static":
+        return None
+    graph = graph_file(model_dir, variant.backend, variant.precision)
+    need = compiled_bytes(graph, variant.precision, load_spec(graph).windows.max_seq_len)
+    return static_memory_error(need, nodes, cpus_per_actor)

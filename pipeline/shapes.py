@@ -81,7 +81,7 @@ def _decide(requested: str, backend: str, precision: str, graph: Path, max_seq_l
         rows = "rows per CPU unknown" if rows_per_cpu is None else f"{rows_per_cpu:,.0f} rows per CPU"
         return "dynamic", (f"{rows}, fewer than the {STATIC_MIN_ROWS_PER_CPU:,} that pay for compiling a model "
                            "per shape")
-    need = shape_count(max_seq_len) * bytes_per_shape(graph.stat().st_size + _bin_bytes(graph), precision)
+    need = compiled_bytes(graph, precision, max_seq_len)
     per_cpu = [n.memory_per_cpu for n in nodes if n.memory_per_cpu]
     if not per_cpu:
         return "dynamic", "the nodes' memory is unknown"
@@ -91,6 +91,25 @@ def _decide(requested: str, backend: str, precision: str, graph: Path, max_seq_l
                            f"{MEMORY_SHARE:.0%} of a node's {min(per_cpu) / 2**30:.1f} GiB per CPU")
     return "static", (f"CPU class {', '.join(classes)}; an actor's compiled shapes (about {need / 2**30:.1f} GiB) "
                       f"within {MEMORY_SHARE:.0%} of the smallest node's {min(per_cpu) / 2**30:.1f} GiB per CPU")
+
+
+def compiled_bytes(graph: Path, precision: str, max_seq_len: int) -> int:
+    """An estimate of what an actor's compiled shapes hold at most: one packed copy of the weights per shape."""
+    return shape_count(max_seq_len) * bytes_per_shape(graph.stat().st_size + _bin_bytes(graph), precision)
+
+
+def static_memory_error(need: int, nodes: Sequence[NodeCpu], cpus_per_actor: int) -> str | None:
+    """Why forced static shapes cannot run on ``nodes``: an actor's compiled shapes (``need`` bytes) would take more
+    than the memory of the CPUs it holds on the smallest node (a node's physical memory over its CPUs, times
+    ``cpus_per_actor``), so actors would be killed for memory mid-job; None where they fit or memory is unknown."""
+    per_cpu = [n.memory_per_cpu for n in nodes if n.memory_per_cpu]
+    if not per_cpu or need <= min(per_cpu) * max(1, cpus_per_actor):
+        return None
+    room = min(per_cpu) * max(1, cpus_per_actor)
+    return (f"--shapes static: an actor's compiled shapes (about {need / 2**30:.1f} GiB, a copy of the weights "
+            f"per batch shape) would not fit its {room / 2**30:.1f} GiB ({max(1, cpus_per_actor)} CPU(s) of the "
+            f"smallest node's {min(per_cpu) / 2**30:.1f} GiB per CPU); use --shapes auto or dynamic, or more "
+            "CPUs per actor (--cpus-per-actor)")
 
 
 def _bin_bytes(graph: Path) -> int:

@@ -195,3 +195,34 @@ def test_auto_serves_static_shapes_to_large_jobs_on_amx_only():
     assert with_shapes(choice, "auto", graph, 384, False, [amx_node()], 60).variant.shapes == "dynamic"
     vnni = with_shapes(choice, "auto", graph, 384, False, [amx_node(cpu_class="avx512-vnni")], BIG)
     assert vnni.variant.shapes == "dynamic" and "not measured faster in whole jobs on CPU class avx512-vnni" in vnni.reason
+
+
+def test_forced_static_shapes_must_fit_an_actors_memory():
+    """auto keeps a margin (above); --shapes static is refused only where the shapes cannot fit at all."""
+    from pipeline.shapes import static_memory_error
+
+    need = 3 * 2**30
+    error = static_memory_error(need, [amx_node(8 * 2**30), amx_node(2 * 2**30)], 1)
+    assert error.startswith("--shapes static: an actor's compiled shapes (about 3.0 GiB")
+    assert "would not fit its 2.0 GiB (1 CPU(s) of the smallest node's 2.0 GiB per CPU)" in error
+    assert static_memory_error(need, [amx_node(2 * 2**30)], 2) is None  # two CPUs' memory: fits
+    assert static_memory_error(need, [amx_node(None)], 1) is None  # memory unknown: the user's call
+
+
+def test_a_job_forcing_static_shapes_is_refused_on_nodes_too_small(tmp_path):
+    """The driver's choice step (jobs/choose.py) refuses, naming the sizes, before any actor starts; on nodes with
+    room the same job keeps its static shapes."""
+    import pyarrow.parquet as pq
+
+    from jobs.choose import PrecisionChoiceError, choose_variant
+    from jobs.config import JobConfig
+    from jobs.plan import plan
+
+    pq.write_table(pa.table({"id": ["a"], "question": ["Who?"], "context": ["Ann did."]}), tmp_path / "in.parquet")
+    cfg = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=str(MODEL),
+                    precision="bf16", shapes="static")
+    job = plan(cfg)
+    assert job.served.variant.shapes == "static"
+    with pytest.raises(PrecisionChoiceError, match=r"would not fit its 0\.2 GiB .* use --shapes auto or dynamic"):
+        choose_variant(job, [amx_node(2**30 // 4)], 2)  # about 1 GiB of shapes against 0.25 GiB a CPU
+    assert choose_variant(job, [amx_node()], 2).served.variant.shapes == "static"
