@@ -61,13 +61,13 @@ def verdict(ours: dict, peer: dict) -> tuple[bool, str]:
     """Whether ``ours`` meets the target against ``peer`` (rows of a kept json), and the cells that say so."""
     ratio = ours["questions_per_s"] / peer["questions_per_s"]
     per_repeat = [a / b for a, b in zip(repeat_rates(ours), repeat_rates(peer))]
-    f1_ok = ours["f1"] is not None and peer["f1"] is not None and ours["f1"] >= peer["f1"] - F1_MARGIN
-    met = ratio >= TARGET_RATIO and f1_ok
-    f1 = "-" if ours["f1"] is None or peer["f1"] is None else f"{ours['f1']:.2f} / {peer['f1']:.2f}"
-    why = [] if met else ([f"questions/s below {TARGET_RATIO:g}x"] if ratio < TARGET_RATIO else []) + (
-        [] if f1_ok else [f"F1 more than {F1_MARGIN} below the peer's"])
-    return met, (f"{ratio:.2f} | {', '.join(f'{x:.2f}' for x in per_repeat)} | {f1} | "
-                 f"{'**met**' if met else 'not met: ' + '; '.join(why)}")
+    scored = ours["f1"] is not None and peer["f1"] is not None
+    why = [f"questions/s below {TARGET_RATIO:g}x"] if ratio < TARGET_RATIO else []
+    if not (scored and ours["f1"] >= peer["f1"] - F1_MARGIN):
+        why.append(f"F1 more than {F1_MARGIN} below the peer's" if scored else "no F1")
+    f1 = f"{ours['f1']:.2f} / {peer['f1']:.2f}" if scored else "-"
+    return not why, (f"{ratio:.2f} | {', '.join(f'{x:.2f}' for x in per_repeat)} | {f1} | "
+                     f"{'not met: ' + '; '.join(why) if why else '**met**'}")
 
 
 def render(res: dict) -> str:

@@ -53,9 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.marginal import TreeCpu, load_average, machine_busy_seconds, proc_table, wait_for_quiet
-from benchmarks.provenance import code_note, cpu_info, git, tree_state
+from benchmarks.provenance import REPO, code_note, cpu_info, git, tree_state
 
-REPO = Path(__file__).resolve().parents[1]
 SQUAD = REPO.parent / "shared" / "data" / "squad"
 TRAIN, DEV = SQUAD / "train-v1.1.json.gz", SQUAD / "dev-v1.1.json"
 RESULTS = REPO / "benchmarks" / "results"

@@ -82,15 +82,14 @@ def _decide(requested: str, backend: str, precision: str, graph: Path, max_seq_l
         return "dynamic", (f"{rows}, fewer than the {STATIC_MIN_ROWS_PER_CPU:,} that pay for compiling a model "
                            "per shape")
     need = compiled_bytes(graph, precision, max_seq_len)
-    per_cpu = [n.memory_per_cpu for n in nodes if n.memory_per_cpu]
-    if not per_cpu:
+    per_cpu = smallest_memory_per_cpu(nodes)
+    if per_cpu is None:
         return "dynamic", "the nodes' memory is unknown"
-    room = MEMORY_SHARE * min(per_cpu)
-    if need > room:
+    if need > MEMORY_SHARE * per_cpu:
         return "dynamic", (f"an actor's compiled shapes (about {need / 2**30:.1f} GiB) would take more than "
-                           f"{MEMORY_SHARE:.0%} of a node's {min(per_cpu) / 2**30:.1f} GiB per CPU")
+                           f"{MEMORY_SHARE:.0%} of a node's {per_cpu / 2**30:.1f} GiB per CPU")
     return "static", (f"CPU class {', '.join(classes)}; an actor's compiled shapes (about {need / 2**30:.1f} GiB) "
-                      f"within {MEMORY_SHARE:.0%} of the smallest node's {min(per_cpu) / 2**30:.1f} GiB per CPU")
+                      f"within {MEMORY_SHARE:.0%} of the smallest node's {per_cpu / 2**30:.1f} GiB per CPU")
 
 
 def compiled_bytes(graph: Path, precision: str, max_seq_len: int) -> int:
@@ -102,14 +101,18 @@ def static_memory_error(need: int, nodes: Sequence[NodeCpu], cpus_per_actor: int
     """Why forced static shapes cannot run on ``nodes``: an actor's compiled shapes (``need`` bytes) would take more
     than the memory of the CPUs it holds on the smallest node (a node's physical memory over its CPUs, times
     ``cpus_per_actor``), so actors would be killed for memory mid-job; None where they fit or memory is unknown."""
-    per_cpu = [n.memory_per_cpu for n in nodes if n.memory_per_cpu]
-    if not per_cpu or need <= min(per_cpu) * max(1, cpus_per_actor):
+    per_cpu, cpus = smallest_memory_per_cpu(nodes), max(1, cpus_per_actor)
+    if per_cpu is None or need <= per_cpu * cpus:
         return None
-    room = min(per_cpu) * max(1, cpus_per_actor)
     return (f"--shapes static: an actor's compiled shapes (about {need / 2**30:.1f} GiB, a copy of the weights "
-            f"per batch shape) would not fit its {room / 2**30:.1f} GiB ({max(1, cpus_per_actor)} CPU(s) of the "
-            f"smallest node's {min(per_cpu) / 2**30:.1f} GiB per CPU); use --shapes auto or dynamic, or more "
+            f"per batch shape) would not fit its {per_cpu * cpus / 2**30:.1f} GiB ({cpus} CPU(s) of the "
+            f"smallest node's {per_cpu / 2**30:.1f} GiB per CPU); use --shapes auto or dynamic, or more "
             "CPUs per actor (--cpus-per-actor)")
+
+
+def smallest_memory_per_cpu(nodes: Sequence[NodeCpu]) -> int | None:
+    """The smallest physical memory per CPU among the nodes that report it; None where none does."""
+    return min((n.memory_per_cpu for n in nodes if n.memory_per_cpu), default=None)
 
 
 def _bin_bytes(graph: Path) -> int:
