@@ -78,7 +78,8 @@ def run_once(cfg: JobConfig) -> tuple[Manifest, bool]:
         with contextlib.nullcontext() if cfg.verbose or not job.needs_cluster else ray_lines_to_file():
             cluster = connect(cfg) if job.needs_cluster else Cluster.here()
             capacity = cluster.capacity
-            job = choose_variant(job, cluster.nodes, capacity.bound_cpus or capacity.cpus)
+            job = choose_variant(job, cluster.nodes, capacity.bound_cpus or capacity.cpus,
+                                 capacity.largest_node_cpus)
             if job.state.committed is not None:
                 print(nothing_to_do(cfg.output, job.state.committed), flush=True)
                 return job.state.committed, False

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from jobs.plan import JobPlan, settle
-from jobs.pool import actor_layout
+from jobs.pool import actor_threads
 from pipeline.auto import (  # noqa: F401
     DEFAULT_CARD,
     auto_choice,
@@ -30,13 +30,16 @@ class PrecisionChoiceError(ValueError):
     whose compiled models would not fit an actor's memory."""
 
 
-def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu], cpus: int | None = None) -> JobPlan:
-    """``job`` with its model resolved for ``nodes`` (``cpus``: the CPUs its actors will have, where known): auto's
-    choice, or a resumed choice checked; forced static shapes checked against the nodes' memory."""
+def choose_variant(job: JobPlan, nodes: Sequence[NodeCpu], cpus: int | None = None,
+                   largest_node_cpus: int | None = None) -> JobPlan:
+    """``job`` with its model resolved for ``nodes`` (``cpus``: the CPUs its actors will have, where known;
+    ``largest_node_cpus``: the most one node has): auto's choice, or a resumed choice checked; forced static shapes
+    checked against the memory of the CPUs an actor will hold, as the pool lays actors out (jobs.pool)."""
     job = _choose(job, nodes, cpus)
     cfg = job.config
     if cfg.shapes == "static" and job.served is not None:
-        threads = actor_layout(cpus or 1, cfg.concurrency, cfg.cpus_per_actor, job.served.graph_bytes)[1]
+        threads = actor_threads(cpus or 1, largest_node_cpus, cfg.concurrency, cfg.cpus_per_actor,
+                                job.served.graph_bytes)
         if error := static_memory_check(job.model_dir, job.served.variant, nodes, threads):
             raise PrecisionChoiceError(error)
     return job

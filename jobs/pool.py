@@ -66,16 +66,24 @@ def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int
     return concurrency, cpus_per_actor
 
 
+def actor_threads(cluster_cpus: int, largest_node_cpus: int | None, concurrency: int | None,
+                  cpus_per_actor: int | None, model_bytes: int) -> int:
+    """The CPUs (runtime threads) each answering actor gets: ``actor_layout``'s, and where the user set neither
+    the actor count nor the CPUs per actor, never more than the largest node has (an actor runs on one node)."""
+    threads = actor_layout(cluster_cpus, concurrency, cpus_per_actor, model_bytes)[1]
+    if concurrency is None and cpus_per_actor is None and largest_node_cpus:
+        threads = max(1, min(threads, largest_node_cpus))
+    return threads
+
+
 def pool_layout(capacity: Capacity, min_actors: int, max_actors: int | None, concurrency: int | None,
                 cpus_per_actor: int | None, model_bytes: int, pieces: int) -> ActorLayout:
     """The answering pool for a cluster of ``capacity`` and a first pass of ``pieces`` pieces (module docstring:
     where its maximum comes from). Default CPUs per actor as ``actor_layout``, never more than the largest node
     has (an actor runs on one node)."""
-    initial, threads = actor_layout(capacity.cpus, concurrency, cpus_per_actor, model_bytes)
+    threads = actor_threads(capacity.cpus, capacity.largest_node_cpus, concurrency, cpus_per_actor, model_bytes)
     if concurrency is not None:
         return ActorLayout(concurrency, threads, capacity.cpus, concurrency, concurrency, "--concurrency")
-    if cpus_per_actor is None:
-        threads = max(1, min(threads, capacity.largest_node_cpus))
     if max_actors is not None:
         most, source = max_actors, "--max-actors"
     elif capacity.bound_cpus is not None:

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from .answer import Answerer
 from .config import OUTPUT_COLUMNS, TOP_ANSWERS_COLUMN, ColumnError, Columns, DecodeSettings, WindowOverrides
-from .precision import AUTO, NodeCpu, PrecisionChoice
+from .precision import AUTO, NodeCpu, PrecisionChoice, memory_bytes
 from .served import ServedModel, resolve, variant_for
 
 Data = TypeVar("Data")  # a pyarrow Table or a pandas DataFrame: what comes back is what was given
@@ -114,14 +114,21 @@ def _model_dir(model: str | os.PathLike | None) -> str:
 def _choice(model_dir: str, backend: str, precision: str, shapes: str = AUTO) -> PrecisionChoice:
     """The variant served: a forced precision as the job's plan resolves it (``jobs.plan.forced_choice``), or auto's
     choice for this machine's CPU, by the rule ``jobs.choose.choose_variant`` applies to a cluster's nodes."""
-    from pipeline.auto import auto_choice, decide_shapes
+    from pipeline.auto import auto_choice, decide_shapes, static_shapes_bytes
     from pipeline.backends import resolve_backend
 
     resolve_backend(backend, precision)  # the job's one check of the pair: raises ValueError on a bad one
     if precision != AUTO:
         choice = PrecisionChoice(variant_for(model_dir, backend, precision), precision, "asked for")
-        return decide_shapes(model_dir, choice, "static", ()) if shapes == "static" else choice
-    return auto_choice(model_dir, backend, [NodeCpu.here()], shapes)
+        choice = decide_shapes(model_dir, choice, "static", ()) if shapes == "static" else choice
+    else:
+        choice = auto_choice(model_dir, backend, [NodeCpu.here()], shapes)
+    need, memory = static_shapes_bytes(model_dir, choice.variant), memory_bytes()
+    if need is not None and need > memory:  # the process would be killed for memory mid-answering
+        raise ValueError(f"shapes='static': {model_dir}: the compiled shapes (about {need / 2**30:.1f} GiB, a copy "
+                         f"of the weights per batch shape) would not fit this machine's {memory / 2**30:.1f} GiB; "
+                         "use shapes='auto' or 'dynamic'")
+    return choice
 
 
 def _texts(column, name: str) -> pa.Array:

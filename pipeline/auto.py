@@ -91,11 +91,17 @@ def decide_shapes(model_dir: str, choice: PrecisionChoice, shapes: str, nodes: S
     return with_shapes(choice, shapes, graph, spec.windows.max_seq_len, fixed, nodes, rows_per_cpu)
 
 
-def static_memory_check(model_dir: str, variant: Variant, nodes: Sequence[NodeCpu], cpus_per_actor: int) -> str | None:
-    """For a variant with static shapes: why its compiled shapes would not fit an actor's memory on ``nodes``
-    (pipeline.shapes.static_memory_error), else None."""
+def static_shapes_bytes(model_dir: str, variant: Variant) -> int | None:
+    """For a variant with static shapes: about what one session's compiled shapes hold at most
+    (pipeline.shapes.compiled_bytes); None for any other variant."""
     if variant.backend != "openvino" or variant.shapes != "static":
         return None
     graph = graph_file(model_dir, variant.backend, variant.precision)
-    need = compiled_bytes(graph, variant.precision, load_spec(graph).windows.max_seq_len)
-    return static_memory_error(need, nodes, cpus_per_actor)
+    return compiled_bytes(graph, variant.precision, load_spec(graph).windows.max_seq_len)
+
+
+def static_memory_check(model_dir: str, variant: Variant, nodes: Sequence[NodeCpu], cpus_per_actor: int) -> str | None:
+    """For a variant with static shapes: why its compiled shapes would not fit an actor's memory on ``nodes``
+    (pipeline.shapes.static_memory_error), else None."""
+    need = static_shapes_bytes(model_dir, variant)
+    return None if need is None else static_memory_error(need, nodes, cpus_per_actor)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import JobConfig
-from jobs.pool import LARGE_MODEL_BYTES, Capacity, pool_layout
+from jobs.pool import LARGE_MODEL_BYTES, Capacity, actor_threads, pool_layout
 from jobs.ray_stage import ActorReport, StageBook
 from pipeline.answer import StageTimes
 
@@ -44,6 +44,10 @@ def test_large_graphs_fit_one_node():
     l = layout(Capacity(8, 2, 5), model_bytes=LARGE_MODEL_BYTES)
     assert (l.cpus_per_actor, l.initial_actors) == (2, 4)
     assert layout(Capacity(8, 2, 5), cpus_per_actor=4).cpus_per_actor == 4  # as given
+    # The same rule where the driver checks forced static shapes against an actor's memory (jobs/choose.py).
+    assert actor_threads(8, 2, None, None, LARGE_MODEL_BYTES) == 2
+    assert actor_threads(8, None, None, None, LARGE_MODEL_BYTES) == 4  # node sizes unknown
+    assert actor_threads(8, 2, None, 4, LARGE_MODEL_BYTES) == 4
 
 
 def test_flags_are_validated_once():

@@ -226,3 +226,15 @@ def test_a_job_forcing_static_shapes_is_refused_on_nodes_too_small(tmp_path):
     with pytest.raises(PrecisionChoiceError, match=r"would not fit its 0\.2 GiB .* use --shapes auto or dynamic"):
         choose_variant(job, [amx_node(2**30 // 4)], 2)  # about 1 GiB of shapes against 0.25 GiB a CPU
     assert choose_variant(job, [amx_node()], 2).served.variant.shapes == "static"
+
+
+def test_in_process_static_shapes_must_fit_the_machines_memory(monkeypatch):
+    """``QA(shapes="static")`` is refused before any model is compiled where the compiled shapes would not fit the
+    machine's memory (here made 0.25 GiB), naming the sizes; dynamic shapes are not checked."""
+    from pipeline import api
+
+    monkeypatch.setattr(api, "memory_bytes", lambda: 2**30 // 4)
+    with pytest.raises(ValueError, match=r"shapes='static': .*minilm-squad: the compiled shapes \(about 1\.\d GiB.* "
+                                         r"would not fit this machine's 0\.2 GiB; use shapes='auto' or 'dynamic'"):
+        api.QA(MODEL, backend="openvino", precision="bf16", shapes="static")
+    assert api._choice(str(MODEL), "openvino", "bf16", "dynamic").variant.shapes == "dynamic"
