@@ -1,7 +1,8 @@
 """Our job's ceiling on this machine: its answering stage in bare processes, no Ray, for --mode marginal --bound.
 
     python -m benchmarks.bound --input questions.parquet --model DIR --output predictions.json \\
-        --backend openvino --precision bf16 [--processes 2] [--batch-tokens 2048] [--rows-per-unit 1024]
+        --backend openvino --precision bf16 [--shapes static] [--processes 2] [--batch-tokens 2048] \\
+        [--rows-per-unit 1024]
 
 K spawned processes (default: one per CPU) each load one session of the variant the job served
 (pipeline.backends.load_model, 1 thread, as the job's default actors) and the job's Answerer, and answer the
@@ -32,13 +33,13 @@ _answerer = None  # in each worker process: the job's Answerer on one session ..
 _reader = None  # ... and a UnitReader, which keeps the last row group it decoded
 
 
-def _load(model: str, backend: str, precision: str, batch_tokens: int) -> None:
+def _load(model: str, backend: str, precision: str, shapes: str, batch_tokens: int) -> None:
     global _answerer, _reader
     from pipeline.answer import Answerer
     from pipeline.backends import load_model
     from pipeline.units import UnitReader
 
-    spec, session = load_model(model, 1, backend=backend, precision=precision)
+    spec, session = load_model(model, 1, backend=backend, precision=precision, shapes=shapes)
     _answerer, _reader = Answerer(spec, session, batch_tokens=batch_tokens), UnitReader(pafs.LocalFileSystem())
 
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="predictions JSON to write ({id: answer})")
     p.add_argument("--backend", required=True, help="as the job served it (its manifest's precision record)")
     p.add_argument("--precision", required=True, help="as the job served it")
+    p.add_argument("--shapes", choices=("dynamic", "static"), default="dynamic", help="as the job served it")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="default: one per CPU")
     p.add_argument("--batch-tokens", type=int, required=True, help="tokens per inference call, as the job's")
     p.add_argument("--rows-per-unit", type=int, default=JobConfig.rows_per_unit,
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(u.length for u in units)
     answers: dict[str, str] = {}
     with ProcessPoolExecutor(a.processes, mp_context=get_context("spawn"), initializer=_load,
-                             initargs=(a.model, a.backend, a.precision, a.batch_tokens)) as pool:
+                             initargs=(a.model, a.backend, a.precision, a.shapes, a.batch_tokens)) as pool:
         for part in pool.map(_answer, [p.read_unit for p in first_pass(units, a.processes)]):
             answers.update(part)
     if len(answers) != total:

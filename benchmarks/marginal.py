@@ -362,7 +362,8 @@ def bound_run(model_dir: Path, served: dict, batch_tokens: int, inputs: Path, ou
     """The answering stage in ``processes`` bare processes (benchmarks/bound.py) as our job served it."""
     cmd = [sys.executable, "-m", "benchmarks.bound", "--input", str(inputs), "--model", str(model_dir),
            "--output", str(out), "--backend", served["backend"], "--precision", served["precision"],
-           "--processes", str(processes), "--batch-tokens", str(batch_tokens)]
+           "--shapes", served.get("shapes", "dynamic"), "--processes", str(processes), "--batch-tokens",
+           str(batch_tokens)]
     seconds, cpu, other = timed(cmd, out.with_suffix(".log"))
     predictions = json.loads(out.read_text())
     return Run(len(predictions), seconds, windows, predictions, load=load_average(), cpu_seconds=cpu,
@@ -564,7 +565,7 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
         if bound_row is not None:  # as the first variant served, after it ran
             first = rows[0].runs_n[0].stages
             served = first["served"].get("variant") or first["served"]
-            bound_row.system = f"{BOUND_NAME} ({served['backend']} {served['precision']})"
+            bound_row.system = f"{BOUND_NAME} ({served_text(served)})"
             wait_for_quiet(quiet_s)
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-bound-{k}.json"

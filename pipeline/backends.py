@@ -34,7 +34,7 @@ A precision names what runs. Whether an ONNX graph is int8 is read from the ops 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cpu import KernelOptions
@@ -228,11 +228,11 @@ def kernels_for(model_file: Path) -> KernelOptions | None:
 
 
 def load_model(model_dir: str | Path, threads: int = 1, overrides: dict | None = None,
-               backend: str = AUTO, precision: str | None = None):
+               backend: str = AUTO, precision: str | None = None, shapes: str = "dynamic"):
     """(spec, session) for a model directory (or a graph file inside one), for tools and tests that answer
-    in-process: the variant ``backend``/``precision`` name (no precision: the graph as it is), resolved and
-    opened as a job's actors do (``pipeline.served``)."""
+    in-process: the variant ``backend``/``precision`` name (no precision: the graph as it is) with ``shapes``
+    (pipeline/shapes.py), resolved and opened as a job's actors do (``pipeline.served``)."""
     from .served import open_variant, variant_for
 
     variant = graph_as_is(model_dir, backend) if precision is None else variant_for(str(model_dir), backend, precision)
-    return open_variant(str(model_dir), variant, threads, overrides)
+    return open_variant(str(model_dir), replace(variant, shapes=shapes), threads, overrides)

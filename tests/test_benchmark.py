@@ -198,8 +198,11 @@ def test_marginal_mode_runs_whole_processes(tiny_model, tmp_path):
     assert "of the bare processes' marginal rate" in result["text"]
 
 
-def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_path):
-    """Two bare processes answering 2-row units give each id the answer the job's Answerer gives it in its unit."""
+@pytest.mark.parametrize("backend, precision, shapes", [("onnxruntime", "fp32", "dynamic"),
+                                                      ("openvino", "fp32", "static")])
+def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_path, backend, precision, shapes):
+    """Two bare processes answering 2-row units give each id the answer the job's Answerer gives it in its unit,
+    with the session the job served (static shapes included)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -212,10 +215,11 @@ def test_bound_answers_every_row_as_the_answering_stage_does(tiny_model, tmp_pat
     table = pa.table({"id": [f"r{i}" for i in range(5)], "question": questions, "context": [CONTEXT] * 5})
     pq.write_table(table, tmp_path / "in.parquet")
     assert bound.main(["--input", str(tmp_path / "in.parquet"), "--model", str(tiny_model), "--output",
-                       str(tmp_path / "out.json"), "--backend", "onnxruntime", "--precision", "fp32",
-                       "--processes", "2", "--batch-tokens", "512", "--rows-per-unit", "2"]) == 0
+                       str(tmp_path / "out.json"), "--backend", backend, "--precision", precision, "--shapes",
+                       shapes, "--processes", "2", "--batch-tokens", "512", "--rows-per-unit", "2"]) == 0
     answers = json.loads((tmp_path / "out.json").read_text())
-    spec, session = load_model(tiny_model, 1, backend="onnxruntime", precision="fp32")
+    spec, session = load_model(tiny_model, 1, backend=backend, precision=precision, shapes=shapes)
+    assert session.static_shapes == (shapes == "static")
     answerer = Answerer(spec, session, batch_tokens=512)
     expected = {}
     for start in (0, 2, 4):
