@@ -69,9 +69,10 @@ def actor_layout(cluster_cpus: int, concurrency: int | None, cpus_per_actor: int
 def actor_threads(cluster_cpus: int, largest_node_cpus: int | None, concurrency: int | None,
                   cpus_per_actor: int | None, model_bytes: int) -> int:
     """The CPUs (runtime threads) each answering actor gets: ``actor_layout``'s, and where the user set neither
-    the actor count nor the CPUs per actor, never more than the largest node has (an actor runs on one node)."""
+    the actor count nor the CPUs per actor, never more than the largest node has (an actor runs on one node;
+    None: node sizes unknown)."""
     threads = actor_layout(cluster_cpus, concurrency, cpus_per_actor, model_bytes)[1]
-    if concurrency is None and cpus_per_actor is None and largest_node_cpus:
+    if concurrency is None and cpus_per_actor is None and largest_node_cpus is not None:
         threads = max(1, min(threads, largest_node_cpus))
     return threads
 
