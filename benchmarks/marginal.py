@@ -565,7 +565,8 @@ def run_model(name: str, model_dir: Path, hf_dir: Path | None, n: int, variants:
         if bound_row is not None:  # as the first variant served, after it ran
             first = rows[0].runs_n[0].stages
             served = first["served"].get("variant") or first["served"]
-            bound_row.system = f"{BOUND_NAME} ({served_text(served)})"
+            variant = {k: v for k, v in served.items() if k in ("backend", "precision", "shapes")}
+            bound_row.system = f"{BOUND_NAME} ({served_text(variant)})"
             wait_for_quiet(quiet_s)
             for k in ((n, 2 * n) if rep % 2 == 0 else (2 * n, n)):
                 out = d / f"{rep}-bound-{k}.json"
