@@ -123,8 +123,8 @@ def _choice(model_dir: str, backend: str, precision: str, shapes: str = AUTO) ->
         choice = decide_shapes(model_dir, choice, "static", ()) if shapes == "static" else choice
     else:
         choice = auto_choice(model_dir, backend, [NodeCpu.here()], shapes)
-    need, memory = static_shapes_bytes(model_dir, choice.variant), memory_bytes()
-    if need is not None and need > memory:  # the process would be killed for memory mid-answering
+    need = static_shapes_bytes(model_dir, choice.variant)
+    if need is not None and need > (memory := memory_bytes()):  # killed for memory mid-answering otherwise
         raise ValueError(f"shapes='static': {model_dir}: the compiled shapes (about {need / 2**30:.1f} GiB, a copy "
                          f"of the weights per batch shape) would not fit this machine's {memory / 2**30:.1f} GiB; "
                          "use shapes='auto' or 'dynamic'")
